@@ -1,0 +1,102 @@
+"""Command line: `adaptserve generate ...` and `adaptserve bench offline ...`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from adaptserve.config import ConfigError
+
+
+def _add_engine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help="HF folder, .gguf file or preset; default: embedded SmolLM2")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--no-prefix-caching", action="store_true")
+
+
+def _engine_options(args: argparse.Namespace) -> dict:
+    return {"model": args.model, "dtype": args.dtype, "device": args.device, "max_model_len": args.max_model_len,
+            "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
+            "enable_prefix_caching": not args.no_prefix_caching}
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from adaptserve import LLM, SamplingParams
+
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        with open(args.prompts_file, encoding="utf-8") as f:
+            prompts += [line.rstrip("\n") for line in f if line.strip()]
+    if not prompts:
+        print("error: give a prompt or --prompts-file", file=sys.stderr)
+        return 2
+    options = _engine_options(args)
+    llm = LLM(options.pop("model"), **options)
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            max_tokens=args.max_tokens, seed=args.seed, n=args.n)
+    if args.chat:
+        outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
+    else:
+        outputs = llm.generate(prompts, params)
+    for prompt, output in zip(prompts, outputs, strict=True):
+        for completion in output.outputs:
+            if args.json:
+                print(json.dumps({"prompt": prompt, "text": completion.text,
+                                  "finish_reason": completion.finish_reason}))
+            else:
+                print(f">>> {prompt}\n{completion.text}\n[{completion.finish_reason}]")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from adaptserve.bench.offline import run_offline_benchmark
+
+    run_offline_benchmark(args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="adaptserve", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    gen = commands.add_parser("generate", help="generate text for prompts, batched")
+    gen.add_argument("prompt", nargs="*", help="prompt text (several allowed)")
+    gen.add_argument("--prompts-file", help="a file with one prompt per line")
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt as a user message (chat template)")
+    gen.add_argument("--max-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("-n", type=int, default=1)
+    gen.add_argument("--json", action="store_true", help="one JSON line per completion")
+    _add_engine_args(gen)
+    gen.set_defaults(func=_generate)
+
+    bench = commands.add_parser("bench", help="benchmarks")
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True)
+    offline = bench_commands.add_parser("offline", help="in-process throughput beside transformers")
+    from adaptserve.bench.offline import add_offline_args
+
+    add_offline_args(offline)
+    _add_engine_args(offline)
+    offline.set_defaults(func=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

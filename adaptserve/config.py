@@ -1,0 +1,109 @@
+"""Engine configuration: one dataclass per concern, composed into `EngineConfig`.
+
+Every field has a one-line comment. `EngineConfig.from_dict` rejects unknown keys so a typo is an
+error instead of a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+@dataclass
+class ModelConfig:
+    model: str | None = None  # HF folder, .gguf file, preset name; None = embedded SmolLM2
+    dtype: str = "auto"  # float32 | bfloat16 | float16 | auto (float32 on CPU, bfloat16 on CUDA)
+    device: str = "auto"  # cpu | cuda | cuda:N | auto
+    max_model_len: int | None = None  # context window; None = the model's own
+    seed: int = 0  # seed for random-weight presets
+
+
+@dataclass
+class CacheConfig:
+    block_size: int = 16  # tokens per KV block
+    kv_cache_memory_gib: float | None = None  # KV budget; None = auto (see runner.memory)
+    gpu_memory_utilization: float = 0.85  # share of device memory the engine may use (CUDA)
+    num_blocks: int | None = None  # force the number of KV blocks (tests), overrides the budget
+    enable_prefix_caching: bool = True  # reuse KV of shared prompt prefixes
+
+
+@dataclass
+class SchedulerConfig:
+    max_num_seqs: int = 64  # most requests running at once
+    max_num_batched_tokens: int = 2048  # token budget of one step (prefill + decode)
+    long_prefill_token_threshold: int = 0  # cap on one request's prefill chunk; 0 = token budget
+    policy: str = "fcfs"  # fcfs | priority
+
+
+@dataclass
+class EngineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        c, s, m = self.cache, self.scheduler, self.model
+        _require(c.block_size in (8, 16, 32, 64, 128), "cache.block_size", c.block_size, "8, 16, 32, 64 or 128")
+        _require(0 < c.gpu_memory_utilization <= 1, "cache.gpu_memory_utilization", c.gpu_memory_utilization,
+                 "(0, 1]")
+        _require(c.num_blocks is None or c.num_blocks >= 1, "cache.num_blocks", c.num_blocks, ">= 1")
+        _require(c.kv_cache_memory_gib is None or c.kv_cache_memory_gib > 0, "cache.kv_cache_memory_gib",
+                 c.kv_cache_memory_gib, "> 0")
+        _require(s.max_num_seqs >= 1, "scheduler.max_num_seqs", s.max_num_seqs, ">= 1")
+        _require(s.max_num_batched_tokens >= 1, "scheduler.max_num_batched_tokens",
+                 s.max_num_batched_tokens, ">= 1")
+        _require(s.long_prefill_token_threshold >= 0, "scheduler.long_prefill_token_threshold",
+                 s.long_prefill_token_threshold, ">= 0")
+        _require(s.policy in ("fcfs", "priority"), "scheduler.policy", s.policy, "'fcfs' or 'priority'")
+        _require(m.dtype in ("auto", "float32", "bfloat16", "float16"), "model.dtype", m.dtype,
+                 "auto, float32, bfloat16 or float16")
+        _require(m.max_model_len is None or m.max_model_len >= 1, "model.max_model_len", m.max_model_len, ">= 1")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EngineConfig:
+        """Build from nested dicts, e.g. {"cache": {"block_size": 32}}; unknown keys raise ConfigError."""
+        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for name, value in data.items():
+            if name not in sections:
+                raise ConfigError(f"unknown config section {name!r}; known: {sorted(sections)}")
+            section_cls = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}[name]
+            kwargs[name] = _section_from_dict(section_cls, name, value)
+        return cls(**kwargs)
+
+    @classmethod
+    def from_flat(cls, **flat: Any) -> EngineConfig:
+        """Build from flat keyword arguments (as `LLM(...)` takes them): each key belongs to one section."""
+        owners = {f.name: section for section, section_cls in
+                  (("model", ModelConfig), ("cache", CacheConfig), ("scheduler", SchedulerConfig))
+                  for f in dataclasses.fields(section_cls)}
+        nested: dict[str, dict[str, Any]] = {}
+        for key, value in flat.items():
+            if key not in owners:
+                raise ConfigError(f"unknown engine option {key!r}; known: {sorted(owners)}")
+            nested.setdefault(owners[key], {})[key] = value
+        return cls.from_dict(nested)
+
+
+def _section_from_dict(section_cls: type, section: str, data: dict[str, Any]) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section {section!r} must be a mapping, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(section_cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ConfigError(f"unknown key(s) {sorted(unknown)} in config section {section!r}; known: {sorted(known)}")
+    return section_cls(**data)
+
+
+def _require(ok: bool, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}={value!r} is out of range; allowed: {allowed}")

@@ -1,0 +1,129 @@
+"""LLMEngine: add requests, then step() until they finish. One step = schedule → execute → update."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from adaptserve.config import EngineConfig
+from adaptserve.engine.kv_cache import KVCacheManager
+from adaptserve.engine.output_processor import ParentRequest, finalize_text, find_stop_string
+from adaptserve.engine.request import InvalidRequestError, Request, RequestOutput, RequestStatus, SamplingParams
+from adaptserve.engine.scheduler import Scheduler
+from adaptserve.model.config import ModelArchConfig
+from adaptserve.model.loaders import LoadedCheckpoint, load_checkpoint
+from adaptserve.runner.model_runner import ModelRunner
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, checkpoint: LoadedCheckpoint | None = None, progress: bool = True):
+        self.config = config
+        checkpoint = checkpoint or load_checkpoint(config.model.model, progress=progress)
+        self.arch = checkpoint.arch
+        self.tokenizer = checkpoint.tokenizer
+        self.max_model_len = _max_model_len(config, checkpoint.arch)
+        self.runner = ModelRunner(config, checkpoint, self.max_model_len)
+        capacity = self.runner.num_blocks * config.cache.block_size
+        if capacity < self.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {capacity} tokens ({self.runner.num_blocks} blocks), fewer than "
+                f"max_model_len={self.max_model_len}; lower model.max_model_len or raise the KV budget")
+        self.kv_cache = KVCacheManager(self.runner.num_blocks, config.cache.block_size,
+                                       config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache)
+        self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids if self.tokenizer else checkpoint.arch.eos_token_ids)
+        self._parents: dict[str, ParentRequest] = {}
+        self._child_to_parent: dict[str, str] = {}
+        self.source = checkpoint.source
+
+    # ---- requests ------------------------------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    priority: int = 0, arrival_time: float | None = None) -> None:
+        """Validate and queue; raises InvalidRequestError naming the field and the limit."""
+        if request_id in self._parents:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
+        prompt_ids = self._encode(prompt)
+        params.validate()
+        arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        child_ids = [request_id] if params.n == 1 else [f"{request_id}-{i}" for i in range(params.n)]
+        parent = ParentRequest(request_id, prompt if isinstance(prompt, str) else None, child_ids)
+        for index, child_id in enumerate(child_ids):
+            child_params = params
+            if params.n > 1:
+                seed = None if params.seed is None else params.seed + index
+                child_params = dataclasses.replace(params, n=1, seed=seed)
+            request = Request(child_id, prompt_ids, child_params, self.eos_token_ids, arrival_time, priority,
+                              self.max_model_len)
+            parent.children[child_id] = request
+            self._child_to_parent[child_id] = request_id
+            self.scheduler.add_request(request)
+        self._parents[request_id] = parent
+
+    def _encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt is empty; give at least one token", "prompt")
+            if self.tokenizer is None:
+                raise InvalidRequestError("this model has no tokenizer; give prompt token ids", "prompt")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+        if not ids:
+            raise InvalidRequestError("prompt is empty; give at least one token", "prompt")
+        if any(not 0 <= t < self.arch.vocab_size for t in ids):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {self.arch.vocab_size})", "prompt")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt is {len(ids)} tokens; the context window is {self.max_model_len} tokens and must "
+                f"leave room for at least one generated token", "prompt")
+        return ids
+
+    def abort_request(self, request_id: str) -> None:
+        parent = self._parents.get(request_id)
+        if parent is None:
+            return
+        for child_id in parent.child_ids:
+            self.scheduler.finish_request(child_id, RequestStatus.FINISHED_ABORTED)
+        self._release(parent)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._parents)
+
+    # ---- one step ------------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one step; return the outputs of user requests that finished in it."""
+        scheduler_output = self.scheduler.schedule()
+        runner_output = self.runner.execute(scheduler_output)
+        updated = self.scheduler.update_from_output(scheduler_output, runner_output)
+        finished: list[RequestOutput] = []
+        for request in updated:
+            if find_stop_string(request, self.tokenizer):
+                if request.is_finished:  # it also hit max_tokens in this step: the stop string wins
+                    request.status = RequestStatus.FINISHED_STOPPED
+                else:
+                    self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
+            if request.is_finished:
+                finalize_text(request, self.tokenizer)
+                parent = self._parents[self._child_to_parent[request.request_id]]
+                if parent.is_finished():
+                    finished.append(parent.output())
+                    self._release(parent)
+        return finished
+
+    def _release(self, parent: ParentRequest) -> None:
+        self._parents.pop(parent.request_id, None)
+        for child_id in parent.child_ids:
+            self._child_to_parent.pop(child_id, None)
+
+
+def _max_model_len(config: EngineConfig, arch: ModelArchConfig) -> int:
+    limit = arch.max_context
+    wanted = config.model.max_model_len
+    if wanted is None:
+        return limit
+    if wanted > limit:
+        raise ValueError(f"model.max_model_len={wanted} exceeds the model's context window ({limit} tokens)")
+    return wanted
+

@@ -1,0 +1,42 @@
+"""The plain data that crosses the scheduler ↔ executor boundary each step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from adaptserve.engine.request import SamplingParams
+
+
+@dataclass(slots=True)
+class ScheduledSequence:
+    """One request's share of a step: compute `token_ids`, which start at `num_computed_tokens`."""
+
+    request_id: str
+    token_ids: list[int]  # tokens whose K/V (and maybe logits) are computed this step
+    num_computed_tokens: int  # position of token_ids[0]; tokens before it are in the cache
+    block_ids: list[int]  # the request's whole block table
+    sample: bool  # this step reaches its last known token: sample the next one
+    sampling_params: SamplingParams
+    prompt_token_ids: list[int]  # for repetition penalties
+    output_token_ids: list[int]  # generated so far, for penalties
+
+
+@dataclass
+class SchedulerOutput:
+    sequences: list[ScheduledSequence]
+    num_batched_tokens: int
+    finished_request_ids: list[str] = field(default_factory=list)  # the executor may drop their state
+    preempted_request_ids: list[str] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.sequences
+
+
+@dataclass
+class RunnerOutput:
+    """Tokens sampled this step, one per sequence whose `sample` was set, in the same order."""
+
+    request_ids: list[str]
+    sampled_token_ids: list[int]
+    logprobs: list[dict[int, float] | None]

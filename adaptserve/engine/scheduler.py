@@ -1,0 +1,207 @@
+"""Token-budget scheduler: continuous batching with chunked prefill, priorities and preemption.
+
+There are no prefill and decode phases. Every request has `num_computed_tokens` that catches up to
+`num_tokens`; each step hands out at most `max_num_batched_tokens` tokens, running requests first
+(decodes and unfinished prompt chunks alike), then waiting ones. When the KV cache runs out, the least
+important running request is preempted: its blocks are freed and it is recomputed later.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Iterable
+
+from adaptserve.config import SchedulerConfig
+from adaptserve.engine.kv_cache import KVCacheManager
+from adaptserve.engine.outputs import RunnerOutput, ScheduledSequence, SchedulerOutput
+from adaptserve.engine.request import Request, RequestStatus
+
+
+class WaitingQueue:
+    """FCFS: a deque (preempted requests go back to the front). Priority: a heap on
+    (priority, arrival_time, insertion order), so a preempted request regains its old place."""
+
+    def __init__(self, policy: str):
+        self.by_priority = policy == "priority"
+        self._deque: deque[Request] = deque()
+        self._heap: list[tuple[int, float, int, Request]] = []
+        self._counter = itertools.count()
+
+    def add(self, request: Request, front: bool = False) -> None:
+        if self.by_priority:
+            heapq.heappush(self._heap, (request.priority, request.arrival_time, next(self._counter), request))
+        elif front:
+            self._deque.appendleft(request)
+        else:
+            self._deque.append(request)
+
+    def peek(self) -> Request:
+        return self._heap[0][3] if self.by_priority else self._deque[0]
+
+    def pop(self) -> Request:
+        return heapq.heappop(self._heap)[3] if self.by_priority else self._deque.popleft()
+
+    def remove(self, request: Request) -> None:
+        if self.by_priority:
+            self._heap = [item for item in self._heap if item[3] is not request]
+            heapq.heapify(self._heap)
+        else:
+            self._deque.remove(request)
+
+    def __len__(self) -> int:
+        return len(self._heap) if self.by_priority else len(self._deque)
+
+    def __iter__(self) -> Iterable[Request]:
+        return iter([item[3] for item in self._heap] if self.by_priority else self._deque)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager):
+        self.config = config
+        self.kv_cache = kv_cache
+        self.waiting = WaitingQueue(config.policy)
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._finished_ids: list[str] = []  # finished since the last schedule(), for the executor
+        self.num_preemptions = 0
+
+    # ---- requests in and out -------------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        self.requests[request.request_id] = request
+        self.waiting.add(request)
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
+        """Abort or end a request wherever it is; its blocks go back to the pool. Unknown ids are ignored."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        request.status = status
+        self.kv_cache.free(request)
+        self._finished_ids.append(request_id)
+        return request
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.requests)
+
+    # ---- one step ------------------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledSequence] = []
+        preempted: list[str] = []
+        if self.waiting.by_priority:
+            self.running.sort(key=lambda r: (r.priority, r.arrival_time))
+
+        index = 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            num_new = self._num_new_tokens(request, request.num_computed_tokens, budget)
+            if self._allocate_or_preempt(request, num_new, preempted):
+                scheduled.append(self._scheduled(request, num_new))
+                budget -= num_new
+                index += 1
+
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting.peek()
+            hit_blocks, num_hit = self.kv_cache.get_computed_blocks(request)
+            num_new = self._num_new_tokens(request, num_hit, budget)
+            if self.kv_cache.allocate_slots(request, num_new, hit_blocks) is None:
+                break
+            self.waiting.pop()
+            request.num_computed_tokens = num_hit
+            if request.num_cached_tokens < 0:
+                request.num_cached_tokens = num_hit
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            scheduled.append(self._scheduled(request, num_new))
+            budget -= num_new
+
+        finished, self._finished_ids = self._finished_ids, []
+        return SchedulerOutput(scheduled, self.config.max_num_batched_tokens - budget, finished, preempted)
+
+    def _num_new_tokens(self, request: Request, num_computed: int, budget: int) -> int:
+        num_new = min(request.num_tokens - num_computed, budget)
+        if self.config.long_prefill_token_threshold:
+            num_new = min(num_new, self.config.long_prefill_token_threshold)
+        return num_new
+
+    def _allocate_or_preempt(self, request: Request, num_new: int, preempted: list[str]) -> bool:
+        """Find room for `request`, preempting the least important unscheduled running request (the
+        last one) until it fits. False when `request` itself had to go."""
+        while self.kv_cache.allocate_slots(request, num_new) is None:
+            victim = self.running[-1]
+            self._preempt(victim)
+            preempted.append(victim.request_id)
+            if victim is request:
+                return False
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv_cache.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.add(request, front=True)
+
+    def _scheduled(self, request: Request, num_new: int) -> ScheduledSequence:
+        start = request.num_computed_tokens
+        tokens = request.all_token_ids[start:start + num_new]
+        return ScheduledSequence(
+            request_id=request.request_id,
+            token_ids=tokens,
+            num_computed_tokens=start,
+            block_ids=self.kv_cache.get_block_ids(request.request_id),
+            sample=start + num_new == request.num_tokens,
+            sampling_params=request.sampling_params,
+            prompt_token_ids=request.prompt_token_ids,
+            output_token_ids=request.output_token_ids,
+        )
+
+    # ---- results -------------------------------------------------------------------------------------
+
+    def update_from_output(self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput) -> list[Request]:
+        """Advance computed counters, append sampled tokens, finish requests that hit a stop condition.
+        Returns the requests that received a token this step (finished ones included)."""
+        for seq in scheduler_output.sequences:
+            request = self.requests.get(seq.request_id)
+            if request is not None and request.status == RequestStatus.RUNNING:
+                request.num_computed_tokens += len(seq.token_ids)
+        updated = []
+        for request_id, token_id, logprobs in zip(runner_output.request_ids, runner_output.sampled_token_ids,
+                                                  runner_output.logprobs, strict=True):
+            request = self.requests.get(request_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            request.output_token_ids.append(token_id)
+            if logprobs is not None:
+                request.output_logprobs.append(logprobs)
+            updated.append(request)
+            status = self._check_stop(request, token_id)
+            if status is not None:
+                self.finish_request(request_id, status)
+        return updated
+
+    @staticmethod
+    def _check_stop(request: Request, token_id: int) -> RequestStatus | None:
+        params = request.sampling_params
+        if request.num_output_tokens >= params.min_tokens:
+            if token_id in params.stop_token_ids:
+                request.stop_reason = token_id
+                return RequestStatus.FINISHED_STOPPED
+            if not params.ignore_eos and token_id in request.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+        if request.num_output_tokens >= request.max_output_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        return None

@@ -1,0 +1,74 @@
+"""Reference paged attention in plain PyTorch: runs on CPU and GPU and is the oracle for every kernel.
+
+The KV cache of one layer is a pair of tensors [num_blocks, block_size, num_kv_heads, head_dim]; a
+token's slot is block_id * block_size + offset. New K/V are written first, then every query reads its
+whole context from the cache, so tokens computed in the same step (chunked prefill, siblings sharing a
+prefix) are visible to each other exactly as the causal order says.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from adaptserve.kernels.attention.metadata import AttentionMetadata
+
+
+class TorchReferenceAttention:
+    name = "torch_ref"
+
+    def write_kv(self, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+        """k, v: [T, KVH, D] written into the flat caches [num_blocks * block_size, KVH, D]."""
+        k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
+        v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
+
+    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """q: [T, H, D] -> [T, H, D]."""
+        out = torch.empty_like(q)
+        num_decode = meta.num_decode_tokens
+        if num_decode:
+            out[:num_decode] = self._decode(q[:num_decode], k_cache, v_cache, meta, scale)
+        if meta.prefills:
+            flat_k = k_cache.view(-1, k_cache.shape[2] * k_cache.shape[3])  # [S, KVH * D]
+            flat_v = v_cache.view(-1, v_cache.shape[2] * v_cache.shape[3])  # [S, KVH * D]
+            for seq in meta.prefills:
+                rows = slice(seq.query_start, seq.query_start + seq.query_len)
+                out[rows] = self._prefill(q[rows], flat_k, flat_v, seq, scale)
+        return out
+
+    def _decode(self, q, k_cache, v_cache, meta, scale):
+        """One query per sequence: gather whole blocks (index_select copies them as contiguous runs,
+        much faster than per-slot indexing on CPU), then one batched SDPA call."""
+        num_seqs = q.shape[0]
+        block_ids = meta.decode_block_table.flatten()  # [N * MB]
+        k = _gather_blocks(k_cache, block_ids, num_seqs)  # [N, KVH, L, D]
+        v = _gather_blocks(v_cache, block_ids, num_seqs)  # [N, KVH, L, D]
+        mask = meta.decode_context_mask[:, None, None, :]  # [N, 1, 1, L]
+        o = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask, scale=scale,
+                                           enable_gqa=True)  # [N, H, 1, D]
+        return o[:, :, 0, :]
+
+    def _prefill(self, q, flat_k, flat_v, seq, scale):
+        num_kv_heads, head_dim = -1, q.shape[-1]
+        k = torch.index_select(flat_k, 0, seq.context_slots).view(seq.context_len, num_kv_heads, head_dim)
+        v = torch.index_select(flat_v, 0, seq.context_slots).view(seq.context_len, num_kv_heads, head_dim)
+        k, v = k.transpose(0, 1), v.transpose(0, 1)  # [KVH, L, D]
+        qh = q.transpose(0, 1)  # [H, Q, D]
+        if seq.context_len == seq.query_len:
+            o = F.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            # query i sits at absolute position context_len - query_len + i and sees keys up to it
+            offset = seq.context_len - seq.query_len
+            rows = torch.arange(seq.query_len, device=q.device)[:, None] + offset
+            cols = torch.arange(seq.context_len, device=q.device)[None, :]
+            o = F.scaled_dot_product_attention(qh, k, v, attn_mask=cols <= rows, scale=scale, enable_gqa=True)
+        return o.transpose(0, 1)  # [Q, H, D]
+
+
+def _gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor, num_seqs: int) -> torch.Tensor:
+    """cache [B, bs, KVH, D], block_ids [N * MB] -> [N, KVH, MB * bs, D]."""
+    num_blocks, block_size, num_kv_heads, head_dim = cache.shape
+    rows = torch.index_select(cache.view(num_blocks, -1), 0, block_ids)  # [N * MB, bs * KVH * D]
+    return rows.view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)

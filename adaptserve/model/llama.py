@@ -1,0 +1,171 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2/3, SmolLM2) over a paged KV cache.
+
+Tokens arrive flat ([T] ids with their positions), not padded per sequence; attention reads and writes
+the paged cache through the backend the runner picked. Projections are fused: one qkv matmul and one
+gate/up matmul per layer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adaptserve.kernels.attention.metadata import AttentionMetadata
+from adaptserve.kernels.attention.registry import AttentionBackend
+from adaptserve.model.config import ModelArchConfig
+from adaptserve.model.rope import RotaryEmbedding, apply_rope
+
+KVCache = tuple[torch.Tensor, torch.Tensor]  # ([blocks, block_size, KVH, D], same) for one layer
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, arch: ModelArchConfig):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = arch.num_heads, arch.num_kv_heads, arch.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim**-0.5
+        self.qkv_proj = nn.Linear(arch.hidden_size, self.q_size + 2 * self.kv_size, bias=arch.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, arch.hidden_size, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
+        self.k_norm = RMSNorm(self.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_cache: KVCache,
+                meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        k_cache, v_cache = kv_cache
+        backend.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        o = backend.attend(q, k_cache, v_cache, meta, self.scale)  # [T, H, D]
+        return self.o_proj(o.reshape(num_tokens, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, arch: ModelArchConfig):
+        super().__init__()
+        self.intermediate_size = arch.intermediate_size
+        self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * arch.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)  # [T, I] each
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, arch: ModelArchConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.self_attn = Attention(arch)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.mlp = MLP(arch)
+
+    def forward(self, x, rope, kv_cache, meta, backend):
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta, backend)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, arch: ModelArchConfig, max_positions: int):
+        super().__init__()
+        self.arch = arch
+        self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(arch) for _ in range(arch.num_layers))
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.lm_head = None if arch.tie_word_embeddings else nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+        self.rotary = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_theta, arch.rope_scaling)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
+                meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
+        """input_ids, positions: [T] -> hidden states [T, hidden]."""
+        x = self.embed_tokens(input_ids)  # [T, hidden]
+        rope = self.rotary.lookup(positions, x.dtype)
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            x = layer(x, rope, kv_cache, meta, backend)
+        return self.norm(x)
+
+    def rebuild_rope(self, max_positions: int, device: torch.device) -> None:
+        """Recompute the cos/sin tables (needed after building on the meta device)."""
+        arch = self.arch
+        self.rotary = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_theta, arch.rope_scaling, device)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [N, hidden] -> float32 logits [N, vocab]."""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+    # ---- weights -------------------------------------------------------------------------------------
+
+    def load_hf_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load Hugging Face names (separate q/k/v and gate/up) into the fused layout."""
+        own = self.state_dict()
+        missing = set(own) - {_fused_name(n) for n in state_dict}
+        if missing:
+            raise ValueError(f"checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")
+        with torch.no_grad():
+            for i, layer in enumerate(self.layers):
+                p = f"model.layers.{i}."
+                attn, mlp = layer.self_attn, layer.mlp
+                _copy(attn.qkv_proj.weight, [state_dict[p + f"self_attn.{n}_proj.weight"] for n in "qkv"])
+                if attn.qkv_proj.bias is not None:
+                    _copy(attn.qkv_proj.bias, [state_dict[p + f"self_attn.{n}_proj.bias"] for n in "qkv"])
+                _copy(attn.o_proj.weight, [state_dict[p + "self_attn.o_proj.weight"]])
+                if attn.q_norm is not None:
+                    _copy(attn.q_norm.weight, [state_dict[p + "self_attn.q_norm.weight"]])
+                    _copy(attn.k_norm.weight, [state_dict[p + "self_attn.k_norm.weight"]])
+                _copy(mlp.gate_up_proj.weight, [state_dict[p + f"mlp.{n}_proj.weight"] for n in ("gate", "up")])
+                _copy(mlp.down_proj.weight, [state_dict[p + "mlp.down_proj.weight"]])
+                _copy(layer.input_layernorm.weight, [state_dict[p + "input_layernorm.weight"]])
+                _copy(layer.post_attention_layernorm.weight, [state_dict[p + "post_attention_layernorm.weight"]])
+            _copy(self.embed_tokens.weight, [state_dict["model.embed_tokens.weight"]])
+            _copy(self.norm.weight, [state_dict["model.norm.weight"]])
+            if self.lm_head is not None:
+                _copy(self.lm_head.weight, [state_dict["lm_head.weight"]])
+
+    def init_random(self, seed: int) -> None:
+        """Random weights for speed work: normal(0, 0.02) matrices, unit norms (as HF initialises)."""
+        generator = torch.Generator(device=self.embed_tokens.weight.device).manual_seed(seed)
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.fill_(1.0)
+                elif name.endswith("bias"):
+                    param.zero_()
+                else:
+                    param.normal_(0.0, 0.02, generator=generator)
+
+
+def _copy(dst: torch.Tensor, parts: list[torch.Tensor]) -> None:
+    src = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+    if src.shape != dst.shape:
+        raise ValueError(f"weight shape {tuple(src.shape)} does not match the model's {tuple(dst.shape)}")
+    dst.copy_(src)
+
+
+_FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
+          "up_proj": "gate_up_proj"}
+
+
+def _fused_name(hf_name: str) -> str:
+    """HF parameter name -> this module's name (used to report missing tensors)."""
+    name = hf_name.removeprefix("model.")
+    for part, fused in _FUSED.items():
+        name = name.replace(f".{part}.", f".{fused}.")
+    return name

@@ -1,0 +1,52 @@
+"""What the sampler needs to know about each row of a step's logits, as plain data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from adaptserve.engine.request import SamplingParams
+
+
+@dataclass
+class SamplingMetadata:
+    """Per-row sampling inputs, built by the model runner once per step.
+
+    Row i of the logits belongs to `params[i]`. `generators[i]` is the request's own generator when
+    it has a seed (on the logits' device), else None; rows without one share one batched draw.
+    """
+
+    params: list[SamplingParams]  # one per row
+    prompt_token_ids: list[list[int]]  # per row; only read for the repetition penalty
+    output_token_ids: list[list[int]]  # per row, generated so far; read for all penalties
+    generators: list[torch.Generator | None]  # per row: own generator when seeded, else None
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.params)
+
+    @property
+    def all_greedy(self) -> bool:
+        return all(p.is_greedy for p in self.params)
+
+    @property
+    def needs_repetition_penalty(self) -> bool:
+        return any(p.repetition_penalty != 1.0 for p in self.params)
+
+    @property
+    def needs_frequency_presence_penalties(self) -> bool:
+        return any(p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in self.params)
+
+    @property
+    def needs_penalties(self) -> bool:
+        return self.needs_repetition_penalty or self.needs_frequency_presence_penalties
+
+    @property
+    def needs_logprobs(self) -> bool:
+        return any(p.logprobs is not None for p in self.params)
+
+    @property
+    def is_plain_greedy(self) -> bool:
+        """Every row is greedy with no penalties and no logprobs: a bare argmax is enough."""
+        return self.all_greedy and not self.needs_penalties and not self.needs_logprobs
