@@ -28,7 +28,7 @@ def transformers_config(arch: ModelArchConfig):
     if arch.rope_scaling:
         kwargs["rope_scaling"] = dict(arch.rope_scaling)
     if arch.architecture in ("llama", "qwen3"):
-        kwargs["attention_bias"] = arch.attention_bias
+        kwargs["attention_bias"] = arch.attention_bias or arch.o_proj_bias
     return config_cls(**kwargs)
 
 

@@ -24,7 +24,8 @@ class ModelArchConfig:
     rope_scaling: dict[str, Any] | None = None  # HF rope_scaling dict (llama3, linear) or None
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
-    attention_bias: bool = False  # qkv bias (Qwen2)
+    attention_bias: bool = False  # q/k/v projection bias (Qwen2; Llama/Qwen3 with attention_bias)
+    o_proj_bias: bool = False  # output projection bias (Llama/Qwen3 with attention_bias, not Qwen2)
     qk_norm: bool = False  # RMSNorm over each head of q and k before rope (Qwen3)
     sliding_window: int | None = None  # Mistral; we attend fully, so the context is capped at it
     bos_token_id: int | None = None
@@ -88,7 +89,8 @@ class ModelArchConfig:
             rope_scaling=_normalize_rope_scaling(rope_scaling),
             max_position_embeddings=hf.get("max_position_embeddings", 4096),
             tie_word_embeddings=hf.get("tie_word_embeddings", False),
-            attention_bias=hf.get("attention_bias", model_type == "qwen2"),
+            attention_bias=model_type == "qwen2" or hf.get("attention_bias", False),
+            o_proj_bias=model_type != "qwen2" and hf.get("attention_bias", False),
             qk_norm=model_type == "qwen3",
             sliding_window=hf.get("sliding_window") if use_window else None,
             bos_token_id=hf.get("bos_token_id"),

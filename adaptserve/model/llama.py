@@ -37,7 +37,7 @@ class Attention(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
         self.qkv_proj = nn.Linear(arch.hidden_size, self.q_size + 2 * self.kv_size, bias=arch.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, arch.hidden_size, bias=False)
+        self.o_proj = nn.Linear(self.q_size, arch.hidden_size, bias=arch.o_proj_bias)
         self.q_norm = RMSNorm(self.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
 
@@ -127,6 +127,8 @@ class LlamaForCausalLM(nn.Module):
                 if attn.qkv_proj.bias is not None:
                     _copy(attn.qkv_proj.bias, [state_dict[p + f"self_attn.{n}_proj.bias"] for n in "qkv"])
                 _copy(attn.o_proj.weight, [state_dict[p + "self_attn.o_proj.weight"]])
+                if attn.o_proj.bias is not None:
+                    _copy(attn.o_proj.bias, [state_dict[p + "self_attn.o_proj.bias"]])
                 if attn.q_norm is not None:
                     _copy(attn.q_norm.weight, [state_dict[p + "self_attn.q_norm.weight"]])
                     _copy(attn.k_norm.weight, [state_dict[p + "self_attn.k_norm.weight"]])
