@@ -10,7 +10,9 @@ from adaptserve.config import ConfigError
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="HF folder, .gguf file or preset; default: embedded SmolLM2")
+    parser.add_argument(
+        "--model", default=None, help="HF folder, .gguf file or preset; default: embedded SmolLM2"
+    )
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto")
     parser.add_argument("--max-model-len", type=int, default=None)
@@ -20,9 +22,15 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _engine_options(args: argparse.Namespace) -> dict:
-    return {"model": args.model, "dtype": args.dtype, "device": args.device, "max_model_len": args.max_model_len,
-            "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
-            "enable_prefix_caching": not args.no_prefix_caching}
+    return {
+        "model": args.model,
+        "dtype": args.dtype,
+        "device": args.device,
+        "max_model_len": args.max_model_len,
+        "max_num_seqs": args.max_num_seqs,
+        "max_num_batched_tokens": args.max_num_batched_tokens,
+        "enable_prefix_caching": not args.no_prefix_caching,
+    }
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -37,8 +45,14 @@ def _generate(args: argparse.Namespace) -> int:
         return 2
     options = _engine_options(args)
     llm = LLM(options.pop("model"), **options)
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            max_tokens=args.max_tokens, seed=args.seed, n=args.n)
+    params = SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+        n=args.n,
+    )
     if args.chat:
         outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
     else:
@@ -46,8 +60,11 @@ def _generate(args: argparse.Namespace) -> int:
     for prompt, output in zip(prompts, outputs, strict=True):
         for completion in output.outputs:
             if args.json:
-                print(json.dumps({"prompt": prompt, "text": completion.text,
-                                  "finish_reason": completion.finish_reason}))
+                print(
+                    json.dumps(
+                        {"prompt": prompt, "text": completion.text, "finish_reason": completion.finish_reason}
+                    )
+                )
             else:
                 print(f">>> {prompt}\n{completion.text}\n[{completion.finish_reason}]")
     return 0

@@ -52,21 +52,45 @@ class EngineConfig:
 
     def validate(self) -> None:
         c, s, m = self.cache, self.scheduler, self.model
-        _require(c.block_size in (8, 16, 32, 64, 128), "cache.block_size", c.block_size, "8, 16, 32, 64 or 128")
-        _require(0 < c.gpu_memory_utilization <= 1, "cache.gpu_memory_utilization", c.gpu_memory_utilization,
-                 "(0, 1]")
+        _require(
+            c.block_size in (8, 16, 32, 64, 128), "cache.block_size", c.block_size, "8, 16, 32, 64 or 128"
+        )
+        _require(
+            0 < c.gpu_memory_utilization <= 1,
+            "cache.gpu_memory_utilization",
+            c.gpu_memory_utilization,
+            "(0, 1]",
+        )
         _require(c.num_blocks is None or c.num_blocks >= 1, "cache.num_blocks", c.num_blocks, ">= 1")
-        _require(c.kv_cache_memory_gib is None or c.kv_cache_memory_gib > 0, "cache.kv_cache_memory_gib",
-                 c.kv_cache_memory_gib, "> 0")
+        _require(
+            c.kv_cache_memory_gib is None or c.kv_cache_memory_gib > 0,
+            "cache.kv_cache_memory_gib",
+            c.kv_cache_memory_gib,
+            "> 0",
+        )
         _require(s.max_num_seqs >= 1, "scheduler.max_num_seqs", s.max_num_seqs, ">= 1")
-        _require(s.max_num_batched_tokens >= 1, "scheduler.max_num_batched_tokens",
-                 s.max_num_batched_tokens, ">= 1")
-        _require(s.long_prefill_token_threshold >= 0, "scheduler.long_prefill_token_threshold",
-                 s.long_prefill_token_threshold, ">= 0")
+        _require(
+            s.max_num_batched_tokens >= 1,
+            "scheduler.max_num_batched_tokens",
+            s.max_num_batched_tokens,
+            ">= 1",
+        )
+        _require(
+            s.long_prefill_token_threshold >= 0,
+            "scheduler.long_prefill_token_threshold",
+            s.long_prefill_token_threshold,
+            ">= 0",
+        )
         _require(s.policy in ("fcfs", "priority"), "scheduler.policy", s.policy, "'fcfs' or 'priority'")
-        _require(m.dtype in ("auto", "float32", "bfloat16", "float16"), "model.dtype", m.dtype,
-                 "auto, float32, bfloat16 or float16")
-        _require(m.max_model_len is None or m.max_model_len >= 1, "model.max_model_len", m.max_model_len, ">= 1")
+        _require(
+            m.dtype in ("auto", "float32", "bfloat16", "float16"),
+            "model.dtype",
+            m.dtype,
+            "auto, float32, bfloat16 or float16",
+        )
+        _require(
+            m.max_model_len is None or m.max_model_len >= 1, "model.max_model_len", m.max_model_len, ">= 1"
+        )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EngineConfig:
@@ -83,9 +107,15 @@ class EngineConfig:
     @classmethod
     def from_flat(cls, **flat: Any) -> EngineConfig:
         """Build from flat keyword arguments (as `LLM(...)` takes them): each key belongs to one section."""
-        owners = {f.name: section for section, section_cls in
-                  (("model", ModelConfig), ("cache", CacheConfig), ("scheduler", SchedulerConfig))
-                  for f in dataclasses.fields(section_cls)}
+        owners = {
+            f.name: section
+            for section, section_cls in (
+                ("model", ModelConfig),
+                ("cache", CacheConfig),
+                ("scheduler", SchedulerConfig),
+            )
+            for f in dataclasses.fields(section_cls)
+        }
         nested: dict[str, dict[str, Any]] = {}
         for key, value in flat.items():
             if key not in owners:
@@ -100,7 +130,9 @@ def _section_from_dict(section_cls: type, section: str, data: dict[str, Any]) ->
     known = {f.name for f in dataclasses.fields(section_cls)}
     unknown = set(data) - known
     if unknown:
-        raise ConfigError(f"unknown key(s) {sorted(unknown)} in config section {section!r}; known: {sorted(known)}")
+        raise ConfigError(
+            f"unknown key(s) {sorted(unknown)} in config section {section!r}; known: {sorted(known)}"
+        )
     return section_cls(**data)
 
 

@@ -41,8 +41,13 @@ class LLM:
     def tokenizer(self):
         return self.engine.tokenizer
 
-    def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams]
-                 | None = None, use_tqdm: bool = True, priority: Sequence[int] | None = None) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        priority: Sequence[int] | None = None,
+    ) -> list[RequestOutput]:
         """Run every prompt to completion in one continuous batch; outputs come back in prompt order."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
@@ -57,15 +62,23 @@ class LLM:
             request_ids.append(request_id)
         return self._run(request_ids, use_tqdm and len(prompts) > 1)
 
-    def chat(self, messages: list[Message] | list[list[Message]], sampling_params: SamplingParams | None = None,
-             use_tqdm: bool = True) -> list[RequestOutput]:
+    def chat(
+        self,
+        messages: list[Message] | list[list[Message]],
+        sampling_params: SamplingParams | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
         """Apply the model's chat template to one conversation or a list of them, then generate."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         if self.tokenizer is None:
             raise ValueError("this model has no tokenizer and so no chat template")
         # the template writes its own special tokens, so none are added when encoding
-        prompts = [self.tokenizer.encode(self.tokenizer.apply_chat_template(c, add_generation_prompt=True),
-                                         add_special_tokens=False) for c in conversations]
+        prompts = [
+            self.tokenizer.encode(
+                self.tokenizer.apply_chat_template(c, add_generation_prompt=True), add_special_tokens=False
+            )
+            for c in conversations
+        ]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def _run(self, request_ids: list[str], show_progress: bool) -> list[RequestOutput]:

@@ -42,7 +42,9 @@ def bench_adaptserve(llm, prompts, decode_prompt, args) -> tuple[float, float]:
     from adaptserve import SamplingParams
 
     decode_params = SamplingParams(temperature=0.0, max_tokens=args.decode_tokens, ignore_eos=True)
-    llm.generate(decode_prompt, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    llm.generate(
+        decode_prompt, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False
+    )
     engine = llm.engine
     engine.add_request("bench-decode", decode_prompt, decode_params)
     engine.step()  # prefill + first token
@@ -68,8 +70,14 @@ def bench_transformers(model, prompts, decode_prompt, args, device) -> tuple[flo
         ids = torch.tensor(batch, device=device)
         sync(device)
         start = time.perf_counter()
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                       do_sample=False, pad_token_id=0)
+        model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
         sync(device)
         return time.perf_counter() - start
 
@@ -98,9 +106,14 @@ def run_offline_benchmark(args: argparse.Namespace) -> list[OfflineResult]:
     results: list[OfflineResult] = []
     for dtype_name in args.dtypes.split(","):
         dtype = resolve_dtype(dtype_name, device)
-        llm = LLM(args.model, dtype=dtype_name, device=str(device), max_num_seqs=max(args.max_num_seqs, 1),
-                  max_num_batched_tokens=args.max_num_batched_tokens,
-                  enable_prefix_caching=not args.no_prefix_caching)
+        llm = LLM(
+            args.model,
+            dtype=dtype_name,
+            device=str(device),
+            max_num_seqs=max(args.max_num_seqs, 1),
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            enable_prefix_caching=not args.no_prefix_caching,
+        )
         decode, elapsed = bench_adaptserve(llm, prompts, decode_prompt, args)
         results.append(_result("adaptserve", dtype_name, decode, elapsed, args))
         del llm
@@ -113,10 +126,18 @@ def run_offline_benchmark(args: argparse.Namespace) -> list[OfflineResult]:
             print(_row(results[-1]))
     payload = {
         "model": args.model or "SmolLM2-135M-Instruct (embedded GGUF, Q4_1 dequantized)",
-        "workload": {"num_prompts": args.num_prompts, "input_len": args.input_len, "output_len": args.output_len,
-                     "decode_tokens": args.decode_tokens, "prompts": "random token ids, seeded"},
-        "engine_options": {"max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
-                           "prefix_caching": not args.no_prefix_caching},
+        "workload": {
+            "num_prompts": args.num_prompts,
+            "input_len": args.input_len,
+            "output_len": args.output_len,
+            "decode_tokens": args.decode_tokens,
+            "prompts": "random token ids, seeded",
+        },
+        "engine_options": {
+            "max_num_seqs": args.max_num_seqs,
+            "max_num_batched_tokens": args.max_num_batched_tokens,
+            "prefix_caching": not args.no_prefix_caching,
+        },
         "results": [asdict(r) for r in results],
     }
     path = write_results("offline", device, payload)
@@ -129,19 +150,29 @@ def run_offline_benchmark(args: argparse.Namespace) -> list[OfflineResult]:
 def _result(engine, dtype, decode_tok_s, elapsed, args) -> OfflineResult:
     num_out = args.num_prompts * args.output_len
     num_total = args.num_prompts * (args.input_len + args.output_len)
-    return OfflineResult(engine, dtype, round(decode_tok_s, 2), round(num_out / elapsed, 2),
-                         round(num_total / elapsed, 2), round(elapsed, 3))
+    return OfflineResult(
+        engine,
+        dtype,
+        round(decode_tok_s, 2),
+        round(num_out / elapsed, 2),
+        round(num_total / elapsed, 2),
+        round(elapsed, 3),
+    )
 
 
 def _row(r: OfflineResult) -> str:
-    return (f"{r.engine:>12} {r.dtype:>9}: batch-1 decode {r.batch1_decode_tok_s:8.1f} tok/s | "
-            f"throughput {r.throughput_output_tok_s:8.1f} output tok/s ({r.throughput_elapsed_s:.1f} s)")
+    return (
+        f"{r.engine:>12} {r.dtype:>9}: batch-1 decode {r.batch1_decode_tok_s:8.1f} tok/s | "
+        f"throughput {r.throughput_output_tok_s:8.1f} output tok/s ({r.throughput_elapsed_s:.1f} s)"
+    )
 
 
 def markdown_table(results: list[OfflineResult]) -> str:
     lines = ["| engine | dtype | batch-1 decode (tok/s) | throughput (output tok/s) |", "|---|---|---:|---:|"]
-    lines += [f"| {r.engine} | {r.dtype} | {r.batch1_decode_tok_s:.1f} | {r.throughput_output_tok_s:.1f} |"
-              for r in results]
+    lines += [
+        f"| {r.engine} | {r.dtype} | {r.batch1_decode_tok_s:.1f} | {r.throughput_output_tok_s:.1f} |"
+        for r in results
+    ]
     return "\n".join(lines)
 
 

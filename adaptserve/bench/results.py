@@ -41,15 +41,23 @@ def device_tag(device: torch.device) -> str:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=5).stdout.strip()
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
 
-def write_results(benchmark: str, device: torch.device, payload: dict[str, Any], out_dir: Path = RESULTS_DIR) -> Path:
+def write_results(
+    benchmark: str, device: torch.device, payload: dict[str, Any], out_dir: Path = RESULTS_DIR
+) -> Path:
     record = {
         "benchmark": benchmark,
         "device": device_name(device),

@@ -8,7 +8,13 @@ import time
 from adaptserve.config import EngineConfig
 from adaptserve.engine.kv_cache import KVCacheManager
 from adaptserve.engine.output_processor import ParentRequest, finalize_text, find_stop_string
-from adaptserve.engine.request import InvalidRequestError, Request, RequestOutput, RequestStatus, SamplingParams
+from adaptserve.engine.request import (
+    InvalidRequestError,
+    Request,
+    RequestOutput,
+    RequestStatus,
+    SamplingParams,
+)
 from adaptserve.engine.scheduler import Scheduler
 from adaptserve.model.config import ModelArchConfig
 from adaptserve.model.loaders import LoadedCheckpoint, load_checkpoint
@@ -16,7 +22,9 @@ from adaptserve.runner.model_runner import ModelRunner
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, checkpoint: LoadedCheckpoint | None = None, progress: bool = True):
+    def __init__(
+        self, config: EngineConfig, checkpoint: LoadedCheckpoint | None = None, progress: bool = True
+    ):
         self.config = config
         checkpoint = checkpoint or load_checkpoint(config.model.model, progress=progress)
         self.arch = checkpoint.arch
@@ -27,19 +35,29 @@ class LLMEngine:
         if capacity < self.max_model_len:
             raise ValueError(
                 f"the KV cache holds {capacity} tokens ({self.runner.num_blocks} blocks), fewer than "
-                f"max_model_len={self.max_model_len}; lower model.max_model_len or raise the KV budget")
-        self.kv_cache = KVCacheManager(self.runner.num_blocks, config.cache.block_size,
-                                       config.cache.enable_prefix_caching)
+                f"max_model_len={self.max_model_len}; lower model.max_model_len or raise the KV budget"
+            )
+        self.kv_cache = KVCacheManager(
+            self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
+        )
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
-        self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids if self.tokenizer else checkpoint.arch.eos_token_ids)
+        self.eos_token_ids = frozenset(
+            self.tokenizer.eos_token_ids if self.tokenizer else checkpoint.arch.eos_token_ids
+        )
         self._parents: dict[str, ParentRequest] = {}
         self._child_to_parent: dict[str, str] = {}
         self.source = checkpoint.source
 
     # ---- requests ------------------------------------------------------------------------------------
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    priority: int = 0, arrival_time: float | None = None) -> None:
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        priority: int = 0,
+        arrival_time: float | None = None,
+    ) -> None:
         """Validate and queue; raises InvalidRequestError naming the field and the limit."""
         if request_id in self._parents:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
@@ -53,8 +71,15 @@ class LLMEngine:
             if params.n > 1:
                 seed = None if params.seed is None else params.seed + index
                 child_params = dataclasses.replace(params, n=1, seed=seed)
-            request = Request(child_id, prompt_ids, child_params, self.eos_token_ids, arrival_time, priority,
-                              self.max_model_len)
+            request = Request(
+                child_id,
+                prompt_ids,
+                child_params,
+                self.eos_token_ids,
+                arrival_time,
+                priority,
+                self.max_model_len,
+            )
             parent.children[child_id] = request
             self._child_to_parent[child_id] = request_id
             self.scheduler.add_request(request)
@@ -76,7 +101,9 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise InvalidRequestError(
                 f"prompt is {len(ids)} tokens; the context window is {self.max_model_len} tokens and must "
-                f"leave room for at least one generated token", "prompt")
+                f"leave room for at least one generated token",
+                "prompt",
+            )
         return ids
 
     def abort_request(self, request_id: str) -> None:
@@ -126,4 +153,3 @@ def _max_model_len(config: EngineConfig, arch: ModelArchConfig) -> int:
     if wanted > limit:
         raise ValueError(f"model.max_model_len={wanted} exceeds the model's context window ({limit} tokens)")
     return wanted
-

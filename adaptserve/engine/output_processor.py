@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from adaptserve.engine.request import CompletionOutput, Request, RequestOutput
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from adaptserve.model.tokenizer import Tokenizer
@@ -39,8 +39,15 @@ def completion_output(index: int, request: Request) -> CompletionOutput:
     cumulative = None
     if logprobs:
         cumulative = sum(lp[tok] for lp, tok in zip(logprobs, request.output_token_ids, strict=False))
-    return CompletionOutput(index, request.output_text, list(request.output_token_ids),
-                            request.status.finish_reason, request.stop_reason, logprobs, cumulative)
+    return CompletionOutput(
+        index,
+        request.output_text,
+        list(request.output_token_ids),
+        request.status.finish_reason,
+        request.stop_reason,
+        logprobs,
+        cumulative,
+    )
 
 
 @dataclass
@@ -66,4 +73,3 @@ class ParentRequest:
             finished=self.is_finished(),
             num_cached_tokens=max(first.num_cached_tokens, 0),
         )
-

@@ -52,23 +52,46 @@ class SamplingParams:
         _check(isinstance(self.n, int) and self.n >= 1, "n", f"n must be >= 1, got {self.n}")
         _check(self.temperature >= 0, "temperature", f"temperature must be >= 0, got {self.temperature}")
         _check(0 < self.top_p <= 1, "top_p", f"top_p must be in (0, 1], got {self.top_p}")
-        _check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k",
-               f"top_k must be -1, 0 (off) or a positive integer, got {self.top_k}")
+        _check(
+            isinstance(self.top_k, int) and self.top_k >= 0,
+            "top_k",
+            f"top_k must be -1, 0 (off) or a positive integer, got {self.top_k}",
+        )
         _check(0 <= self.min_p <= 1, "min_p", f"min_p must be in [0, 1], got {self.min_p}")
-        _check(self.repetition_penalty > 0, "repetition_penalty",
-               f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        _check(-2 <= self.presence_penalty <= 2, "presence_penalty",
-               f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
-        _check(-2 <= self.frequency_penalty <= 2, "frequency_penalty",
-               f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
-        _check(self.max_tokens is None or self.max_tokens >= 1, "max_tokens",
-               f"max_tokens must be >= 1, got {self.max_tokens}")
+        _check(
+            self.repetition_penalty > 0,
+            "repetition_penalty",
+            f"repetition_penalty must be > 0, got {self.repetition_penalty}",
+        )
+        _check(
+            -2 <= self.presence_penalty <= 2,
+            "presence_penalty",
+            f"presence_penalty must be in [-2, 2], got {self.presence_penalty}",
+        )
+        _check(
+            -2 <= self.frequency_penalty <= 2,
+            "frequency_penalty",
+            f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}",
+        )
+        _check(
+            self.max_tokens is None or self.max_tokens >= 1,
+            "max_tokens",
+            f"max_tokens must be >= 1, got {self.max_tokens}",
+        )
         _check(self.min_tokens >= 0, "min_tokens", f"min_tokens must be >= 0, got {self.min_tokens}")
-        _check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
-               f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})")
-        _check(self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs",
-               f"logprobs must be in [0, 20], got {self.logprobs}")
-        _check(all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty strings")
+        _check(
+            self.max_tokens is None or self.min_tokens <= self.max_tokens,
+            "min_tokens",
+            f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})",
+        )
+        _check(
+            self.logprobs is None or 0 <= self.logprobs <= 20,
+            "logprobs",
+            f"logprobs must be in [0, 20], got {self.logprobs}",
+        )
+        _check(
+            all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty strings"
+        )
 
 
 def _check(ok: bool, field_name: str, message: str) -> None:
@@ -86,8 +109,11 @@ class RequestStatus(enum.Enum):
 
     @property
     def is_finished(self) -> bool:
-        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
-                        RequestStatus.FINISHED_ABORTED)
+        return self in (
+            RequestStatus.FINISHED_STOPPED,
+            RequestStatus.FINISHED_LENGTH,
+            RequestStatus.FINISHED_ABORTED,
+        )
 
     @property
     def finish_reason(self) -> str | None:

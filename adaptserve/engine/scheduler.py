@@ -157,7 +157,7 @@ class Scheduler:
 
     def _scheduled(self, request: Request, num_new: int) -> ScheduledSequence:
         start = request.num_computed_tokens
-        tokens = request.all_token_ids[start:start + num_new]
+        tokens = request.all_token_ids[start : start + num_new]
         return ScheduledSequence(
             request_id=request.request_id,
             token_ids=tokens,
@@ -171,7 +171,9 @@ class Scheduler:
 
     # ---- results -------------------------------------------------------------------------------------
 
-    def update_from_output(self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput) -> list[Request]:
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput
+    ) -> list[Request]:
         """Advance computed counters, append sampled tokens, finish requests that hit a stop condition.
         Returns the requests that received a token this step (finished ones included)."""
         for seq in scheduler_output.sequences:
@@ -179,8 +181,9 @@ class Scheduler:
             if request is not None and request.status == RequestStatus.RUNNING:
                 request.num_computed_tokens += len(seq.token_ids)
         updated = []
-        for request_id, token_id, logprobs in zip(runner_output.request_ids, runner_output.sampled_token_ids,
-                                                  runner_output.logprobs, strict=True):
+        for request_id, token_id, logprobs in zip(
+            runner_output.request_ids, runner_output.sampled_token_ids, runner_output.logprobs, strict=True
+        ):
             request = self.requests.get(request_id)
             if request is None or request.status != RequestStatus.RUNNING:
                 continue  # aborted while the step ran

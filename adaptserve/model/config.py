@@ -37,7 +37,9 @@ class ModelArchConfig:
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_heads
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+            raise ValueError(
+                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
+            )
 
     @property
     def max_context(self) -> int:
@@ -64,7 +66,9 @@ class ModelArchConfig:
         """From a Hugging Face config.json dict (LlamaForCausalLM, MistralForCausalLM, Qwen2/3ForCausalLM)."""
         model_type = hf.get("model_type", "llama")
         if model_type not in ARCHITECTURES:
-            raise ValueError(f"unsupported model_type {model_type!r} in config.json; supported: {ARCHITECTURES}")
+            raise ValueError(
+                f"unsupported model_type {model_type!r} in config.json; supported: {ARCHITECTURES}"
+            )
         eos = hf.get("eos_token_id")
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         rope_scaling = hf.get("rope_scaling")
@@ -111,28 +115,92 @@ def _normalize_rope_scaling(scaling: dict[str, Any] | None) -> dict[str, Any] | 
     return scaling
 
 
-_LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                   "original_max_position_embeddings": 8192}
+_LLAMA3_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 PRESETS: dict[str, ModelArchConfig] = {
-    "llama-3.1-8b": ModelArchConfig("llama", 128256, 4096, 32, 32, 8, 14336, rms_norm_eps=1e-5,
-                                    rope_theta=500000.0, rope_scaling=_LLAMA3_SCALING,
-                                    max_position_embeddings=131072, bos_token_id=128000,
-                                    eos_token_ids=[128001, 128008, 128009]),
-    "llama-3.2-1b": ModelArchConfig("llama", 128256, 2048, 16, 32, 8, 8192, rms_norm_eps=1e-5,
-                                    rope_theta=500000.0, rope_scaling={**_LLAMA3_SCALING, "factor": 32.0},
-                                    max_position_embeddings=131072, tie_word_embeddings=True,
-                                    bos_token_id=128000, eos_token_ids=[128001, 128008, 128009]),
-    "qwen2.5-0.5b": ModelArchConfig("qwen2", 151936, 896, 24, 14, 2, 4864, rms_norm_eps=1e-6,
-                                    rope_theta=1000000.0, max_position_embeddings=32768,
-                                    tie_word_embeddings=True, attention_bias=True,
-                                    bos_token_id=151643, eos_token_ids=[151645, 151643]),
-    "smollm2-135m": ModelArchConfig("llama", 49152, 576, 30, 9, 3, 1536, rms_norm_eps=1e-5,
-                                    rope_theta=100000.0, max_position_embeddings=8192,
-                                    tie_word_embeddings=True, bos_token_id=1, eos_token_ids=[2]),
-    "tiny": ModelArchConfig("llama", 512, 64, 2, 4, 2, 128, rms_norm_eps=1e-5, rope_theta=10000.0,
-                            max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=1,
-                            eos_token_ids=[2]),
+    "llama-3.1-8b": ModelArchConfig(
+        "llama",
+        128256,
+        4096,
+        32,
+        32,
+        8,
+        14336,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling=_LLAMA3_SCALING,
+        max_position_embeddings=131072,
+        bos_token_id=128000,
+        eos_token_ids=[128001, 128008, 128009],
+    ),
+    "llama-3.2-1b": ModelArchConfig(
+        "llama",
+        128256,
+        2048,
+        16,
+        32,
+        8,
+        8192,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling={**_LLAMA3_SCALING, "factor": 32.0},
+        max_position_embeddings=131072,
+        tie_word_embeddings=True,
+        bos_token_id=128000,
+        eos_token_ids=[128001, 128008, 128009],
+    ),
+    "qwen2.5-0.5b": ModelArchConfig(
+        "qwen2",
+        151936,
+        896,
+        24,
+        14,
+        2,
+        4864,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        max_position_embeddings=32768,
+        tie_word_embeddings=True,
+        attention_bias=True,
+        bos_token_id=151643,
+        eos_token_ids=[151645, 151643],
+    ),
+    "smollm2-135m": ModelArchConfig(
+        "llama",
+        49152,
+        576,
+        30,
+        9,
+        3,
+        1536,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_ids=[2],
+    ),
+    "tiny": ModelArchConfig(
+        "llama",
+        512,
+        64,
+        2,
+        4,
+        2,
+        128,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_ids=[2],
+    ),
 }
 
 

@@ -41,8 +41,14 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv_cache: KVCache,
-                meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        kv_cache: KVCache,
+        meta: AttentionMetadata,
+        backend: AttentionBackend,
+    ) -> torch.Tensor:
         num_tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
@@ -89,11 +95,19 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(arch.vocab_size, arch.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(arch) for _ in range(arch.num_layers))
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.lm_head = None if arch.tie_word_embeddings else nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+        self.lm_head = (
+            None if arch.tie_word_embeddings else nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
+        )
         self.rotary = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_theta, arch.rope_scaling)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[KVCache],
-                meta: AttentionMetadata, backend: AttentionBackend) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[KVCache],
+        meta: AttentionMetadata,
+        backend: AttentionBackend,
+    ) -> torch.Tensor:
         """input_ids, positions: [T] -> hidden states [T, hidden]."""
         x = self.embed_tokens(input_ids)  # [T, hidden]
         rope = self.rotary.lookup(positions, x.dtype)
@@ -104,7 +118,9 @@ class LlamaForCausalLM(nn.Module):
     def rebuild_rope(self, max_positions: int, device: torch.device) -> None:
         """Recompute the cos/sin tables (needed after building on the meta device)."""
         arch = self.arch
-        self.rotary = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_theta, arch.rope_scaling, device)
+        self.rotary = RotaryEmbedding(
+            arch.head_dim, max_positions, arch.rope_theta, arch.rope_scaling, device
+        )
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [N, hidden] -> float32 logits [N, vocab]."""
@@ -132,10 +148,14 @@ class LlamaForCausalLM(nn.Module):
                 if attn.q_norm is not None:
                     _copy(attn.q_norm.weight, [state_dict[p + "self_attn.q_norm.weight"]])
                     _copy(attn.k_norm.weight, [state_dict[p + "self_attn.k_norm.weight"]])
-                _copy(mlp.gate_up_proj.weight, [state_dict[p + f"mlp.{n}_proj.weight"] for n in ("gate", "up")])
+                _copy(
+                    mlp.gate_up_proj.weight, [state_dict[p + f"mlp.{n}_proj.weight"] for n in ("gate", "up")]
+                )
                 _copy(mlp.down_proj.weight, [state_dict[p + "mlp.down_proj.weight"]])
                 _copy(layer.input_layernorm.weight, [state_dict[p + "input_layernorm.weight"]])
-                _copy(layer.post_attention_layernorm.weight, [state_dict[p + "post_attention_layernorm.weight"]])
+                _copy(
+                    layer.post_attention_layernorm.weight, [state_dict[p + "post_attention_layernorm.weight"]]
+                )
             _copy(self.embed_tokens.weight, [state_dict["model.embed_tokens.weight"]])
             _copy(self.norm.weight, [state_dict["model.norm.weight"]])
             if self.lm_head is not None:
@@ -161,8 +181,13 @@ def _copy(dst: torch.Tensor, parts: list[torch.Tensor]) -> None:
     dst.copy_(src)
 
 
-_FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj",
-          "up_proj": "gate_up_proj"}
+_FUSED = {
+    "q_proj": "qkv_proj",
+    "k_proj": "qkv_proj",
+    "v_proj": "qkv_proj",
+    "gate_proj": "gate_up_proj",
+    "up_proj": "gate_up_proj",
+}
 
 
 def _fused_name(hf_name: str) -> str:

@@ -37,8 +37,14 @@ def _llama3_scaled(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Ten
 class RotaryEmbedding(torch.nn.Module):
     """Holds cos/sin tables for every position; `lookup(positions)` is done once per step."""
 
-    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict[str, Any] | None,
-                 device: torch.device | None = None):
+    def __init__(
+        self,
+        head_dim: int,
+        max_positions: int,
+        theta: float,
+        scaling: dict[str, Any] | None,
+        device: torch.device | None = None,
+    ):
         super().__init__()
         inv_freq = rope_inv_freq(head_dim, theta, scaling).to(device)  # [D/2]
         positions = torch.arange(max_positions, dtype=torch.float32, device=device)

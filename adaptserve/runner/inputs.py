@@ -74,7 +74,9 @@ def prepare_inputs(sequences: list[ScheduledSequence], block_size: int, device: 
 
 def _block_table(sequences: list[ScheduledSequence]) -> torch.Tensor:
     width = max(len(s.block_ids) for s in sequences)
-    return torch.tensor([s.block_ids + [0] * (width - len(s.block_ids)) for s in sequences], dtype=torch.int64)
+    return torch.tensor(
+        [s.block_ids + [0] * (width - len(s.block_ids)) for s in sequences], dtype=torch.int64
+    )
 
 
 def _tensor(values: list[int], device: torch.device) -> torch.Tensor:

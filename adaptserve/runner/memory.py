@@ -18,8 +18,10 @@ def num_kv_blocks(cache: CacheConfig, arch: ModelArchConfig, dtype: torch.dtype,
     budget = _budget_bytes(cache, device)
     num_blocks = int(budget // bytes_per_block)
     if num_blocks < 1:
-        raise ValueError(f"the KV-cache budget ({budget / 2**30:.2f} GiB) holds no block of "
-                         f"{bytes_per_block} bytes; raise cache.kv_cache_memory_gib")
+        raise ValueError(
+            f"the KV-cache budget ({budget / 2**30:.2f} GiB) holds no block of "
+            f"{bytes_per_block} bytes; raise cache.kv_cache_memory_gib"
+        )
     return num_blocks
 
 

@@ -23,8 +23,13 @@ logger = logging.getLogger(__name__)
 class ModelRunner:
     """execute(SchedulerOutput) -> RunnerOutput, on CPU or one GPU."""
 
-    def __init__(self, config: EngineConfig, checkpoint: LoadedCheckpoint, max_model_len: int,
-                 attention_backend: str = "torch_ref"):
+    def __init__(
+        self,
+        config: EngineConfig,
+        checkpoint: LoadedCheckpoint,
+        max_model_len: int,
+        attention_backend: str = "torch_ref",
+    ):
         self.config = config
         self.arch: ModelArchConfig = checkpoint.arch
         self.device = resolve_device(config.model.device)
@@ -39,8 +44,13 @@ class ModelRunner:
 
     def _allocate_kv_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         shape = (self.num_blocks, self.block_size, self.arch.num_kv_heads, self.arch.head_dim)
-        return [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                 torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in range(self.arch.num_layers)]
+        return [
+            (
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+            )
+            for _ in range(self.arch.num_layers)
+        ]
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
@@ -49,7 +59,9 @@ class ModelRunner:
         if scheduler_output.is_empty:
             return RunnerOutput([], [], [])
         inputs = prepare_inputs(scheduler_output.sequences, self.block_size, self.device)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn, self.backend)  # [T, H]
+        hidden = self.model(
+            inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn, self.backend
+        )  # [T, H]
         if not inputs.sampled_sequences:
             return RunnerOutput([], [], [])
         logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [N, V] float32
@@ -73,8 +85,9 @@ class ModelRunner:
         return generator
 
 
-def build_model(checkpoint: LoadedCheckpoint, max_model_len: int, device: torch.device, dtype: torch.dtype,
-                seed: int) -> LlamaForCausalLM:
+def build_model(
+    checkpoint: LoadedCheckpoint, max_model_len: int, device: torch.device, dtype: torch.dtype, seed: int
+) -> LlamaForCausalLM:
     """Build on the meta device, then allocate once on the target device in the target dtype."""
     with torch.device("meta"):
         model = LlamaForCausalLM(checkpoint.arch, max_model_len)

@@ -1,7 +1,8 @@
 """Varied prompts for parity tests: raw and chat, short and long (the long ones are > 600 tokens)."""
 
-LONG_STORY = """The harbour town of Kelmscott sits where two rivers meet the sea, and for most of its history it was
-known for three things: salted herring, stubborn weather, and a lighthouse that never seemed to be finished.
+LONG_STORY = """The harbour town of Kelmscott sits where two rivers meet the sea, and for most of its history
+it was known for three things: salted herring, stubborn weather, and a lighthouse that never seemed to be
+finished.
 The first keeper, a retired sailor named Agnes Morrow, arrived in the spring of 1821 with a crate of lamp oil,
 a dog with one ear, and a contract that promised her a stone tower within the year. The tower took eleven
 years. During that time Agnes kept a fire burning on a wooden platform at the end of the pier, and the
@@ -54,8 +55,10 @@ RAW_PROMPTS = [
 
 CHAT_CONVERSATIONS = [
     [{"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "system", "content": "You are a terse assistant. Answer in at most two sentences."},
-     {"role": "user", "content": "Why is the sky blue?"}],
+    [
+        {"role": "system", "content": "You are a terse assistant. Answer in at most two sentences."},
+        {"role": "user", "content": "Why is the sky blue?"},
+    ],
     [{"role": "user", "content": "Explain what this function does and give an example call.\n\n" + CODE}],
     [{"role": "user", "content": LONG_STORY + "\n\nSummarise this story in three bullet points."}],
 ]

@@ -28,11 +28,15 @@ def prompts_and_reference(smollm2):
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_NEW, ignore_eos=True)
 
 
-@pytest.mark.parametrize("engine_options", [
-    {},
-    {"enable_prefix_caching": False},
-    {"max_num_batched_tokens": 32},
-], ids=["batched", "no-prefix-cache", "chunk-32"])
+@pytest.mark.parametrize(
+    "engine_options",
+    [
+        {},
+        {"enable_prefix_caching": False},
+        {"max_num_batched_tokens": 32},
+    ],
+    ids=["batched", "no-prefix-cache", "chunk-32"],
+)
 def test_continuous_batch_matches_transformers(smollm2, prompts_and_reference, engine_options):
     prompts, reference = prompts_and_reference
     llm = LLM.from_checkpoint(smollm2, dtype="float32", **engine_options)
@@ -49,7 +53,9 @@ def test_one_at_a_time_matches_transformers(smollm2, prompts_and_reference):
 
 def test_chat_text_is_sensible(smollm2):
     llm = LLM.from_checkpoint(smollm2, dtype="float32")
-    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
-                   SamplingParams(temperature=0.0, max_tokens=24))
+    out = llm.chat(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        SamplingParams(temperature=0.0, max_tokens=24),
+    )
     assert "Paris" in out[0].outputs[0].text
     assert out[0].outputs[0].finish_reason in ("stop", "length")

@@ -32,7 +32,7 @@ class FakeExecutor:
         for seq in out.sequences:
             request = requests[seq.request_id]
             start = seq.num_computed_tokens
-            assert seq.token_ids == request.all_token_ids[start:start + len(seq.token_ids)]
+            assert seq.token_ids == request.all_token_ids[start : start + len(seq.token_ids)]
             end = start + len(seq.token_ids)
             assert len(seq.block_ids) * self.block_size >= end, "blocks do not cover the scheduled tokens"
             for pos in range(start, end):
@@ -120,7 +120,9 @@ def test_thousand_random_requests_no_leak(policy):
         max_tokens = rng.randint(1, 24)
         rid = f"r{i}"
         expected[rid] = reference_output(prompt, max_tokens)
-        scheduler.add_request(make_request(rid, prompt, max_tokens, priority=rng.randint(0, 3), arrival=float(i)))
+        scheduler.add_request(
+            make_request(rid, prompt, max_tokens, priority=rng.randint(0, 3), arrival=float(i))
+        )
         if i % 50 == 49:  # let a wave of requests run, with random aborts
             finished.update(run_to_completion(scheduler, kv, executor, num_blocks, abort_rate=0.05, rng=rng))
     finished.update(run_to_completion(scheduler, kv, executor, num_blocks, abort_rate=0.05, rng=rng))

@@ -18,33 +18,70 @@ def _prompts(vocab: int, seed: int = 0) -> list[list[int]]:
 
 def _llama3_config():
     return transformers.LlamaConfig(
-        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=False,
-        initializer_range=0.2, rope_theta=500000.0,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 64})
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        initializer_range=0.2,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    )
 
 
 def _qwen3_config():
     return transformers.Qwen3Config(
-        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=32, max_position_embeddings=512, rms_norm_eps=1e-6,
-        tie_word_embeddings=True, attention_bias=True, initializer_range=0.2, rope_theta=1000000.0)
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        attention_bias=True,
+        initializer_range=0.2,
+        rope_theta=1000000.0,
+    )
 
 
 def _qwen2_config():
     return transformers.Qwen2Config(
-        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=True,
-        initializer_range=0.2, rope_theta=1000000.0)
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        initializer_range=0.2,
+        rope_theta=1000000.0,
+    )
 
 
 @pytest.fixture(scope="module", params=["llama3", "qwen3", "qwen2"])
 def tiny_model(request, tmp_path_factory):
     config = {"llama3": _llama3_config, "qwen3": _qwen3_config, "qwen2": _qwen2_config}[request.param]()
     torch.manual_seed(0)
-    cls = {"llama3": transformers.LlamaForCausalLM, "qwen3": transformers.Qwen3ForCausalLM,
-           "qwen2": transformers.Qwen2ForCausalLM}[request.param]
+    cls = {
+        "llama3": transformers.LlamaForCausalLM,
+        "qwen3": transformers.Qwen3ForCausalLM,
+        "qwen2": transformers.Qwen2ForCausalLM,
+    }[request.param]
     hf = cls(config).float().eval()
     if request.param == "qwen3":  # q/k norms and biases start at 1 and 0: make them matter
         with torch.no_grad():
@@ -57,11 +94,15 @@ def tiny_model(request, tmp_path_factory):
     return request.param, folder, hf, prompts, generate_reference(hf, prompts, MAX_NEW)
 
 
-@pytest.mark.parametrize("engine_options", [
-    {},
-    {"enable_prefix_caching": False},
-    {"max_num_batched_tokens": 32},
-], ids=["batched", "no-prefix-cache", "chunk-32"])
+@pytest.mark.parametrize(
+    "engine_options",
+    [
+        {},
+        {"enable_prefix_caching": False},
+        {"max_num_batched_tokens": 32},
+    ],
+    ids=["batched", "no-prefix-cache", "chunk-32"],
+)
 def test_tiny_model_matches_transformers(tiny_model, engine_options):
     name, folder, _, prompts, reference = tiny_model
     llm = LLM(model=str(folder), dtype="float32", num_blocks=128, **engine_options)

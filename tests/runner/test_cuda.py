@@ -14,11 +14,21 @@ pytestmark = pytest.mark.cuda
 
 def test_tiny_llama_matches_transformers_on_cuda():
     config = transformers.LlamaConfig(
-        vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2, tie_word_embeddings=False)
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(config).eval()
-    checkpoint = LoadedCheckpoint(ModelArchConfig.from_hf_config(config.to_dict()), hf.state_dict(), None, "tiny")
+    checkpoint = LoadedCheckpoint(
+        ModelArchConfig.from_hf_config(config.to_dict()), hf.state_dict(), None, "tiny"
+    )
     hf = hf.cuda()
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (3, 30, 200)]

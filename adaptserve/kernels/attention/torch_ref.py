@@ -17,14 +17,26 @@ from adaptserve.kernels.attention.metadata import AttentionMetadata
 class TorchReferenceAttention:
     name = "torch_ref"
 
-    def write_kv(self, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 slot_mapping: torch.Tensor) -> None:
+    def write_kv(
+        self,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> None:
         """k, v: [T, KVH, D] written into the flat caches [num_blocks * block_size, KVH, D]."""
         k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
         v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
 
-    def attend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-               meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def attend(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
         """q: [T, H, D] -> [T, H, D]."""
         out = torch.empty_like(q)
         num_decode = meta.num_decode_tokens
@@ -46,8 +58,9 @@ class TorchReferenceAttention:
         k = _gather_blocks(k_cache, block_ids, num_seqs)  # [N, KVH, L, D]
         v = _gather_blocks(v_cache, block_ids, num_seqs)  # [N, KVH, L, D]
         mask = meta.decode_context_mask[:, None, None, :]  # [N, 1, 1, L]
-        o = F.scaled_dot_product_attention(q[:, :, None, :], k, v, attn_mask=mask, scale=scale,
-                                           enable_gqa=True)  # [N, H, 1, D]
+        o = F.scaled_dot_product_attention(
+            q[:, :, None, :], k, v, attn_mask=mask, scale=scale, enable_gqa=True
+        )  # [N, H, 1, D]
         return o[:, :, 0, :]
 
     def _prefill(self, q, flat_k, flat_v, seq, scale):
