@@ -55,11 +55,18 @@ class LLM:
         params_list = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(params_list) != len(prompts):
             raise ValueError(f"got {len(params_list)} sampling params for {len(prompts)} prompts")
+        if priority is not None and len(priority) != len(prompts):
+            raise ValueError(f"got {len(priority)} priorities for {len(prompts)} prompts")
         request_ids = []
-        for i, (prompt, p) in enumerate(zip(prompts, params_list, strict=True)):
-            request_id = str(next(self._ids))
-            self.engine.add_request(request_id, prompt, p, priority=priority[i] if priority else 0)
-            request_ids.append(request_id)
+        try:
+            for i, (prompt, p) in enumerate(zip(prompts, params_list, strict=True)):
+                request_id = str(next(self._ids))
+                self.engine.add_request(request_id, prompt, p, priority=priority[i] if priority else 0)
+                request_ids.append(request_id)
+        except Exception:
+            for request_id in request_ids:  # one bad prompt rejects the batch: drop those already queued
+                self.engine.abort_request(request_id)
+            raise
         return self._run(request_ids, use_tqdm and len(prompts) > 1)
 
     def chat(

@@ -10,7 +10,7 @@ def generate_reference(hf_model, prompts: list[list[int]], max_new_tokens: int):
     """transformers' greedy generate, one prompt at a time; returns (token ids, per-step logprobs)."""
     results = []
     for prompt in prompts:
-        input_ids = torch.tensor([prompt])
+        input_ids = torch.tensor([prompt], device=hf_model.device)
         out = hf_model.generate(
             input_ids,
             attention_mask=torch.ones_like(input_ids),

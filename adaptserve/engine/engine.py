@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import time
 
 from adaptserve.config import EngineConfig
@@ -93,11 +94,21 @@ class LLMEngine:
                 raise InvalidRequestError("this model has no tokenizer; give prompt token ids", "prompt")
             ids = self.tokenizer.encode(prompt)
         else:
-            ids = list(prompt)
+            try:
+                ids = [_token_id(t) for t in prompt]
+            except TypeError:  # not iterable: None, a bare int, ...
+                raise InvalidRequestError(
+                    f"prompt must be a string or a list of token ids, got {type(prompt).__name__}", "prompt"
+                ) from None
         if not ids:
             raise InvalidRequestError("prompt is empty; give at least one token", "prompt")
-        if any(not 0 <= t < self.arch.vocab_size for t in ids):
-            raise InvalidRequestError(f"prompt token ids must be in [0, {self.arch.vocab_size})", "prompt")
+        bad = next((i for i, t in enumerate(ids) if not 0 <= t < self.arch.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequestError(
+                f"prompt token id {ids[bad]} at position {bad} is out of range; "
+                f"token ids must be in [0, {self.arch.vocab_size})",
+                "prompt",
+            )
         if len(ids) >= self.max_model_len:
             raise InvalidRequestError(
                 f"prompt is {len(ids)} tokens; the context window is {self.max_model_len} tokens and must "
@@ -124,7 +135,7 @@ class LLMEngine:
         scheduler_output = self.scheduler.schedule()
         runner_output = self.runner.execute(scheduler_output)
         updated = self.scheduler.update_from_output(scheduler_output, runner_output)
-        finished: list[RequestOutput] = []
+        touched: dict[str, ParentRequest] = {}  # parents with a child that finished this step
         for request in updated:
             if find_stop_string(request, self.tokenizer):
                 if request.is_finished:  # it also hit max_tokens in this step: the stop string wins
@@ -133,16 +144,29 @@ class LLMEngine:
                     self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
             if request.is_finished:
                 finalize_text(request, self.tokenizer)
-                parent = self._parents[self._child_to_parent[request.request_id]]
-                if parent.is_finished():
-                    finished.append(parent.output())
-                    self._release(parent)
+                parent_id = self._child_to_parent[request.request_id]
+                touched[parent_id] = self._parents[parent_id]
+        # only now: n siblings can finish in the same step, and each needs its text before the output
+        finished: list[RequestOutput] = []
+        for parent in touched.values():
+            if parent.is_finished():
+                finished.append(parent.output())
+                self._release(parent)
         return finished
 
     def _release(self, parent: ParentRequest) -> None:
         self._parents.pop(parent.request_id, None)
         for child_id in parent.child_ids:
             self._child_to_parent.pop(child_id, None)
+
+
+def _token_id(token: object) -> int:
+    """An int token id; a float or a string is refused rather than silently truncated or crashing later."""
+    if isinstance(token, bool) or not isinstance(token, numbers.Integral):
+        raise InvalidRequestError(
+            f"prompt token ids must be integers, got {token!r} ({type(token).__name__})", "prompt"
+        )
+    return int(token)
 
 
 def _max_model_len(config: EngineConfig, arch: ModelArchConfig) -> int:

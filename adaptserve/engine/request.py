@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import numbers
 from dataclasses import dataclass, field
 
 
@@ -74,24 +75,47 @@ class SamplingParams:
             f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}",
         )
         _check(
-            self.max_tokens is None or self.max_tokens >= 1,
+            self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
             "max_tokens",
-            f"max_tokens must be >= 1, got {self.max_tokens}",
+            f"max_tokens must be None or an integer >= 1, got {self.max_tokens!r}",
         )
-        _check(self.min_tokens >= 0, "min_tokens", f"min_tokens must be >= 0, got {self.min_tokens}")
+        _check(
+            _is_int(self.min_tokens) and self.min_tokens >= 0,
+            "min_tokens",
+            f"min_tokens must be an integer >= 0, got {self.min_tokens!r}",
+        )
         _check(
             self.max_tokens is None or self.min_tokens <= self.max_tokens,
             "min_tokens",
             f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})",
         )
         _check(
-            self.logprobs is None or 0 <= self.logprobs <= 20,
+            self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= 20),
             "logprobs",
-            f"logprobs must be in [0, 20], got {self.logprobs}",
+            f"logprobs must be None or an integer in [0, 20], got {self.logprobs!r}",
+        )
+        # torch.Generator.manual_seed takes [-2**63, 2**64); child i of n > 1 uses seed + i
+        _check(
+            self.seed is None or (_is_int(self.seed) and _MIN_SEED <= self.seed <= _MAX_SEED - (self.n - 1)),
+            "seed",
+            f"seed must be None or an integer in [-2**63, 2**64 - n], got {self.seed!r}",
+        )
+        _check(
+            all(_is_int(t) for t in self.stop_token_ids),
+            "stop_token_ids",
+            f"stop_token_ids must be integers, got {self.stop_token_ids!r}",
         )
         _check(
             all(isinstance(s, str) and s for s in self.stop), "stop", "stop strings must be non-empty strings"
         )
+
+
+_MIN_SEED, _MAX_SEED = -(2**63), 2**64 - 1
+
+
+def _is_int(value: object) -> bool:
+    """A real integer: bool and float are refused, numpy integers are fine."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _check(ok: bool, field_name: str, message: str) -> None:

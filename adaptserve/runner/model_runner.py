@@ -80,7 +80,7 @@ class ModelRunner:
             return None
         generator = self._generators.get(request_id)
         if generator is None:
-            generator = torch.Generator(device=self.device).manual_seed(seed)
+            generator = torch.Generator(device=self.device).manual_seed(int(seed))  # numpy ints too
             self._generators[request_id] = generator
         return generator
 

@@ -1,0 +1,18 @@
+"""LLMEngine on the tiny random preset: n > 1 siblings folded into one output."""
+
+from adaptserve import LLM, SamplingParams
+
+
+def test_n_siblings_finishing_in_the_same_step_give_one_output():
+    """All children hit max_tokens in the same step; the first to be processed used to release the
+    parent and the second then failed with a KeyError."""
+    llm = LLM("tiny", max_model_len=64, num_blocks=16)
+    params = SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=4)
+    outputs = llm.generate([[5, 6, 7], [8, 9]], params, use_tqdm=False)
+    assert [o.request_id for o in outputs] == ["0", "1"]
+    for output in outputs:
+        assert [c.index for c in output.outputs] == [0, 1, 2]
+        assert all(len(c.token_ids) == 4 and c.finish_reason == "length" for c in output.outputs)
+        assert len({tuple(c.token_ids) for c in output.outputs}) == 3  # seeds 5, 6, 7
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.engine.kv_cache.num_free_blocks == 16
