@@ -51,17 +51,18 @@ class TorchReferenceAttention:
         return out
 
     def _decode(self, q, k_cache, v_cache, meta, scale):
-        """One query per sequence: gather whole blocks (index_select copies them as contiguous runs,
-        much faster than per-slot indexing on CPU), then one batched SDPA call."""
-        num_seqs = q.shape[0]
+        """One query per sequence. The G query heads that share a KV head attend to the same keys, so
+        they go in as G query rows of that head: no K/V repeated per head. Whole blocks are gathered
+        with index_select (contiguous runs; much faster than per-slot indexing on CPU)."""
+        num_seqs, num_heads, head_dim = q.shape
         block_ids = meta.decode_block_table.flatten()  # [N * MB]
         k = _gather_blocks(k_cache, block_ids, num_seqs)  # [N, KVH, L, D]
         v = _gather_blocks(v_cache, block_ids, num_seqs)  # [N, KVH, L, D]
+        num_kv_heads = k.shape[1]
+        qg = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [N, KVH, G, D]
         mask = meta.decode_context_mask[:, None, None, :]  # [N, 1, 1, L]
-        o = F.scaled_dot_product_attention(
-            q[:, :, None, :], k, v, attn_mask=mask, scale=scale, enable_gqa=True
-        )  # [N, H, 1, D]
-        return o[:, :, 0, :]
+        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)  # [N, KVH, G, D]
+        return o.reshape(num_seqs, num_heads, head_dim)
 
     def _prefill(self, q, flat_k, flat_v, seq, scale):
         num_kv_heads, head_dim = -1, q.shape[-1]
