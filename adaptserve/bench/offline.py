@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from adaptserve.bench.results import RESULTS_DIR, write_results
+from adaptserve.bench.results import write_results
 
 
 @dataclass
@@ -106,8 +106,8 @@ def run_offline_benchmark(args: argparse.Namespace) -> list[OfflineResult]:
     results: list[OfflineResult] = []
     for dtype_name in args.dtypes.split(","):
         dtype = resolve_dtype(dtype_name, device)
-        llm = LLM(
-            args.model,
+        llm = LLM.from_checkpoint(
+            checkpoint,
             dtype=dtype_name,
             device=str(device),
             max_num_seqs=max(args.max_num_seqs, 1),
@@ -197,6 +197,3 @@ def plot_offline(results: list[OfflineResult], path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-__all__ = ["add_offline_args", "run_offline_benchmark", "RESULTS_DIR"]

@@ -49,6 +49,8 @@ def test_one_at_a_time_matches_transformers(smollm2, prompts_and_reference):
     llm = LLM.from_checkpoint(smollm2, dtype="float32")
     ours = [llm.generate(p, GREEDY, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
     check_greedy_close(ours, reference, label="one at a time")
+    # the chat prompts share the template's system prompt: later ones must have read it from the cache
+    assert llm.engine.kv_cache.prefix_cache_hits >= 2 * 16
 
 
 def test_chat_text_is_sensible(smollm2):
