@@ -62,7 +62,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         k_cache, v_cache = kv_cache
         backend.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-        o = backend.attend(q, k_cache, v_cache, meta, self.scale)  # [T, H, D]
+        o = backend.attend(q, k, v, k_cache, v_cache, meta, self.scale)  # [T, H, D]
         return linear(o.reshape(num_tokens, self.q_size), self.o_proj.weight, self.o_proj.bias)
 
 

@@ -32,12 +32,14 @@ class TorchReferenceAttention:
     def attend(
         self,
         q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
-        """q: [T, H, D] -> [T, H, D]."""
+        """q: [T, H, D]; k, v: this step's [T, KVH, D] (already in the cache) -> [T, H, D]."""
         out = torch.empty_like(q)
         num_decode = meta.num_decode_tokens
         if num_decode:
@@ -47,7 +49,10 @@ class TorchReferenceAttention:
             flat_v = v_cache.view(-1, v_cache.shape[2] * v_cache.shape[3])  # [S, KVH * D]
             for seq in meta.prefills:
                 rows = slice(seq.query_start, seq.query_start + seq.query_len)
-                out[rows] = self._prefill(q[rows], flat_k, flat_v, seq, scale)
+                if seq.context_len == seq.query_len:  # nothing cached before: this step's K/V is all
+                    out[rows] = _causal_attention(q[rows], k[rows], v[rows], scale)
+                else:
+                    out[rows] = self._prefill(q[rows], flat_k, flat_v, seq, scale)
         return out
 
     def _decode(self, q, k_cache, v_cache, meta, scale):
@@ -70,15 +75,29 @@ class TorchReferenceAttention:
         v = torch.index_select(flat_v, 0, seq.context_slots).view(seq.context_len, num_kv_heads, head_dim)
         k, v = k.transpose(0, 1), v.transpose(0, 1)  # [KVH, L, D]
         qh = q.transpose(0, 1)  # [H, Q, D]
-        if seq.context_len == seq.query_len:
-            o = F.scaled_dot_product_attention(qh, k, v, is_causal=True, scale=scale, enable_gqa=True)
-        else:
-            # query i sits at absolute position context_len - query_len + i and sees keys up to it
-            offset = seq.context_len - seq.query_len
-            rows = torch.arange(seq.query_len, device=q.device)[:, None] + offset
-            cols = torch.arange(seq.context_len, device=q.device)[None, :]
-            o = F.scaled_dot_product_attention(qh, k, v, attn_mask=cols <= rows, scale=scale, enable_gqa=True)
-        return o.transpose(0, 1)  # [Q, H, D]
+        # query i sits at absolute position context_len - query_len + i and sees keys up to it
+        offset = seq.context_len - seq.query_len
+        rows = torch.arange(seq.query_len, device=q.device)[:, None] + offset
+        cols = torch.arange(seq.context_len, device=q.device)[None, :]
+        mask = cols <= rows  # [Q, L]
+        # 4-d inputs: PyTorch's CPU build sends 3-d ones to the slow unfused path
+        o = F.scaled_dot_product_attention(
+            qh[None], k[None], v[None], attn_mask=mask, scale=scale, enable_gqa=True
+        )
+        return o[0].transpose(0, 1)  # [Q, H, D]
+
+
+def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q: [Q, H, D], k, v: [Q, KVH, D] -> [Q, H, D]. K/V are repeated per head and the inputs are 4-d
+    so that PyTorch's CPU build takes its fused (flash) kernel, not the unfused math path."""
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1).transpose(0, 1)  # [H, Q, D]
+    v = v.repeat_interleave(group, dim=1).transpose(0, 1)  # [H, Q, D]
+    qh = q.transpose(0, 1)  # [H, Q, D]
+    o = F.scaled_dot_product_attention(
+        qh[None], k[None], v[None], is_causal=True, scale=scale
+    )  # [1, H, Q, D]
+    return o[0].transpose(0, 1)
 
 
 def _gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor, num_seqs: int) -> torch.Tensor:
