@@ -31,7 +31,10 @@ class LLMEngine:
         self.arch = checkpoint.arch
         self.tokenizer = checkpoint.tokenizer
         self.max_model_len = _max_model_len(config, checkpoint.arch)
-        self.runner = ModelRunner(config, checkpoint, self.max_model_len)
+        self.eos_token_ids = frozenset(
+            self.tokenizer.eos_token_ids if self.tokenizer else checkpoint.arch.eos_token_ids
+        )
+        self.runner = ModelRunner(config, checkpoint, self.max_model_len, self.eos_token_ids)
         capacity = self.runner.num_blocks * config.cache.block_size
         if capacity < self.max_model_len:
             raise ValueError(
@@ -42,9 +45,6 @@ class LLMEngine:
             self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
         )
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
-        self.eos_token_ids = frozenset(
-            self.tokenizer.eos_token_ids if self.tokenizer else checkpoint.arch.eos_token_ids
-        )
         self._parents: dict[str, ParentRequest] = {}
         self._child_to_parent: dict[str, str] = {}
         self.source = checkpoint.source

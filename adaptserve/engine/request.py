@@ -29,7 +29,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
     seed: int | None = None  # per-request seed: same output in any batch
     max_tokens: int | None = 16  # None = up to the context window
-    min_tokens: int = 0  # EOS and stop ids are ignored before this many tokens
+    min_tokens: int = 0  # EOS and stop token ids cannot be sampled before this many tokens
     stop: list[str] = field(default_factory=list)  # stop strings (not included in the text)
     stop_token_ids: list[int] = field(default_factory=list)  # extra token ids that end the output
     ignore_eos: bool = False  # keep going past EOS

@@ -7,7 +7,7 @@ import logging
 import torch
 
 from adaptserve.config import EngineConfig
-from adaptserve.engine.outputs import RunnerOutput, SchedulerOutput
+from adaptserve.engine.outputs import RunnerOutput, ScheduledSequence, SchedulerOutput
 from adaptserve.kernels.attention.registry import get_backend
 from adaptserve.model.config import ModelArchConfig
 from adaptserve.model.llama import LlamaForCausalLM
@@ -28,9 +28,11 @@ class ModelRunner:
         config: EngineConfig,
         checkpoint: LoadedCheckpoint,
         max_model_len: int,
+        eos_token_ids: frozenset[int] = frozenset(),
         attention_backend: str = "torch_ref",
     ):
         self.config = config
+        self.eos_token_ids = eos_token_ids
         self.arch: ModelArchConfig = checkpoint.arch
         self.device = resolve_device(config.model.device)
         self.dtype = resolve_dtype(config.model.dtype, self.device)
@@ -71,9 +73,18 @@ class ModelRunner:
             prompt_token_ids=[s.prompt_token_ids for s in seqs],
             output_token_ids=[s.output_token_ids for s in seqs],
             generators=[self._generator(s.request_id, s.sampling_params.seed) for s in seqs],
+            blocked_token_ids=[self._blocked_token_ids(s) for s in seqs],
         )
         sampled = self.sampler(logits, metadata)
         return RunnerOutput([s.request_id for s in seqs], sampled.token_ids, sampled.logprobs)
+
+    def _blocked_token_ids(self, seq: ScheduledSequence) -> list[int]:
+        """Stop token ids (EOS unless ignored) may not be sampled before min_tokens, as in vLLM."""
+        params = seq.sampling_params
+        if len(seq.output_token_ids) >= params.min_tokens:
+            return []
+        eos = [] if params.ignore_eos else sorted(self.eos_token_ids)
+        return eos + [t for t in params.stop_token_ids if t not in self.eos_token_ids]
 
     def _generator(self, request_id: str, seed: int | None) -> torch.Generator | None:
         if seed is None:

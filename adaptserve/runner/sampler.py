@@ -40,9 +40,12 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
         """`logits` is float32 [N, V] on CPU or CUDA; row i follows `metadata.params[i]`."""
         _check_shapes(logits, metadata)
+        raw_logits = logits
+        if metadata.has_blocked_tokens:
+            logits = _block_tokens(logits, metadata.blocked_token_ids)
         if metadata.is_plain_greedy:
             return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * metadata.num_rows)
-        logprob_rows, raw_logprobs = _raw_logprobs(logits, metadata.params)
+        logprob_rows, raw_logprobs = _raw_logprobs(raw_logits, metadata.params)
         if metadata.needs_penalties:
             logits = apply_penalties(logits, metadata)
         token_ids = _sample(logits, metadata)  # [N]
@@ -57,6 +60,15 @@ def _check_shapes(logits: torch.Tensor, metadata: SamplingMetadata) -> None:
             f"{len(metadata.prompt_token_ids)} prompts, {len(metadata.output_token_ids)} outputs and "
             f"{len(metadata.generators)} generators; all must give the same number of rows"
         )
+
+
+def _block_tokens(logits: torch.Tensor, blocked_token_ids: list[list[int]]) -> torch.Tensor:
+    """A copy of `logits` with each row's blocked ids at -inf."""
+    rows = [i for i, ids in enumerate(blocked_token_ids) for _ in ids]
+    cols = [t for ids in blocked_token_ids for t in ids]
+    logits = logits.clone()
+    logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = float("-inf")
+    return logits
 
 
 # ---------------------------------------------------------------------------------------------------

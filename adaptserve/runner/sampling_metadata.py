@@ -21,6 +21,9 @@ class SamplingMetadata:
     prompt_token_ids: list[list[int]]  # per row; only read for the repetition penalty
     output_token_ids: list[list[int]]  # per row, generated so far; read for all penalties
     generators: list[torch.Generator | None]  # per row: own generator when seeded, else None
+    blocked_token_ids: list[list[int]] | None = (
+        None  # per row: ids it may not sample (stop ids before min_tokens)
+    )
 
     @property
     def num_rows(self) -> int:
@@ -41,6 +44,10 @@ class SamplingMetadata:
     @property
     def needs_penalties(self) -> bool:
         return self.needs_repetition_penalty or self.needs_frequency_presence_penalties
+
+    @property
+    def has_blocked_tokens(self) -> bool:
+        return self.blocked_token_ids is not None and any(self.blocked_token_ids)
 
     @property
     def needs_logprobs(self) -> bool:

@@ -186,13 +186,15 @@ def test_ignore_eos_runs_past_eos_to_max_tokens(llm, france_ids, france_greedy):
     assert completion.token_ids[:num_answer] == france_greedy.token_ids
 
 
-def test_min_tokens_runs_past_an_early_eos(llm, france_ids, france_greedy):
-    """EOS before min_tokens is kept in the output but does not end it (see SamplingParams.min_tokens)."""
+def test_min_tokens_blocks_an_early_eos(llm, france_ids, france_greedy):
+    """Before min_tokens, EOS cannot be sampled (as in vLLM): the greedy answer's EOS is replaced."""
     num_answer = len(france_greedy.token_ids)  # EOS is its last token
+    eos = france_greedy.token_ids[-1]
     params = SamplingParams(temperature=0.0, max_tokens=num_answer + 6, min_tokens=num_answer + 1)
     completion = llm.generate(france_ids, params, use_tqdm=False)[0].outputs[0]
     assert len(completion.token_ids) >= num_answer + 1
-    assert completion.token_ids[:num_answer] == france_greedy.token_ids
+    assert eos not in completion.token_ids[: num_answer + 1]
+    assert completion.token_ids[: num_answer - 1] == france_greedy.token_ids[:-1]
 
 
 # ---------------------------------------------------------------------------------------------------

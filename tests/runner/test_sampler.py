@@ -233,3 +233,18 @@ def test_mixed_batch():
 def test_row_count_mismatch_is_an_error():
     with pytest.raises(ValueError, match="same number of rows"):
         Sampler()(_logits(3), _metadata([SamplingParams()] * 2))
+
+
+def test_blocked_token_ids_are_never_sampled_and_logprobs_stay_raw():
+    logits = torch.tensor([[5.0, 1.0, 0.0, -1.0], [0.0, 4.0, 3.0, 0.0]])
+    metadata = SamplingMetadata(
+        params=[SamplingParams(temperature=0.0, logprobs=1), SamplingParams(temperature=0.0)],
+        prompt_token_ids=[[1], [1]],
+        output_token_ids=[[], []],
+        generators=[None, None],
+        blocked_token_ids=[[0], [1, 2]],
+    )
+    out = Sampler()(logits, metadata)
+    assert out.token_ids == [1, 0]  # row 1: 0 and 3 tie after blocking; argmax takes the first
+    raw = torch.log_softmax(logits[0], dim=-1)
+    assert out.logprobs[0][0] == pytest.approx(raw[0].item())
