@@ -91,8 +91,13 @@ class LLM:
     def _run(self, request_ids: list[str], show_progress: bool) -> list[RequestOutput]:
         outputs: dict[str, RequestOutput] = {}
         with tqdm(total=len(request_ids), desc="generating", unit="req", disable=not show_progress) as bar:
-            while self.engine.has_unfinished_requests():
-                for output in self.engine.step():
-                    outputs[output.request_id] = output
-                    bar.update(1)
+            try:
+                while self.engine.has_unfinished_requests():
+                    for output in self.engine.step():
+                        outputs[output.request_id] = output
+                        bar.update(1)
+            except BaseException:  # an error or Ctrl-C mid-step: free what this call queued, then re-raise
+                for request_id in request_ids:
+                    self.engine.abort_request(request_id)
+                raise
         return [outputs[r] for r in request_ids]

@@ -1,4 +1,6 @@
-"""LLMEngine on the tiny random preset: n > 1 siblings folded into one output."""
+"""LLMEngine on the tiny random preset: n > 1 siblings folded into one output; errors inside a step."""
+
+import pytest
 
 from adaptserve import LLM, SamplingParams
 
@@ -16,3 +18,18 @@ def test_n_siblings_finishing_in_the_same_step_give_one_output():
         assert len({tuple(c.token_ids) for c in output.outputs}) == 3  # seeds 5, 6, 7
     assert not llm.engine.has_unfinished_requests()
     assert llm.engine.kv_cache.num_free_blocks == 16
+
+
+def test_an_error_inside_a_step_frees_the_batch_and_the_engine_still_works(monkeypatch):
+    llm = LLM("tiny", num_blocks=32, max_model_len=128)
+    params = SamplingParams(temperature=0.0, max_tokens=4)
+    expected = llm.generate([[5, 6, 7]], params, use_tqdm=False)[0].outputs[0].token_ids
+    runner = llm.engine.runner
+    real_execute = runner.execute
+    monkeypatch.setattr(runner, "execute", lambda out: (_ for _ in ()).throw(RuntimeError("device lost")))
+    with pytest.raises(RuntimeError, match="device lost"):
+        llm.generate([[5, 6, 7], [8, 9]], params, use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.engine.kv_cache.num_free_blocks == 32
+    monkeypatch.setattr(runner, "execute", real_execute)
+    assert llm.generate([[5, 6, 7]], params, use_tqdm=False)[0].outputs[0].token_ids == expected
