@@ -4,10 +4,13 @@ transformers' `generate` on the same weights, device and dtype, in the same run.
 from __future__ import annotations
 
 import argparse
+import itertools
+import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
+from tqdm.auto import tqdm
 
 from adaptserve.bench.results import write_results
 
@@ -16,10 +19,12 @@ from adaptserve.bench.results import write_results
 class OfflineResult:
     engine: str  # adaptserve | transformers
     dtype: str
-    batch1_decode_tok_s: float  # one request, decode steps only (prefill excluded)
-    throughput_output_tok_s: float  # num_prompts requests, output tokens / wall time
-    throughput_total_tok_s: float  # (prompt + output tokens) / wall time
-    throughput_elapsed_s: float
+    batch1_decode_tok_s: float  # median over rounds: one request, decode steps only (prefill excluded)
+    throughput_output_tok_s: float  # median over rounds: num_prompts requests, output tokens / wall time
+    throughput_total_tok_s: float  # (prompt + output tokens) / the median wall time
+    throughput_elapsed_s: float  # median wall time of the throughput run
+    batch1_decode_samples: list[float] = field(default_factory=list)  # every round, in order
+    throughput_elapsed_samples: list[float] = field(default_factory=list)
 
 
 def add_offline_args(parser: argparse.ArgumentParser) -> None:
@@ -28,6 +33,7 @@ def add_offline_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--decode-tokens", type=int, default=128, help="tokens generated in the batch-1 test")
     parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated dtypes to measure")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds, engines alternating; medians reported")
     parser.add_argument("--no-baseline", action="store_true", help="skip transformers")
     parser.add_argument("--seed", type=int, default=0)
 
@@ -38,39 +44,44 @@ def random_prompts(num: int, length: int, vocab_size: int, seed: int) -> list[li
     return torch.randint(256, vocab_size, (num, length), generator=g).tolist()
 
 
-def bench_adaptserve(llm, prompts, decode_prompt, args) -> tuple[float, float]:
-    from adaptserve import SamplingParams
+class AdaptserveRunner:
+    def __init__(self, llm, args):
+        from adaptserve import SamplingParams
 
-    decode_params = SamplingParams(temperature=0.0, max_tokens=args.decode_tokens, ignore_eos=True)
-    llm.generate(
-        decode_prompt, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False
-    )
-    engine = llm.engine
-    engine.add_request("bench-decode", decode_prompt, decode_params)
-    engine.step()  # prefill + first token
-    start = time.perf_counter()
-    steps = 0
-    while engine.has_unfinished_requests():
-        engine.step()
-        steps += 1
-    decode_tok_s = steps / (time.perf_counter() - start)
+        self.llm, self.args = llm, args
+        self.decode_params = SamplingParams(temperature=0.0, max_tokens=args.decode_tokens, ignore_eos=True)
+        self.batch_params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
+        self._ids = itertools.count()
 
-    params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
-    llm.engine.kv_cache.reset_prefix_cache()
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, params)
-    elapsed = time.perf_counter() - start
-    assert sum(len(o.outputs[0].token_ids) for o in outputs) == len(prompts) * args.output_len
-    return decode_tok_s, elapsed
+    def decode_rate(self, prompt: list[int]) -> float:
+        engine = self.llm.engine
+        engine.add_request(f"bench-decode-{next(self._ids)}", prompt, self.decode_params)
+        engine.step()  # prefill + first token
+        start, steps = time.perf_counter(), 0
+        while engine.has_unfinished_requests():
+            engine.step()
+            steps += 1
+        return steps / (time.perf_counter() - start)
 
-
-@torch.inference_mode()
-def bench_transformers(model, prompts, decode_prompt, args, device) -> tuple[float, float]:
-    def generate(batch, new_tokens):
-        ids = torch.tensor(batch, device=device)
-        sync(device)
+    def batch_time(self, prompts: list[list[int]]) -> float:
+        self.llm.engine.kv_cache.reset_prefix_cache()  # every round computes every prompt
         start = time.perf_counter()
-        model.generate(
+        outputs = self.llm.generate(prompts, self.batch_params, use_tqdm=False)
+        elapsed = time.perf_counter() - start
+        assert sum(len(o.outputs[0].token_ids) for o in outputs) == len(prompts) * self.args.output_len
+        return elapsed
+
+
+class TransformersRunner:
+    def __init__(self, model, args, device):
+        self.model, self.args, self.device = model, args, device
+
+    @torch.inference_mode()
+    def _generate(self, batch: list[list[int]], new_tokens: int) -> float:
+        ids = torch.tensor(batch, device=self.device)
+        sync(self.device)
+        start = time.perf_counter()
+        self.model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=new_tokens,
@@ -78,14 +89,16 @@ def bench_transformers(model, prompts, decode_prompt, args, device) -> tuple[flo
             do_sample=False,
             pad_token_id=0,
         )
-        sync(device)
+        sync(self.device)
         return time.perf_counter() - start
 
-    generate([decode_prompt], 8)  # warm-up
-    first = generate([decode_prompt], 1)
-    full = generate([decode_prompt], args.decode_tokens)
-    decode_tok_s = (args.decode_tokens - 1) / (full - first)
-    return decode_tok_s, generate(prompts, args.output_len)
+    def decode_rate(self, prompt: list[int]) -> float:
+        first = self._generate([prompt], 1)
+        full = self._generate([prompt], self.args.decode_tokens)
+        return (self.args.decode_tokens - 1) / (full - first)
+
+    def batch_time(self, prompts: list[list[int]]) -> float:
+        return self._generate(prompts, self.args.output_len)
 
 
 def sync(device: torch.device) -> None:
@@ -103,9 +116,9 @@ def run_offline_benchmark(args: argparse.Namespace) -> list[OfflineResult]:
     checkpoint = load_checkpoint(args.model)
     prompts = random_prompts(args.num_prompts, args.input_len, checkpoint.arch.vocab_size, args.seed)
     decode_prompt = random_prompts(1, 16, checkpoint.arch.vocab_size, args.seed + 1)[0]
+    warmup_prompts = random_prompts(2, 32, checkpoint.arch.vocab_size, args.seed + 2)
     results: list[OfflineResult] = []
     for dtype_name in args.dtypes.split(","):
-        dtype = resolve_dtype(dtype_name, device)
         llm = LLM.from_checkpoint(
             checkpoint,
             dtype=dtype_name,
@@ -114,16 +127,24 @@ def run_offline_benchmark(args: argparse.Namespace) -> list[OfflineResult]:
             max_num_batched_tokens=args.max_num_batched_tokens,
             enable_prefix_caching=not args.no_prefix_caching,
         )
-        decode, elapsed = bench_adaptserve(llm, prompts, decode_prompt, args)
-        results.append(_result("adaptserve", dtype_name, decode, elapsed, args))
-        del llm
-        print(_row(results[-1]))
+        runners = {"adaptserve": AdaptserveRunner(llm, args)}
         if not args.no_baseline:
-            model = transformers_model(checkpoint, dtype).to(device)
-            decode, elapsed = bench_transformers(model, prompts, decode_prompt, args, device)
-            results.append(_result("transformers", dtype_name, decode, elapsed, args))
-            del model
+            model = transformers_model(checkpoint, resolve_dtype(dtype_name, device)).to(device)
+            runners["transformers"] = TransformersRunner(model, args, device)
+        decode = {name: [] for name in runners}
+        elapsed = {name: [] for name in runners}
+        for runner in runners.values():  # warm-up: first calls pay for allocation and kernel choice
+            runner.decode_rate(decode_prompt)
+            runner.batch_time(warmup_prompts)
+        # engines alternate within each round, so both see the same phases of a noisy machine
+        for _ in tqdm(range(args.rounds), desc=f"rounds ({dtype_name})", unit="round"):
+            for name, runner in runners.items():
+                decode[name].append(round(runner.decode_rate(decode_prompt), 2))
+                elapsed[name].append(round(runner.batch_time(prompts), 3))
+        for name in runners:
+            results.append(_result(name, dtype_name, decode[name], elapsed[name], args))
             print(_row(results[-1]))
+        del llm, runners
     payload = {
         "model": args.model or "SmolLM2-135M-Instruct (embedded GGUF, Q4_1 dequantized)",
         "workload": {
@@ -131,6 +152,7 @@ def run_offline_benchmark(args: argparse.Namespace) -> list[OfflineResult]:
             "input_len": args.input_len,
             "output_len": args.output_len,
             "decode_tokens": args.decode_tokens,
+            "rounds": args.rounds,
             "prompts": "random token ids, seeded",
         },
         "engine_options": {
@@ -147,16 +169,19 @@ def run_offline_benchmark(args: argparse.Namespace) -> list[OfflineResult]:
     return results
 
 
-def _result(engine, dtype, decode_tok_s, elapsed, args) -> OfflineResult:
+def _result(engine, dtype, decode_samples, elapsed_samples, args) -> OfflineResult:
+    elapsed = statistics.median(elapsed_samples)
     num_out = args.num_prompts * args.output_len
     num_total = args.num_prompts * (args.input_len + args.output_len)
     return OfflineResult(
         engine,
         dtype,
-        round(decode_tok_s, 2),
+        round(statistics.median(decode_samples), 2),
         round(num_out / elapsed, 2),
         round(num_total / elapsed, 2),
         round(elapsed, 3),
+        decode_samples,
+        elapsed_samples,
     )
 
 
