@@ -50,7 +50,7 @@ class TorchReferenceAttention:
             for seq in meta.prefills:
                 rows = slice(seq.query_start, seq.query_start + seq.query_len)
                 if seq.context_len == seq.query_len:  # nothing cached before: this step's K/V is all
-                    out[rows] = _causal_attention(q[rows], k[rows], v[rows], scale)
+                    out[rows] = _attention(q[rows], k[rows], v[rows], scale)
                 else:
                     out[rows] = self._prefill(q[rows], flat_k, flat_v, seq, scale)
         return out
@@ -70,33 +70,28 @@ class TorchReferenceAttention:
         return o.reshape(num_seqs, num_heads, head_dim)
 
     def _prefill(self, q, flat_k, flat_v, seq, scale):
-        num_kv_heads, head_dim = -1, q.shape[-1]
+        """A prompt chunk after cached tokens: gather the whole context, then mask causally."""
+        num_kv_heads, head_dim = flat_k.shape[1] // q.shape[-1], q.shape[-1]
         k = torch.index_select(flat_k, 0, seq.context_slots).view(seq.context_len, num_kv_heads, head_dim)
         v = torch.index_select(flat_v, 0, seq.context_slots).view(seq.context_len, num_kv_heads, head_dim)
-        k, v = k.transpose(0, 1), v.transpose(0, 1)  # [KVH, L, D]
-        qh = q.transpose(0, 1)  # [H, Q, D]
         # query i sits at absolute position context_len - query_len + i and sees keys up to it
         offset = seq.context_len - seq.query_len
         rows = torch.arange(seq.query_len, device=q.device)[:, None] + offset
         cols = torch.arange(seq.context_len, device=q.device)[None, :]
-        mask = cols <= rows  # [Q, L]
-        # 4-d inputs: PyTorch's CPU build sends 3-d ones to the slow unfused path
-        o = F.scaled_dot_product_attention(
-            qh[None], k[None], v[None], attn_mask=mask, scale=scale, enable_gqa=True
-        )
-        return o[0].transpose(0, 1)  # [Q, H, D]
+        return _attention(q, k, v, scale, mask=cols <= rows)  # mask: [Q, L]
 
 
-def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """q: [Q, H, D], k, v: [Q, KVH, D] -> [Q, H, D]. K/V are repeated per head and the inputs are 4-d
-    so that PyTorch's CPU build takes its fused (flash) kernel, not the unfused math path."""
+def _attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """q: [Q, H, D], k, v: [L, KVH, D] -> [Q, H, D]; causal when no mask is given (then L == Q).
+    K/V are repeated per head and the inputs are 4-d so that PyTorch's CPU build takes its fused
+    (flash) kernel: 3-d inputs or enable_gqa send it to the slow unfused math path."""
     group = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(group, dim=1).transpose(0, 1)  # [H, Q, D]
-    v = v.repeat_interleave(group, dim=1).transpose(0, 1)  # [H, Q, D]
-    qh = q.transpose(0, 1)  # [H, Q, D]
-    o = F.scaled_dot_product_attention(
-        qh[None], k[None], v[None], is_causal=True, scale=scale
-    )  # [1, H, Q, D]
+    k = k.repeat_interleave(group, dim=1).transpose(0, 1)[None]  # [1, H, L, D]
+    v = v.repeat_interleave(group, dim=1).transpose(0, 1)[None]  # [1, H, L, D]
+    qh = q.transpose(0, 1)[None]  # [1, H, Q, D]
+    o = F.scaled_dot_product_attention(qh, k, v, attn_mask=mask, is_causal=mask is None, scale=scale)
     return o[0].transpose(0, 1)
 
 
