@@ -16,9 +16,14 @@ def find_stop_string(request: Request, tokenizer: Tokenizer | None) -> bool:
     stops = request.sampling_params.stop
     if not stops or tokenizer is None:
         return False
+    # a new match ends in the last token, and a stop of L characters spans at most L tokens: decode
+    # only that tail each step (decoding the whole output every step would be quadratic)
+    longest = max(len(s) for s in stops)
+    tail = tokenizer.decode(request.output_token_ids[-(longest + 4) :])
+    if not any(stop in tail for stop in stops):
+        return False
     text = tokenizer.decode(request.output_token_ids)
-    # only the tail can hold a new match: the last token adds at most a few characters
-    window = max(len(s) for s in stops) + 32
+    window = len(tail) + longest
     for stop in stops:
         at = text.find(stop, max(0, len(text) - window))
         if at >= 0:

@@ -51,16 +51,6 @@ class ModelArchConfig:
     def kv_bytes_per_token(self, dtype_bytes: int) -> int:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
 
-    def num_params(self) -> int:
-        h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
-        attn = h * d * (self.num_heads * 2 + self.num_kv_heads * 2)
-        per_layer = attn + 3 * h * i + 2 * h
-        embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * per_layer + embed + h
-
-    def replace(self, **changes: Any) -> ModelArchConfig:
-        return dataclasses.replace(self, **changes)
-
     @classmethod
     def from_hf_config(cls, hf: dict[str, Any]) -> ModelArchConfig:
         """From a Hugging Face config.json dict (LlamaForCausalLM, MistralForCausalLM, Qwen2/3ForCausalLM)."""

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from adaptserve.config import EngineConfig
@@ -16,8 +14,6 @@ from adaptserve.runner.device import resolve_device, resolve_dtype
 from adaptserve.runner.inputs import prepare_inputs
 from adaptserve.runner.memory import num_kv_blocks
 from adaptserve.runner.sampler import Sampler, SamplingMetadata
-
-logger = logging.getLogger(__name__)
 
 
 class ModelRunner:

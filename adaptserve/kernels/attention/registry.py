@@ -47,10 +47,6 @@ def get_backend(name: str) -> AttentionBackend:
     return _FACTORIES[name]()
 
 
-def available_backends() -> list[str]:
-    return sorted(_FACTORIES)
-
-
 def _register_builtin() -> None:
     from adaptserve.kernels.attention.torch_ref import TorchReferenceAttention
 
