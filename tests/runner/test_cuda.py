@@ -8,22 +8,13 @@ from adaptserve import LLM, SamplingParams
 from adaptserve.model.config import ModelArchConfig
 from adaptserve.model.loaders import LoadedCheckpoint
 from tests.parity import check_greedy_close, generate_reference
+from tests.tiny_models import llama3_config
 
 pytestmark = pytest.mark.cuda
 
 
 def test_tiny_llama_matches_transformers_on_cuda():
-    config = transformers.LlamaConfig(
-        vocab_size=512,
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        initializer_range=0.2,
-        tie_word_embeddings=False,
-    )
+    config = llama3_config()
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(config).eval()
     checkpoint = LoadedCheckpoint(
@@ -32,7 +23,7 @@ def test_tiny_llama_matches_transformers_on_cuda():
     hf = hf.cuda()
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (3, 30, 200)]
-    reference = generate_reference(hf, [p for p in prompts], 16)
+    reference = generate_reference(hf, prompts, 16)
     for options in ({}, {"max_num_batched_tokens": 32}):
         llm = LLM.from_checkpoint(checkpoint, dtype="float32", device="cuda", num_blocks=64, **options)
         outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))
