@@ -1,4 +1,4 @@
-"""Command line: `adaptserve generate ...` and `adaptserve bench offline ...`."""
+"""Command line: `adaptserve serve`, `adaptserve generate ...` and `adaptserve bench offline ...`."""
 
 from __future__ import annotations
 
@@ -70,6 +70,37 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from adaptserve.config import EngineConfig
+    from adaptserve.server.config import AdmissionConfig, ServerConfig, parse_slos
+    from adaptserve.server.launcher import serve
+
+    options = _engine_options(args)
+    options["model"] = args.model_path or args.model
+    options["policy"] = args.scheduling_policy
+    engine_config = EngineConfig.from_flat(**options)
+    admission = AdmissionConfig(
+        enabled=args.admission == "slo",
+        tiers=parse_slos(args.ttft_slo),
+        max_waiting_requests=args.max_waiting_requests,
+        max_waiting_tokens=args.max_waiting_tokens,
+    )
+    server_config = ServerConfig(
+        host=args.host,
+        port=args.port,
+        served_model_name=args.served_model_name,
+        drain_timeout_s=args.drain_timeout,
+        admission=admission,
+    )
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    serve(engine_config, server_config, log_level=args.log_level)
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     from adaptserve.bench.offline import run_offline_benchmark
 
@@ -80,6 +111,32 @@ def _bench(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adaptserve", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
+
+    srv = commands.add_parser("serve", help="OpenAI-compatible HTTP server")
+    srv.add_argument("model_path", nargs="?", default=None, help="model to serve; default: embedded SmolLM2")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument(
+        "--served-model-name", default=None, help="model name in the API; default: from the path"
+    )
+    srv.add_argument("--scheduling-policy", default="priority", choices=["priority", "fcfs"])
+    srv.add_argument(
+        "--admission",
+        default="slo",
+        choices=["slo", "off"],
+        help="reject requests predicted to miss their SLO",
+    )
+    srv.add_argument(
+        "--ttft-slo", default="", help="TTFT SLO per priority tier in seconds, e.g. high=0.5,normal=2,low=10"
+    )
+    srv.add_argument("--max-waiting-requests", type=int, default=1024)
+    srv.add_argument("--max-waiting-tokens", type=int, default=1 << 20)
+    srv.add_argument(
+        "--drain-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM"
+    )
+    srv.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    _add_engine_args(srv)
+    srv.set_defaults(func=_serve)
 
     gen = commands.add_parser("generate", help="generate text for prompts, batched")
     gen.add_argument("prompt", nargs="*", help="prompt text (several allowed)")

@@ -9,6 +9,7 @@ import time
 from adaptserve.config import EngineConfig
 from adaptserve.engine.kv_cache import KVCacheManager
 from adaptserve.engine.output_processor import ParentRequest, finalize_text, find_stop_string
+from adaptserve.engine.outputs import SchedulerOutput
 from adaptserve.engine.request import (
     InvalidRequestError,
     Request,
@@ -17,6 +18,7 @@ from adaptserve.engine.request import (
     SamplingParams,
 )
 from adaptserve.engine.scheduler import Scheduler
+from adaptserve.engine.stats import StatLogger, StepStats
 from adaptserve.model.config import ModelArchConfig
 from adaptserve.model.loaders import LoadedCheckpoint, load_checkpoint
 from adaptserve.runner.model_runner import ModelRunner
@@ -48,6 +50,8 @@ class LLMEngine:
         self._parents: dict[str, ParentRequest] = {}
         self._child_to_parent: dict[str, str] = {}
         self.source = checkpoint.source
+        self.stat_loggers: list[StatLogger] = []  # each gets every step's StepStats
+        self._prefix_cache_counts = (0, 0)  # (queries, hits) at the last stats
 
     # ---- requests ------------------------------------------------------------------------------------
 
@@ -58,15 +62,19 @@ class LLMEngine:
         params: SamplingParams,
         priority: int = 0,
         arrival_time: float | None = None,
+        stream: bool = False,
     ) -> None:
-        """Validate and queue; raises InvalidRequestError naming the field and the limit."""
+        """Validate and queue; raises InvalidRequestError naming the field and the limit.
+        `stream`: step() returns a delta output for this request whenever it has new tokens."""
         if request_id in self._parents:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
         prompt_ids = self._encode(prompt)
         params.validate()
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
         child_ids = [request_id] if params.n == 1 else [f"{request_id}-{i}" for i in range(params.n)]
-        parent = ParentRequest(request_id, prompt if isinstance(prompt, str) else None, child_ids)
+        parent = ParentRequest(
+            request_id, prompt if isinstance(prompt, str) else None, child_ids, stream=stream
+        )
         for index, child_id in enumerate(child_ids):
             child_params = params
             if params.n > 1:
@@ -85,6 +93,10 @@ class LLMEngine:
             self._child_to_parent[child_id] = request_id
             self.scheduler.add_request(request)
         self._parents[request_id] = parent
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a prompt, checked against the vocabulary and the context window."""
+        return self._encode(prompt)
 
     def _encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -124,6 +136,11 @@ class LLMEngine:
         for child_id in parent.child_ids:
             self.scheduler.finish_request(child_id, RequestStatus.FINISHED_ABORTED)
         self._release(parent)
+        if self.stat_loggers:
+            now = time.monotonic()
+            stats = self._step_stats(now, now, None, 0)
+            stats.finished.append(parent.finished_stats(now))
+            self._record(stats)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._parents)
@@ -131,12 +148,21 @@ class LLMEngine:
     # ---- one step ------------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one step; return the outputs of user requests that finished in it."""
+        """Run one step; return the outputs of user requests that finished in it, and for streamed
+        requests a delta output whenever they have something new."""
+        start = time.monotonic()
         scheduler_output = self.scheduler.schedule()
+        for seq in scheduler_output.sequences:
+            request = self.scheduler.requests[seq.request_id]
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = start
         runner_output = self.runner.execute(scheduler_output)
         updated = self.scheduler.update_from_output(scheduler_output, runner_output)
-        touched: dict[str, ParentRequest] = {}  # parents with a child that finished this step
+        now = time.monotonic()
+        stats = self._step_stats(start, now, scheduler_output, len(updated))
+        touched: dict[str, ParentRequest] = {}  # parents with a child that got a token this step
         for request in updated:
+            _stamp_token_time(request, now, stats)
             if find_stop_string(request, self.tokenizer):
                 if request.is_finished:  # it also hit max_tokens in this step: the stop string wins
                     request.status = RequestStatus.FINISHED_STOPPED
@@ -144,20 +170,65 @@ class LLMEngine:
                     self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
             if request.is_finished:
                 finalize_text(request, self.tokenizer)
-                parent_id = self._child_to_parent[request.request_id]
-                touched[parent_id] = self._parents[parent_id]
+            parent_id = self._child_to_parent[request.request_id]
+            touched[parent_id] = self._parents[parent_id]
         # only now: n siblings can finish in the same step, and each needs its text before the output
-        finished: list[RequestOutput] = []
+        outputs: list[RequestOutput] = []
         for parent in touched.values():
-            if parent.is_finished():
-                finished.append(parent.output())
+            finished = parent.is_finished()
+            if parent.stream:
+                delta = parent.delta_output(self.tokenizer)
+                if delta is not None:
+                    outputs.append(delta)
+            elif finished:
+                outputs.append(parent.output())
+            if finished:
+                stats.finished.append(parent.finished_stats(now))
                 self._release(parent)
-        return finished
+        self._record(stats)
+        return outputs
+
+    def _step_stats(
+        self, start: float, now: float, scheduled: SchedulerOutput | None, num_generation_tokens: int
+    ) -> StepStats:
+        queries, hits = self.kv_cache.prefix_cache_queries, self.kv_cache.prefix_cache_hits
+        last_queries, last_hits = self._prefix_cache_counts
+        self._prefix_cache_counts = (queries, hits)
+        sequences = scheduled.sequences if scheduled is not None else []
+        num_decodes = sum(1 for seq in sequences if seq.sample and len(seq.token_ids) == 1)
+        num_tokens = scheduled.num_batched_tokens if scheduled is not None else 0
+        return StepStats(
+            start_time=start,
+            step_time=now - start,
+            num_scheduled_tokens=num_tokens,
+            num_prefill_tokens=num_tokens - num_decodes,
+            num_decode_sequences=num_decodes,
+            num_generation_tokens=num_generation_tokens,
+            num_preemptions=len(scheduled.preempted_request_ids) if scheduled is not None else 0,
+            prefix_cache_queries=queries - last_queries,
+            prefix_cache_hits=hits - last_hits,
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=self.kv_cache.usage,
+        )
+
+    def _record(self, stats: StepStats) -> None:
+        for logger in self.stat_loggers:
+            logger.record(stats)
 
     def _release(self, parent: ParentRequest) -> None:
         self._parents.pop(parent.request_id, None)
         for child_id in parent.child_ids:
             self._child_to_parent.pop(child_id, None)
+
+
+def _stamp_token_time(request: Request, now: float, stats: StepStats) -> None:
+    if request.first_token_time is None:
+        request.first_token_time = now
+        stats.time_to_first_token.append(now - request.arrival_time)
+    else:
+        stats.inter_token_latency.append(now - request.last_token_time)
+    request.last_token_time = now
 
 
 def _token_id(token: object) -> int:

@@ -5,7 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from adaptserve.engine.detokenizer import IncrementalDetokenizer
 from adaptserve.engine.request import CompletionOutput, Request, RequestOutput
+from adaptserve.engine.stats import FinishedRequestStats
 
 if TYPE_CHECKING:
     from adaptserve.model.tokenizer import Tokenizer
@@ -56,25 +58,104 @@ def completion_output(index: int, request: Request) -> CompletionOutput:
 
 
 @dataclass
+class StreamCursor:
+    """How much of one streamed completion has been handed out."""
+
+    detokenizer: IncrementalDetokenizer | None
+    num_sent_tokens: int = 0
+    num_sent_chars: int = 0
+    finish_sent: bool = False
+
+
+@dataclass
 class ParentRequest:
-    """A user request whose n completions run as n sibling requests sharing the prompt's blocks."""
+    """A user request whose n completions run as n sibling requests sharing the prompt's blocks.
+
+    Not streamed: one cumulative output when every completion has finished. Streamed: after each step,
+    a delta output with what each completion added (text, token ids, logprobs) since the last one."""
 
     request_id: str
     prompt: str | None
     child_ids: list[str]
     children: dict[str, Request] = field(default_factory=dict)
+    stream: bool = False
+    cursors: dict[str, StreamCursor] = field(default_factory=dict)
 
     def is_finished(self) -> bool:
         return all(c.status.is_finished for c in self.children.values())
 
     def output(self) -> RequestOutput:
         children = [self.children[cid] for cid in self.child_ids]
-        first = children[0]
+        return self._output([completion_output(i, c) for i, c in enumerate(children)])
+
+    def delta_output(self, tokenizer: Tokenizer | None) -> RequestOutput | None:
+        """What the completions added since the last call; None when nothing new can be sent yet."""
+        deltas = []
+        for index, child_id in enumerate(self.child_ids):
+            child = self.children[child_id]
+            cursor = self.cursors.setdefault(
+                child_id, StreamCursor(IncrementalDetokenizer(tokenizer) if tokenizer else None)
+            )
+            delta = _completion_delta(index, child, cursor)
+            if delta is not None:
+                deltas.append(delta)
+        return self._output(deltas) if deltas else None
+
+    def _output(self, completions: list[CompletionOutput]) -> RequestOutput:
+        first = self.children[self.child_ids[0]]
         return RequestOutput(
             request_id=self.request_id,
             prompt=self.prompt,
             prompt_token_ids=first.prompt_token_ids,
-            outputs=[completion_output(i, c) for i, c in enumerate(children)],
+            outputs=completions,
             finished=self.is_finished(),
             num_cached_tokens=max(first.num_cached_tokens, 0),
         )
+
+    def finished_stats(self, now: float) -> FinishedRequestStats:
+        children = list(self.children.values())
+        first = children[0]
+        statuses = {c.status.finish_reason for c in children}
+        scheduled = [c.first_scheduled_time for c in children if c.first_scheduled_time is not None]
+        decode_times = [
+            (c.last_token_time - c.first_token_time) / (c.num_output_tokens - 1)
+            for c in children
+            if c.num_output_tokens > 1 and c.first_token_time is not None
+        ]
+        return FinishedRequestStats(
+            finish_reason="abort" if "abort" in statuses else first.status.finish_reason or "abort",
+            num_prompt_tokens=first.num_prompt_tokens,
+            num_generation_tokens=sum(c.num_output_tokens for c in children),
+            e2e_latency=now - first.arrival_time,
+            queue_time=(min(scheduled) if scheduled else now) - first.arrival_time,
+            time_per_output_token=sum(decode_times) / len(decode_times) if decode_times else None,
+        )
+
+
+def _completion_delta(index: int, request: Request, cursor: StreamCursor) -> CompletionOutput | None:
+    if cursor.finish_sent:
+        return None
+    finished = request.status.is_finished
+    if finished:
+        text = request.output_text  # final: cut at a stop string if one matched
+    elif cursor.detokenizer is not None:
+        cursor.detokenizer.update(request.output_token_ids)
+        text = cursor.detokenizer.text
+        stops = request.sampling_params.stop
+        if stops:  # hold back what could still grow into a stop string, which must never be sent
+            text = text[: max(0, len(text) - (max(len(s) for s in stops) - 1))]
+    else:
+        text = ""
+    new_tokens = request.output_token_ids[cursor.num_sent_tokens :]
+    new_text = text[cursor.num_sent_chars :]
+    if not new_tokens and not new_text and not finished:
+        return None
+    logprobs = None
+    if request.sampling_params.logprobs is not None:
+        logprobs = request.output_logprobs[cursor.num_sent_tokens :]
+    cursor.num_sent_tokens = request.num_output_tokens
+    cursor.num_sent_chars = max(cursor.num_sent_chars, len(text))
+    cursor.finish_sent = finished
+    return CompletionOutput(
+        index, new_text, new_tokens, request.status.finish_reason, request.stop_reason, logprobs
+    )

@@ -164,6 +164,9 @@ class Request:
     num_preemptions: int = 0
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     output_text: str = ""  # filled when it finishes (or as it goes when it has stop strings)
+    first_scheduled_time: float | None = None  # time.monotonic() stamps, for latency metrics
+    first_token_time: float | None = None
+    last_token_time: float | None = None
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -93,6 +93,16 @@ class Scheduler:
     def num_unfinished(self) -> int:
         return len(self.requests)
 
+    def queue_ahead(self, priority: int) -> tuple[int, int]:
+        """(requests, prompt tokens) waiting that a new request of `priority` would queue behind: all
+        of them under FCFS; under the priority policy, those of the same or a more important priority."""
+        ahead = [r for r in self.waiting if not self.waiting.by_priority or r.priority <= priority]
+        return len(ahead), sum(r.num_tokens - r.num_computed_tokens for r in ahead)
+
+    def num_running_prefill_tokens(self) -> int:
+        """Prompt tokens that running requests still have to compute (chunked prefills)."""
+        return sum(max(0, r.num_tokens - r.num_computed_tokens - 1) for r in self.running)
+
     # ---- one step ------------------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:

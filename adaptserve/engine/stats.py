@@ -1,0 +1,45 @@
+"""What one engine step did, as plain data, for metrics, admission control and later controllers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(slots=True)
+class FinishedRequestStats:
+    """One user request (all n completions) that ended in this step."""
+
+    finish_reason: str  # "stop" | "length" | "abort"
+    num_prompt_tokens: int
+    num_generation_tokens: int  # over all n completions
+    e2e_latency: float  # arrival → finish, seconds
+    queue_time: float  # arrival → first scheduled
+    time_per_output_token: float | None  # (finish - first token) / (tokens - 1); None for one token
+
+
+@dataclass
+class StepStats:
+    """Counts are for this step only; gauges are their value after it."""
+
+    start_time: float  # time.monotonic() when the step began
+    step_time: float  # seconds spent in schedule + execute + update
+    num_scheduled_tokens: int  # tokens whose K/V was computed (prompt chunks + decodes)
+    num_prefill_tokens: int  # of those, tokens of prompts or recomputed preempted requests
+    num_decode_sequences: int  # sequences that computed exactly one token to sample the next
+    num_generation_tokens: int  # tokens sampled
+    num_preemptions: int
+    prefix_cache_queries: int  # tokens looked up in the prefix cache
+    prefix_cache_hits: int
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # share of KV blocks in use, [0, 1]
+    time_to_first_token: list[float] = field(default_factory=list)  # arrival → first token, seconds
+    inter_token_latency: list[float] = field(default_factory=list)  # gap since the previous token
+    finished: list[FinishedRequestStats] = field(default_factory=list)
+
+
+class StatLogger(Protocol):
+    """Anything that wants each step's stats (Prometheus metrics, the admission step-time model)."""
+
+    def record(self, stats: StepStats) -> None: ...

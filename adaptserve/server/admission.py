@@ -1,0 +1,131 @@
+"""SLO-aware admission control: say no early (429) instead of accepting work that will miss its SLO.
+
+Signal: the prompt tokens queued ahead of a new request, the running requests' slots, and a step-time
+model fitted online to the engine's own steps. Knob: accept or reject, per request. Thresholds: the
+TTFT SLO of the request's priority tier; bounded queues by requests and by tokens. Guardrail: the
+prediction errs long (it assumes every running request uses all its max_tokens), so what is accepted
+meets its SLO and what is rejected is told when to retry.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from adaptserve.engine.scheduler import Scheduler
+from adaptserve.engine.stats import StepStats
+from adaptserve.server.config import AdmissionConfig
+
+
+@dataclass(frozen=True)
+class Rejection:
+    reason: str  # "slo" | "queue_requests" | "queue_tokens"
+    message: str
+    retry_after_s: int
+
+
+class AdmissionRejected(Exception):
+    def __init__(self, rejection: Rejection):
+        super().__init__(rejection.message)
+        self.rejection = rejection
+
+
+class StepTimeModel:
+    """step_time ≈ fixed + per_token * scheduled_tokens, least squares over the recent steps."""
+
+    def __init__(self, window: int = 512, fixed_s: float = 0.02, per_token_s: float = 1e-4):
+        self._points: deque[tuple[int, float]] = deque(maxlen=window)
+        self.fixed_s = fixed_s  # prior until steps of different sizes have been seen
+        self.per_token_s = per_token_s
+
+    def record(self, stats: StepStats) -> None:
+        if stats.num_scheduled_tokens == 0:
+            return
+        self._points.append((stats.num_scheduled_tokens, stats.step_time))
+        if len(self._points) >= 8 and len(self._points) % 8 == 0:
+            self._fit()
+
+    def _fit(self) -> None:
+        tokens, times = np.array(self._points, dtype=np.float64).T  # [N], [N]
+        if tokens.max() - tokens.min() < 16:  # all steps alike: only the mean is known
+            self.fixed_s = max(0.0, float(times.mean()) - self.per_token_s * float(tokens.mean()))
+            return
+        slope, intercept = np.polyfit(tokens, times, 1)
+        self.per_token_s = max(float(slope), 1e-7)
+        self.fixed_s = max(float(intercept), 0.0)
+
+    def step_time(self, num_tokens: int) -> float:
+        return self.fixed_s + self.per_token_s * num_tokens
+
+
+class AdmissionController:
+    """Predicts a new request's TTFT from the queue ahead; admits it only if that meets its tier's SLO."""
+
+    def __init__(self, config: AdmissionConfig, scheduler: Scheduler, step_model: StepTimeModel):
+        self.config = config
+        self.scheduler = scheduler
+        self.step_model = step_model
+
+    def check(self, num_prompt_tokens: int, max_output_tokens: int, priority: int) -> Rejection | None:
+        """None to admit; else why not. Called on the engine thread, so the queues hold still."""
+        del max_output_tokens  # not needed for TTFT; kept for future output-aware policies
+        num_waiting = len(self.scheduler.waiting)
+        if num_waiting >= self.config.max_waiting_requests:
+            return self._reject(
+                "queue_requests",
+                f"the queue is full: {num_waiting} requests waiting "
+                f"(max_waiting_requests={self.config.max_waiting_requests})",
+                self.predict_ttft(0, priority),
+            )
+        num_ahead, tokens_ahead = self.scheduler.queue_ahead(2**62)
+        if tokens_ahead + num_prompt_tokens > self.config.max_waiting_tokens:
+            return self._reject(
+                "queue_tokens",
+                f"the queue is full: {tokens_ahead} prompt tokens waiting and this request adds "
+                f"{num_prompt_tokens} (max_waiting_tokens={self.config.max_waiting_tokens})",
+                self.predict_ttft(0, priority),
+            )
+        if not self.config.enabled:
+            return None
+        tier = self.config.tier(priority)
+        predicted = self.predict_ttft(num_prompt_tokens, priority)
+        if predicted > tier.ttft_slo_s:
+            return self._reject(
+                "slo",
+                f"server overloaded: predicted time to first token {predicted:.2f}s exceeds the "
+                f"{tier.name!r} tier's SLO of {tier.ttft_slo_s:g}s (priority {priority}); retry later",
+                predicted - tier.ttft_slo_s,
+            )
+        return None
+
+    def predict_ttft(self, num_prompt_tokens: int, priority: int) -> float:
+        """Seconds until a request of this size and priority, queued now, gets its first token."""
+        scheduler, config = self.scheduler, self.scheduler.config
+        num_waiting_ahead, waiting_tokens = scheduler.queue_ahead(priority)
+        prefill_tokens = waiting_tokens + scheduler.num_running_prefill_tokens() + num_prompt_tokens
+        num_decodes = len(scheduler.running)
+        prefill_per_step = max(1, config.max_num_batched_tokens - num_decodes)
+        num_steps = math.ceil(prefill_tokens / prefill_per_step)
+        prefill_s = num_steps * self.step_model.step_time(0) + self.step_model.per_token_s * (
+            prefill_tokens + num_steps * num_decodes
+        )
+        return prefill_s + self._slot_wait_s(num_waiting_ahead)
+
+    def _slot_wait_s(self, num_waiting_ahead: int) -> float:
+        """Time until a running slot frees for this request, if max_num_seqs are taken: the running
+        requests are assumed to use all their max_tokens (an upper bound)."""
+        running = self.scheduler.running
+        max_num_seqs = self.scheduler.config.max_num_seqs
+        needed = len(running) + num_waiting_ahead - max_num_seqs + 1  # finishes to wait for
+        if needed <= 0 or not running:
+            return 0.0
+        remaining = sorted(r.max_output_tokens - r.num_output_tokens for r in running)
+        rounds, rest = divmod(needed - 1, len(remaining))
+        decode_steps = remaining[rest] + rounds * remaining[-1]
+        return decode_steps * self.step_model.step_time(len(running))
+
+    def _reject(self, reason: str, message: str, wait_s: float) -> Rejection:
+        return Rejection(reason, message, max(1, math.ceil(wait_s)))

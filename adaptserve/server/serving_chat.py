@@ -1,0 +1,182 @@
+"""POST /v1/chat/completions: messages through the model's chat template, whole or streamed."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import Request as HTTPRequest
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from adaptserve.engine.request import CompletionOutput, RequestOutput
+from adaptserve.server import serving
+from adaptserve.server.errors import APIError, bad_request
+from adaptserve.server.protocol import ChatCompletionRequest, ChatMessage
+from adaptserve.server.serving import ServingContext
+
+
+async def create_chat_completion(ctx: ServingContext, body: ChatCompletionRequest, http_request: HTTPRequest):
+    arrival_time = time.monotonic()
+    serving.check_model(ctx, body.model)
+    if body.tools:
+        raise bad_request("tools are not supported by this server", "tools")
+    if body.response_format and body.response_format.get("type", "text") != "text":
+        raise bad_request("only response_format {'type': 'text'} is supported", "response_format")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise bad_request("top_logprobs needs logprobs=true", "top_logprobs")
+    max_tokens, max_tokens_field = body.max_completion_tokens, "max_completion_tokens"
+    if max_tokens is None:
+        max_tokens, max_tokens_field = body.max_tokens, "max_tokens"
+    prompt_ids = serving.encode(ctx, _render(ctx, body.messages), "messages")
+    serving.check_context(ctx, len(prompt_ids), max_tokens, max_tokens_field)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    try:
+        params = serving.sampling_params(body, max_tokens, logprobs)
+    except APIError as error:
+        if error.param == "logprobs":  # the engine's name for what chat calls top_logprobs
+            error.param = "top_logprobs"
+            error.message = error.message.replace("logprobs", "top_logprobs", 1)
+        raise
+    priority = serving.resolve_priority(body.priority, http_request)
+    completion_id = serving.new_id("chatcmpl")
+    streams = await serving.start(
+        ctx, [completion_id], [prompt_ids], params, priority, body.stream, arrival_time
+    )
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        events = _stream(
+            ctx, completion_id, streams[0], len(prompt_ids), body.n, include_usage, logprobs or 0
+        )
+        return StreamingResponse(events, media_type="text/event-stream")
+    (output,) = await serving.collect(ctx, streams, http_request)
+    return JSONResponse(_response(ctx, completion_id, output, logprobs or 0))
+
+
+def _render(ctx: ServingContext, messages: list[ChatMessage]) -> list[int]:
+    """Prompt token ids: the template writes its own special tokens, so none are added when encoding."""
+    if ctx.tokenizer is None:
+        raise bad_request(
+            "this model has no tokenizer and so no chat template; use /v1/completions", "messages"
+        )
+    conversation = []
+    for i, message in enumerate(messages):
+        content = message.content
+        if isinstance(content, list):
+            for part in content:
+                if part.type != "text" or part.text is None:
+                    raise bad_request(
+                        f"messages[{i}].content: only text parts are supported, got type {part.type!r}",
+                        "messages",
+                    )
+            content = "".join(part.text for part in content)
+        role = "system" if message.role == "developer" else message.role
+        conversation.append({"role": role, "content": content or ""})
+    try:
+        text = ctx.tokenizer.apply_chat_template(conversation, add_generation_prompt=True)
+    except ValueError as error:
+        raise bad_request(str(error), "messages") from None
+    return ctx.tokenizer.encode(text, add_special_tokens=False)
+
+
+def _response(ctx: ServingContext, completion_id: str, output: RequestOutput, top_n: int) -> dict:
+    choices = [
+        {
+            "index": c.index,
+            "message": {"role": "assistant", "content": c.text},
+            "logprobs": _logprobs(ctx, c, top_n) if c.logprobs is not None else None,
+            "finish_reason": _finish_reason(c.finish_reason),
+            "stop_reason": c.stop_reason,
+        }
+        for c in output.outputs
+    ]
+    num_completion = sum(len(c.token_ids) for c in output.outputs)
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": serving.now(),
+        "model": ctx.model_name,
+        "choices": choices,
+        "usage": serving.usage(len(output.prompt_token_ids), num_completion),
+    }
+
+
+def _finish_reason(reason: str | None) -> str | None:
+    return None if reason is None else "stop" if reason == "abort" else reason
+
+
+def _logprobs(ctx: ServingContext, completion: CompletionOutput, top_n: int) -> dict:
+    """The chat shape: per token its text, logprob, UTF-8 bytes and the top alternatives."""
+    tokenizer = ctx.tokenizer
+
+    def entry(token_id: int, logprob: float) -> dict:
+        text = tokenizer.decode([token_id], skip_special_tokens=False)
+        return {"token": text, "logprob": serving.finite(logprob), "bytes": list(text.encode("utf-8"))}
+
+    content = []
+    for token_id, candidates in zip(completion.token_ids, completion.logprobs, strict=False):
+        top = sorted(candidates.items(), key=lambda kv: -kv[1])[:top_n]  # the sampled one may be extra
+        item = entry(token_id, candidates.get(token_id, float("-inf")))
+        item["top_logprobs"] = [entry(t, lp) for t, lp in top]
+        content.append(item)
+    return {"content": content}
+
+
+async def _stream(
+    ctx: ServingContext,
+    completion_id: str,
+    outputs: AsyncIterator[RequestOutput],
+    num_prompt_tokens: int,
+    n: int,
+    include_usage: bool,
+    top_n: int,
+) -> AsyncIterator[str]:
+    created = serving.now()
+    num_completion = 0
+
+    def chunk(choices: list[dict]) -> str:
+        data = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": ctx.model_name,
+            "choices": choices,
+        }
+        if include_usage:
+            data["usage"] = None
+        return serving.sse(data)
+
+    yield chunk(
+        [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None} for i in range(n)]
+    )
+    async with contextlib.aclosing(outputs):
+        try:
+            async for output in outputs:
+                choices = []
+                for c in output.outputs:
+                    num_completion += len(c.token_ids)
+                    choices.append(
+                        {
+                            "index": c.index,
+                            "delta": {"content": c.text} if c.text else {},
+                            "logprobs": _logprobs(ctx, c, top_n) if c.logprobs is not None else None,
+                            "finish_reason": _finish_reason(c.finish_reason),
+                        }
+                    )
+                yield chunk(choices)
+        except APIError as error:
+            yield serving.sse(error.body())
+        except Exception as error:  # an engine failure mid-stream: tell the client, then end cleanly
+            ctx.metrics.record_outcome("error")
+            yield serving.sse(APIError(500, str(error)).body())
+    if include_usage:
+        data = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": ctx.model_name,
+        }
+        data["choices"] = []
+        data["usage"] = serving.usage(num_prompt_tokens, num_completion)
+        yield serving.sse(data)
+    yield serving.sse("[DONE]")

@@ -1,0 +1,38 @@
+"""Warm-up before serving: run a few steps of each kind so the first users do not pay for cold
+kernels, and so admission control starts from a measured step-time model instead of a guess."""
+
+from __future__ import annotations
+
+import random
+
+from adaptserve.engine.engine import LLMEngine
+from adaptserve.engine.request import SamplingParams
+from adaptserve.engine.stats import StatLogger
+
+
+def warm_up(engine: LLMEngine, step_model: StatLogger, seed: int = 0) -> None:
+    """Prefills of several lengths, then a batch of decodes; every step's stats go to `step_model`."""
+    rng = random.Random(seed)
+    budget = engine.config.scheduler.max_num_batched_tokens
+    longest = max(1, min(budget, engine.max_model_len - 8))
+    lengths = sorted({min(n, longest) for n in (16, 64, 256, budget)})
+    batch = min(8, engine.config.scheduler.max_num_seqs)
+    # random ids away from the special tokens at the start of most vocabularies
+    vocab = range(256, max(257, engine.arch.vocab_size))
+    engine.stat_loggers.append(step_model)
+    try:
+        for length in lengths:
+            prompt = [rng.choice(vocab) for _ in range(length)]
+            _run(engine, [prompt], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+        prompts = [[rng.choice(vocab) for _ in range(16)] for _ in range(batch)]
+        _run(engine, prompts, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    finally:
+        engine.stat_loggers.remove(step_model)
+    engine.kv_cache.reset_prefix_cache()  # random prompts are no use to anyone
+
+
+def _run(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> None:
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"warmup-{i}", prompt, params)
+    while engine.has_unfinished_requests():
+        engine.step()
