@@ -3,6 +3,8 @@ import os
 import pytest
 import torch
 
+from adaptserve.model.loaders import load_checkpoint
+
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
@@ -13,3 +15,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The embedded SmolLM2-135M-Instruct, loaded once (weights dequantized to float32 + tokenizer)."""
+    return load_checkpoint(None, progress=False)

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, Response
 
 from adaptserve.config import EngineConfig
 from adaptserve.engine.engine import LLMEngine
-from adaptserve.model.loaders import LoadedCheckpoint
+from adaptserve.model.loaders import LoadedCheckpoint, ModelLoadError, default_model_path
 from adaptserve.server.admission import AdmissionController, StepTimeModel
 from adaptserve.server.async_engine import AsyncEngine
 from adaptserve.server.config import ServerConfig
@@ -83,11 +83,21 @@ class ServerState:
         return knobs
 
 
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
 def _model_name(model: str | None) -> str:
-    if model is None:
-        return "SmolLM2-135M-Instruct"
+    if model is None or model == _default_model_path():
+        return DEFAULT_MODEL_NAME
     path = Path(model)
     return path.stem if path.suffix == ".gguf" else path.name or model
+
+
+def _default_model_path() -> str | None:
+    try:
+        return default_model_path()
+    except ModelLoadError:
+        return None
 
 
 def create_app(

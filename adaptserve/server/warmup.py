@@ -14,8 +14,8 @@ def warm_up(engine: LLMEngine, step_model: StatLogger, seed: int = 0) -> None:
     """Prefills of several lengths, then a batch of decodes; every step's stats go to `step_model`."""
     rng = random.Random(seed)
     budget = engine.config.scheduler.max_num_batched_tokens
-    longest = max(1, min(budget, engine.max_model_len - 8))
-    lengths = sorted({min(n, longest) for n in (16, 64, 256, budget)})
+    longest = max(1, min(budget, 512, engine.max_model_len - 8))  # the fit extrapolates beyond
+    lengths = sorted({min(n, longest) for n in (16, 64, 256, 512)})
     batch = min(8, engine.config.scheduler.max_num_seqs)
     # random ids away from the special tokens at the start of most vocabularies
     vocab = range(256, max(257, engine.arch.vocab_size))
