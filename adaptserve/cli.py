@@ -19,6 +19,7 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--kv-cache-memory-gib", type=float, default=None, help="KV budget; default: auto")
 
 
 def _engine_options(args: argparse.Namespace) -> dict:
@@ -30,6 +31,7 @@ def _engine_options(args: argparse.Namespace) -> dict:
         "max_num_seqs": args.max_num_seqs,
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "enable_prefix_caching": not args.no_prefix_caching,
+        "kv_cache_memory_gib": args.kv_cache_memory_gib,
     }
 
 

@@ -146,14 +146,22 @@ def create_app(
     async def disconnected(request: Request, error: ClientDisconnected) -> Response:
         return Response(status_code=499)
 
+    # /health and /v1/models answer 503 while not ready, but as probes, not refused requests: they
+    # return the error themselves so that the handler above does not count them as rejections
     @app.get("/health")
     async def health() -> JSONResponse:
-        state.ready_context()
+        try:
+            state.ready_context()
+        except APIError as error:
+            return error.response()
         return JSONResponse({"status": "ok"})
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:
-        ctx = state.ready_context()
+        try:
+            ctx = state.ready_context()
+        except APIError as error:
+            return error.response()
         model = {
             "id": ctx.model_name,
             "object": "model",

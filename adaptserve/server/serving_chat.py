@@ -34,9 +34,11 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
     try:
         params = serving.sampling_params(body, max_tokens, logprobs)
     except APIError as error:
-        if error.param == "logprobs":  # the engine's name for what chat calls top_logprobs
-            error.param = "top_logprobs"
-            error.message = error.message.replace("logprobs", "top_logprobs", 1)
+        # the engine's names for what chat calls top_logprobs, and max_completion_tokens when given
+        renamed = {"logprobs": "top_logprobs", "max_tokens": max_tokens_field}.get(error.param or "")
+        if renamed is not None and renamed != error.param:
+            error.message = error.message.replace(error.param, renamed, 1)
+            error.param = renamed
         raise
     priority = serving.resolve_priority(body.priority, http_request)
     completion_id = serving.new_id("chatcmpl")
