@@ -185,6 +185,7 @@ class LLMEngine:
             if finished:
                 stats.finished.append(parent.finished_stats(now))
                 self._release(parent)
+        self._refresh_gauges(stats)  # stop strings above may have finished requests
         self._record(stats)
         return outputs
 
@@ -211,6 +212,11 @@ class LLMEngine:
             num_waiting=len(self.scheduler.waiting),
             kv_cache_usage=self.kv_cache.usage,
         )
+
+    def _refresh_gauges(self, stats: StepStats) -> None:
+        stats.num_running = len(self.scheduler.running)
+        stats.num_waiting = len(self.scheduler.waiting)
+        stats.kv_cache_usage = self.kv_cache.usage
 
     def _record(self, stats: StepStats) -> None:
         for logger in self.stat_loggers:

@@ -61,6 +61,9 @@ class StepTimeModel:
         return self.fixed_s + self.per_token_s * num_tokens
 
 
+_LOWEST_PRIORITY = 2**62  # queue_ahead(_LOWEST_PRIORITY) counts every waiting request
+
+
 class AdmissionController:
     """Predicts a new request's TTFT from the queue ahead; admits it only if that meets its tier's SLO."""
 
@@ -69,8 +72,11 @@ class AdmissionController:
         self.scheduler = scheduler
         self.step_model = step_model
 
-    def check(self, num_prompt_tokens: int, max_output_tokens: int, priority: int) -> Rejection | None:
-        """None to admit; else why not. Called on the engine thread, so the queues hold still."""
+    def check(
+        self, num_prompt_tokens: int, max_output_tokens: int, priority: int, waited_s: float = 0.0
+    ) -> Rejection | None:
+        """None to admit; else why not. Called on the engine thread, so the queues hold still.
+        `waited_s`: how long the request has already waited since it arrived (it counts toward its TTFT)."""
         del max_output_tokens  # not needed for TTFT; kept for future output-aware policies
         num_waiting = len(self.scheduler.waiting)
         if num_waiting >= self.config.max_waiting_requests:
@@ -80,37 +86,46 @@ class AdmissionController:
                 f"(max_waiting_requests={self.config.max_waiting_requests})",
                 self.predict_ttft(0, priority),
             )
-        num_ahead, tokens_ahead = self.scheduler.queue_ahead(2**62)
-        if tokens_ahead + num_prompt_tokens > self.config.max_waiting_tokens:
+        _, tokens_waiting = self.scheduler.queue_ahead(_LOWEST_PRIORITY)
+        if tokens_waiting + num_prompt_tokens > self.config.max_waiting_tokens:
             return self._reject(
                 "queue_tokens",
-                f"the queue is full: {tokens_ahead} prompt tokens waiting and this request adds "
+                f"the queue is full: {tokens_waiting} prompt tokens waiting and this request adds "
                 f"{num_prompt_tokens} (max_waiting_tokens={self.config.max_waiting_tokens})",
                 self.predict_ttft(0, priority),
             )
         if not self.config.enabled:
             return None
         tier = self.config.tier(priority)
-        predicted = self.predict_ttft(num_prompt_tokens, priority)
-        if predicted > tier.ttft_slo_s:
+        predicted = waited_s + self.predict_ttft(num_prompt_tokens, priority)
+        # a prompt too long to meet the SLO even on an idle engine is not the queue's fault: waiting
+        # would not help it, so it is admitted unless the queue makes it later still
+        alone = waited_s + self.step_model.step_time(num_prompt_tokens + len(self.scheduler.running))
+        if predicted > max(tier.ttft_slo_s, alone):
             return self._reject(
                 "slo",
                 f"server overloaded: predicted time to first token {predicted:.2f}s exceeds the "
                 f"{tier.name!r} tier's SLO of {tier.ttft_slo_s:g}s (priority {priority}); retry later",
-                predicted - tier.ttft_slo_s,
+                predicted - max(tier.ttft_slo_s, alone),
             )
         return None
 
     def predict_ttft(self, num_prompt_tokens: int, priority: int) -> float:
-        """Seconds until a request of this size and priority, queued now, gets its first token."""
+        """Seconds until a request of this size and priority, queued now, gets its first token.
+
+        Its first token comes at the end of the step that computes its last prompt token. The steps
+        before cover the prompts ranked ahead of it; that last step is also filled, up to the token
+        budget, with prompts ranked behind it, and every step carries one token per running decode."""
         scheduler, config = self.scheduler, self.scheduler.config
-        num_waiting_ahead, waiting_tokens = scheduler.queue_ahead(priority)
-        prefill_tokens = waiting_tokens + scheduler.num_running_prefill_tokens() + num_prompt_tokens
-        num_decodes = len(scheduler.running)
+        num_waiting_ahead, tokens_ahead = scheduler.queue_ahead(priority)
+        _, tokens_waiting = scheduler.queue_ahead(_LOWEST_PRIORITY)
+        mine = tokens_ahead + scheduler.num_running_prefill_tokens() + num_prompt_tokens
+        num_decodes = min(len(scheduler.running), config.max_num_seqs)
         prefill_per_step = max(1, config.max_num_batched_tokens - num_decodes)
-        num_steps = math.ceil(prefill_tokens / prefill_per_step)
+        num_steps = max(1, math.ceil(mine / prefill_per_step))
+        packed = mine + min(tokens_waiting - tokens_ahead, num_steps * prefill_per_step - mine)
         prefill_s = num_steps * self.step_model.step_time(0) + self.step_model.per_token_s * (
-            prefill_tokens + num_steps * num_decodes
+            packed + num_steps * num_decodes
         )
         return prefill_s + self._slot_wait_s(num_waiting_ahead)
 

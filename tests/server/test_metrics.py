@@ -97,7 +97,7 @@ def traffic(live, client) -> tuple[Traffic, Scrape]:
     seen = Traffic()
     messages = [{"role": "user", "content": "Name a colour."}]
 
-    # a stop string, and an EOS, each ending a request with "stop" (early: see the xfail test below)
+    # a stop string, and an EOS, each ending a request with "stop"
     response = client.completions.create(
         model=MODEL, prompt="1, 2, 3, 4, 5,", max_tokens=16, stop=[","], **GREEDY
     )
@@ -251,12 +251,6 @@ def test_prefix_cache_hits_on_a_repeated_prompt(live, client, traffic, smollm2):
     assert scrape(live).value("adaptserve:prefix_cache_hit_rate") == pytest.approx(hits2 / queries2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: LLMEngine.step takes num_running/num_waiting/kv_cache_usage for StepStats before "
-    "it finishes requests on a stop string, so a request that ends on one stays 'running' and keeps its "
-    "KV blocks in the gauges until the next step (none, if the server goes idle)",
-)
 def test_gauges_idle_after_a_stop_string_ends_the_last_request(live, client, traffic):
     response = client.completions.create(
         model=MODEL, prompt="1, 2, 3, 4, 5,", max_tokens=16, stop=[","], **GREEDY
