@@ -111,6 +111,8 @@ class Scheduler:
         preempted: list[str] = []
         if self.waiting.by_priority:
             self.running.sort(key=lambda r: (r.priority, r.arrival_time))
+            self._preempt_for_priority(preempted)
+        num_priority_preemptions = len(preempted)
 
         index = 0
         while index < len(self.running) and budget > 0:
@@ -121,7 +123,10 @@ class Scheduler:
                 budget -= num_new
                 index += 1
 
-        while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        out_of_blocks = len(preempted) > num_priority_preemptions  # then admit nobody new this step
+        while (
+            not out_of_blocks and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
+        ):
             request = self.waiting.peek()
             hit_blocks, num_hit = self.kv_cache.get_computed_blocks(request)
             num_new = self._num_new_tokens(request, num_hit, budget)
@@ -138,6 +143,22 @@ class Scheduler:
 
         finished, self._finished_ids = self._finished_ids, []
         return SchedulerOutput(scheduled, self.config.max_num_batched_tokens - budget, finished, preempted)
+
+    def _preempt_for_priority(self, preempted: list[str]) -> None:
+        """Priority policy: while the most important waiting request outranks the least important
+        running one and has no slot (or no blocks) to start in, the running one yields its place
+        (preempted by recompute, it waits at its own rank). Strict ranking means no ping-pong."""
+        while self.waiting and self.running:
+            head, victim = self.waiting.peek(), self.running[-1]
+            if (head.priority, head.arrival_time) >= (victim.priority, victim.arrival_time):
+                return
+            first_chunk = min(head.num_tokens, self.config.max_num_batched_tokens)
+            blocks_needed = -(-first_chunk // self.kv_cache.block_size)
+            has_slot = len(self.running) < self.config.max_num_seqs
+            if has_slot and blocks_needed <= self.kv_cache.num_free_blocks:
+                return
+            self._preempt(victim)
+            preempted.append(victim.request_id)
 
     def _num_new_tokens(self, request: Request, num_computed: int, budget: int) -> int:
         num_new = min(request.num_tokens - num_computed, budget)

@@ -10,7 +10,9 @@ meets its SLO and what is rejected is told when to retry.
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,17 +69,26 @@ _LOWEST_PRIORITY = 2**62  # queue_ahead(_LOWEST_PRIORITY) counts every waiting r
 class AdmissionController:
     """Predicts a new request's TTFT from the queue ahead; admits it only if that meets its tier's SLO."""
 
-    def __init__(self, config: AdmissionConfig, scheduler: Scheduler, step_model: StepTimeModel):
+    def __init__(
+        self,
+        config: AdmissionConfig,
+        scheduler: Scheduler,
+        step_model: StepTimeModel,
+        clock: Callable[[], float] = time.monotonic,
+        window_s: float = 10.0,
+    ):
         self.config = config
         self.scheduler = scheduler
         self.step_model = step_model
+        self._clock = clock
+        self._window_s = window_s
+        self._admitted: deque[tuple[float, int, float]] = deque()  # (time, priority, engine seconds)
 
     def check(
         self, num_prompt_tokens: int, max_output_tokens: int, priority: int, waited_s: float = 0.0
     ) -> Rejection | None:
         """None to admit; else why not. Called on the engine thread, so the queues hold still.
         `waited_s`: how long the request has already waited since it arrived (it counts toward its TTFT)."""
-        del max_output_tokens  # not needed for TTFT; kept for future output-aware policies
         num_waiting = len(self.scheduler.waiting)
         if num_waiting >= self.config.max_waiting_requests:
             return self._reject(
@@ -98,17 +109,44 @@ class AdmissionController:
             return None
         tier = self.config.tier(priority)
         predicted = waited_s + self.predict_ttft(num_prompt_tokens, priority)
+        # under the priority policy, more important requests that arrive meanwhile go first: at the
+        # recent rate they take a share `load` of the engine, which stretches this wait by 1 / (1 - load)
+        load = self._higher_priority_load(priority)
+        predicted = math.inf if load >= 0.95 else waited_s + (predicted - waited_s) / (1.0 - load)
         # a prompt too long to meet the SLO even on an idle engine is not the queue's fault: waiting
         # would not help it, so it is admitted unless the queue makes it later still
-        alone = waited_s + self.step_model.step_time(num_prompt_tokens + len(self.scheduler.running))
-        if predicted > max(tier.ttft_slo_s, alone):
+        alone = waited_s + self._prefill_s(num_prompt_tokens, 0)
+        limit = max(tier.ttft_slo_s * (1.0 - self.config.slo_margin), alone)
+        if predicted > limit:
             return self._reject(
                 "slo",
-                f"server overloaded: predicted time to first token {predicted:.2f}s exceeds the "
+                f"server overloaded: predicted time to first token {predicted:.2f}s would miss the "
                 f"{tier.name!r} tier's SLO of {tier.ttft_slo_s:g}s (priority {priority}); retry later",
-                predicted - max(tier.ttft_slo_s, alone),
+                predicted - limit if math.isfinite(predicted) else tier.ttft_slo_s,
             )
+        self._admitted.append(
+            (self._clock(), priority, self._engine_seconds(num_prompt_tokens, max_output_tokens))
+        )
         return None
+
+    def _engine_seconds(self, num_prompt_tokens: int, max_output_tokens: int) -> float:
+        """Engine time a request costs: its prompt, and its share of full decode steps (a lower bound)."""
+        batch = self.scheduler.config.max_num_seqs
+        per_output_token = self.step_model.step_time(batch) / batch
+        return self.step_model.per_token_s * num_prompt_tokens + per_output_token * max_output_tokens
+
+    def _higher_priority_load(self, priority: int) -> float:
+        """Share of engine time that requests more important than `priority`, admitted over the last
+        window, ask for."""
+        if not self.scheduler.waiting.by_priority:
+            return 0.0
+        now = self._clock()
+        while self._admitted and self._admitted[0][0] < now - self._window_s:
+            self._admitted.popleft()
+        if not self._admitted:
+            return 0.0
+        span = max(1.0, now - self._admitted[0][0])
+        return sum(cost for _, p, cost in self._admitted if p < priority) / span
 
     def predict_ttft(self, num_prompt_tokens: int, priority: int) -> float:
         """Seconds until a request of this size and priority, queued now, gets its first token.
@@ -116,23 +154,32 @@ class AdmissionController:
         Its first token comes at the end of the step that computes its last prompt token. The steps
         before cover the prompts ranked ahead of it; that last step is also filled, up to the token
         budget, with prompts ranked behind it, and every step carries one token per running decode."""
-        scheduler, config = self.scheduler, self.scheduler.config
+        scheduler = self.scheduler
         num_waiting_ahead, tokens_ahead = scheduler.queue_ahead(priority)
         _, tokens_waiting = scheduler.queue_ahead(_LOWEST_PRIORITY)
         mine = tokens_ahead + scheduler.num_running_prefill_tokens() + num_prompt_tokens
-        num_decodes = min(len(scheduler.running), config.max_num_seqs)
+        prefill_s = self._prefill_s(mine, tokens_waiting - tokens_ahead)
+        return prefill_s + self._slot_wait_s(num_waiting_ahead, priority)
+
+    def _prefill_s(self, num_tokens: int, num_tokens_behind: int) -> float:
+        """Steps until `num_tokens` prompt tokens are computed; the last one is filled up with tokens
+        of prompts behind them, and each carries one token per running decode."""
+        config = self.scheduler.config
+        num_decodes = min(len(self.scheduler.running), config.max_num_seqs)
         prefill_per_step = max(1, config.max_num_batched_tokens - num_decodes)
-        num_steps = max(1, math.ceil(mine / prefill_per_step))
-        packed = mine + min(tokens_waiting - tokens_ahead, num_steps * prefill_per_step - mine)
-        prefill_s = num_steps * self.step_model.step_time(0) + self.step_model.per_token_s * (
+        num_steps = max(1, math.ceil(num_tokens / prefill_per_step))
+        packed = num_tokens + min(num_tokens_behind, num_steps * prefill_per_step - num_tokens)
+        return num_steps * self.step_model.step_time(0) + self.step_model.per_token_s * (
             packed + num_steps * num_decodes
         )
-        return prefill_s + self._slot_wait_s(num_waiting_ahead)
 
-    def _slot_wait_s(self, num_waiting_ahead: int) -> float:
+    def _slot_wait_s(self, num_waiting_ahead: int, priority: int) -> float:
         """Time until a running slot frees for this request, if max_num_seqs are taken: the running
-        requests are assumed to use all their max_tokens (an upper bound)."""
+        requests are assumed to use all their max_tokens (an upper bound). Under the priority policy
+        less important running requests yield their slots, so only the others count."""
         running = self.scheduler.running
+        if self.scheduler.waiting.by_priority:
+            running = [r for r in running if r.priority <= priority]
         max_num_seqs = self.scheduler.config.max_num_seqs
         needed = len(running) + num_waiting_ahead - max_num_seqs + 1  # finishes to wait for
         if needed <= 0 or not running:
@@ -140,7 +187,7 @@ class AdmissionController:
         remaining = sorted(r.max_output_tokens - r.num_output_tokens for r in running)
         rounds, rest = divmod(needed - 1, len(remaining))
         decode_steps = remaining[rest] + rounds * remaining[-1]
-        return decode_steps * self.step_model.step_time(len(running))
+        return decode_steps * self.step_model.step_time(len(self.scheduler.running))
 
     def _reject(self, reason: str, message: str, wait_s: float) -> Rejection:
         return Rejection(reason, message, max(1, math.ceil(wait_s)))

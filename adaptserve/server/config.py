@@ -34,6 +34,7 @@ class AdmissionConfig:
     tiers: list[PriorityTier] = field(default_factory=default_tiers)  # ordered by max_priority
     max_waiting_requests: int = 1024  # queue bound in requests (always enforced)
     max_waiting_tokens: int = 1 << 20  # queue bound in prompt tokens (always enforced)
+    slo_margin: float = 0.25  # admit only if predicted TTFT <= (1 - margin) * SLO: the model errs short
 
     def __post_init__(self) -> None:
         if not self.tiers:
@@ -42,6 +43,8 @@ class AdmissionConfig:
         for tier in self.tiers:
             if not tier.ttft_slo_s > 0:
                 raise ConfigError(f"admission tier {tier.name!r}: ttft_slo_s={tier.ttft_slo_s} must be > 0")
+        if not 0 <= self.slo_margin < 1:
+            raise ConfigError(f"admission.slo_margin={self.slo_margin} must be in [0, 1)")
         if self.max_waiting_requests < 1:
             raise ConfigError(f"admission.max_waiting_requests={self.max_waiting_requests} must be >= 1")
         if self.max_waiting_tokens < 1:

@@ -66,8 +66,9 @@ def run_one_step(scheduler: Scheduler) -> None:
 
 
 def controller(scheduler: Scheduler, **config) -> AdmissionController:
+    """Exact thresholds unless a test asks for a margin."""
     model = StepTimeModel(fixed_s=FIXED_S, per_token_s=PER_TOKEN_S)
-    return AdmissionController(AdmissionConfig(**config), scheduler, model)
+    return AdmissionController(AdmissionConfig(**{"slo_margin": 0.0, **config}), scheduler, model)
 
 
 def prefill_time(num_tokens: int, num_decodes: int = 0) -> float:
@@ -311,3 +312,42 @@ def test_parse_slos_rejects_bad_input(text, match):
 def test_non_positive_slo_from_the_command_line_is_refused():
     with pytest.raises(ConfigError, match="'high'.*ttft_slo_s=-1.0 must be > 0"):
         AdmissionConfig(tiers=parse_slos("high=-1"))
+
+
+def test_slo_margin_rejects_before_the_slo_itself():
+    scheduler = make_scheduler()
+    exact = controller(scheduler, tiers=[PriorityTier("normal", 2**31, 1.0)])
+    margin = controller(scheduler, tiers=[PriorityTier("normal", 2**31, 1.0)], slo_margin=0.25)
+    while exact.predict_ttft(100, 0) <= 0.75:
+        add(scheduler, 100)
+    assert exact.predict_ttft(100, 0) <= 1.0, "the step between two predictions is below 0.25 s"
+    assert exact.check(100, 16, priority=0) is None
+    assert margin.check(100, 16, priority=0).reason == "slo"
+
+
+def test_a_prompt_too_long_for_the_slo_is_admitted_on_an_idle_engine():
+    scheduler = make_scheduler()
+    admission = controller(scheduler, tiers=[PriorityTier("normal", 2**31, 0.05)])
+    assert admission.predict_ttft(2000, 0) > 0.05
+    assert admission.check(2000, 16, priority=0) is None  # waiting would not make it faster
+    add(scheduler, 500)
+    assert admission.check(2000, 16, priority=0).reason == "slo"  # but a queue ahead of it would
+
+
+def test_more_important_arrivals_stretch_the_prediction():
+    now = [0.0]
+    scheduler = make_scheduler(policy="priority")
+    tiers = [PriorityTier("high", -1, 100.0), PriorityTier("low", 2**31, 2.0)]
+    model = StepTimeModel(fixed_s=FIXED_S, per_token_s=PER_TOKEN_S)
+    admission = AdmissionController(
+        AdmissionConfig(tiers=tiers, slo_margin=0.0), scheduler, model, clock=lambda: now[0]
+    )
+    add(scheduler, 1500, priority=1)
+    assert admission.check(100, 16, priority=1) is None
+    for _ in range(40):  # a stream of high-priority work, each taking engine time
+        now[0] += 0.05
+        assert admission.check(200, 64, priority=-1) is None
+    rejection = admission.check(100, 16, priority=1)
+    assert rejection is not None and rejection.reason == "slo"
+    now[0] += 60  # the window forgets them
+    assert admission.check(100, 16, priority=1) is None
