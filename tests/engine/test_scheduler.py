@@ -202,6 +202,32 @@ def test_max_num_seqs_and_priority_order():
     assert [s.request_id for s in out.sequences] == ["high", "mid"]
 
 
+def _step(scheduler, executor):
+    out = scheduler.schedule()
+    scheduler.update_from_output(out, executor.execute(out, scheduler.requests))
+    return out
+
+
+def test_priority_preempts_a_less_important_request_for_its_slot():
+    kv = KVCacheManager(64, 4)
+    scheduler = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=100, policy="priority"), kv)
+    executor = FakeExecutor(4)
+    prompts = {"low-a": [5, 6, 7], "low-b": [8, 9, 10], "same": [11, 12], "high": [13, 14, 15]}
+    scheduler.add_request(make_request("low-a", prompts["low-a"], 6, priority=3, arrival=0.0))
+    scheduler.add_request(make_request("low-b", prompts["low-b"], 6, priority=3, arrival=1.0))
+    _step(scheduler, executor)
+    scheduler.add_request(make_request("same", prompts["same"], 6, priority=3, arrival=2.0))
+    out = _step(scheduler, executor)
+    assert not out.preempted_request_ids  # an equal priority waits for a slot
+    scheduler.add_request(make_request("high", prompts["high"], 6, priority=0, arrival=3.0))
+    out = _step(scheduler, executor)
+    assert out.preempted_request_ids == ["low-b"]  # the least important, latest arrival yields
+    assert {s.request_id for s in out.sequences} == {"low-a", "high"}
+    finished = run_to_completion(scheduler, kv, executor, 64)
+    for rid in ("low-b", "same", "high"):  # the victim resumes and its output is undisturbed
+        assert finished[rid].output_token_ids == reference_output(prompts[rid], 6)
+
+
 def test_abort_frees_blocks():
     kv = KVCacheManager(16, 4)
     scheduler = Scheduler(SchedulerConfig(), kv)
