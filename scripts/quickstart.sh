@@ -1,11 +1,8 @@
 #!/usr/bin/env bash
-# Install, then generate with the embedded SmolLM2-135M-Instruct: several chat prompts in one batch.
+# Install, then serve the embedded SmolLM2-135M-Instruct with the OpenAI-compatible API on
+# http://127.0.0.1:8000 (extra arguments go to `adaptserve serve`, e.g. --host 0.0.0.0 --port 9000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-adaptserve generate --chat --max-tokens 64 \
-    "What is the capital of France?" \
-    "Write a haiku about the sea." \
-    "Give me three tips for learning Python." \
-    "Explain what a KV cache is in one paragraph." "$@"
+exec adaptserve serve "$@"

@@ -42,6 +42,9 @@ def _error_line(capsys) -> str:
         (["generate", "--model", "tiny", "--max-model-len", "100000", "hi"], ["max_model_len=100000", "512"]),
         (["generate", "--model", "tiny", "--chat", "hello"], ["no tokenizer", "chat template"]),
         (["generate", "--model", "tiny"], ["give a prompt or --prompts-file"]),
+        (["serve", "--model", "tiny", "--ttft-slo", "urgent=1"], ["--ttft-slo", "urgent=1"]),
+        (["serve", "--model", "tiny", "--ttft-slo", "high=0"], ["'high'", "ttft_slo_s=0.0", "> 0"]),
+        (["serve", "--model", "tiny", "--max-waiting-requests", "0"], ["max_waiting_requests=0", ">= 1"]),
     ],
     ids=[
         "text-prompt-without-tokenizer",
@@ -53,6 +56,9 @@ def _error_line(capsys) -> str:
         "max-model-len-too-long",
         "chat-without-tokenizer",
         "no-prompt",
+        "serve-unknown-tier",
+        "serve-zero-slo",
+        "serve-zero-queue",
     ],
 )
 def test_bad_input_exits_2_with_one_error_line(capsys, argv, fragments):
