@@ -162,7 +162,8 @@ class LLMEngine:
         stats = self._step_stats(start, now, scheduler_output, len(updated))
         touched: dict[str, ParentRequest] = {}  # parents with a child that got a token this step
         for request in updated:
-            _stamp_token_time(request, now, stats)
+            parent_id = self._child_to_parent[request.request_id]
+            _stamp_token_time(request, parent_id, now, stats)
             if find_stop_string(request, self.tokenizer):
                 if request.is_finished:  # it also hit max_tokens in this step: the stop string wins
                     request.status = RequestStatus.FINISHED_STOPPED
@@ -170,7 +171,6 @@ class LLMEngine:
                     self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
             if request.is_finished:
                 finalize_text(request, self.tokenizer)
-            parent_id = self._child_to_parent[request.request_id]
             touched[parent_id] = self._parents[parent_id]
         # only now: n siblings can finish in the same step, and each needs its text before the output
         outputs: list[RequestOutput] = []
@@ -228,10 +228,11 @@ class LLMEngine:
             self._child_to_parent.pop(child_id, None)
 
 
-def _stamp_token_time(request: Request, now: float, stats: StepStats) -> None:
+def _stamp_token_time(request: Request, parent_id: str, now: float, stats: StepStats) -> None:
     if request.first_token_time is None:
         request.first_token_time = now
         stats.time_to_first_token.append(now - request.arrival_time)
+        stats.first_token_request_ids.append(parent_id)
     else:
         stats.inter_token_latency.append(now - request.last_token_time)
     request.last_token_time = now

@@ -35,6 +35,7 @@ class StepStats:
     num_waiting: int
     kv_cache_usage: float  # share of KV blocks in use, [0, 1]
     time_to_first_token: list[float] = field(default_factory=list)  # arrival → first token, seconds
+    first_token_request_ids: list[str] = field(default_factory=list)  # user request of each of those
     inter_token_latency: list[float] = field(default_factory=list)  # gap since the previous token
     finished: list[FinishedRequestStats] = field(default_factory=list)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -63,6 +63,33 @@ class StepTimeModel:
         return self.fixed_s + self.per_token_s * num_tokens
 
 
+class PredictionCalibration:
+    """How far real TTFTs run past the model's predictions (step-time noise, time spent in HTTP and
+    in the event loop): predictions are scaled by a high quantile of actual/predicted over the recent
+    admitted requests, so the controller corrects itself on a machine it has never seen."""
+
+    def __init__(self, quantile: float = 0.9, window: int = 256, min_samples: int = 16):
+        self.quantile = quantile
+        self.min_samples = min_samples
+        self._pending: OrderedDict[str, tuple[float, float]] = OrderedDict()  # id → (waited, model s)
+        self._ratios: deque[float] = deque(maxlen=window)
+        self.factor = 1.0
+
+    def expect(self, request_id: str, waited_s: float, model_s: float) -> None:
+        self._pending[request_id] = (waited_s, max(model_s, 1e-3))
+        if len(self._pending) > 4096:  # requests aborted before their first token
+            self._pending.popitem(last=False)
+
+    def record(self, stats: StepStats) -> None:
+        for request_id, ttft in zip(stats.first_token_request_ids, stats.time_to_first_token, strict=True):
+            expected = self._pending.pop(request_id, None)
+            if expected is not None:
+                waited_s, model_s = expected
+                self._ratios.append(max(0.0, ttft - waited_s) / model_s)
+        if len(self._ratios) >= self.min_samples:
+            self.factor = min(4.0, max(0.5, float(np.quantile(self._ratios, self.quantile))))
+
+
 _LOWEST_PRIORITY = 2**62  # queue_ahead(_LOWEST_PRIORITY) counts every waiting request
 
 
@@ -83,12 +110,23 @@ class AdmissionController:
         self._clock = clock
         self._window_s = window_s
         self._admitted: deque[tuple[float, int, float]] = deque()  # (time, priority, engine seconds)
+        self.calibration = PredictionCalibration()
+
+    def record(self, stats: StepStats) -> None:
+        """A StatLogger: the engine's first tokens calibrate the predictions."""
+        self.calibration.record(stats)
 
     def check(
-        self, num_prompt_tokens: int, max_output_tokens: int, priority: int, waited_s: float = 0.0
+        self,
+        num_prompt_tokens: int,
+        max_output_tokens: int,
+        priority: int,
+        waited_s: float = 0.0,
+        request_id: str | None = None,
     ) -> Rejection | None:
         """None to admit; else why not. Called on the engine thread, so the queues hold still.
-        `waited_s`: how long the request has already waited since it arrived (it counts toward its TTFT)."""
+        `waited_s`: how long the request has already waited since it arrived (it counts toward its TTFT);
+        `request_id`: lets the calibration compare its real TTFT with the prediction."""
         num_waiting = len(self.scheduler.waiting)
         if num_waiting >= self.config.max_waiting_requests:
             return self._reject(
@@ -108,14 +146,15 @@ class AdmissionController:
         if not self.config.enabled:
             return None
         tier = self.config.tier(priority)
-        predicted = waited_s + self.predict_ttft(num_prompt_tokens, priority)
         # under the priority policy, more important requests that arrive meanwhile go first: at the
         # recent rate they take a share `load` of the engine, which stretches this wait by 1 / (1 - load)
         load = self._higher_priority_load(priority)
-        predicted = math.inf if load >= 0.95 else waited_s + (predicted - waited_s) / (1.0 - load)
+        model_s = math.inf if load >= 0.95 else self.predict_ttft(num_prompt_tokens, priority) / (1.0 - load)
+        factor = self.calibration.factor
+        predicted = waited_s + factor * model_s
         # a prompt too long to meet the SLO even on an idle engine is not the queue's fault: waiting
         # would not help it, so it is admitted unless the queue makes it later still
-        alone = waited_s + self._prefill_s(num_prompt_tokens, 0)
+        alone = waited_s + factor * self._prefill_s(num_prompt_tokens, 0)
         limit = max(tier.ttft_slo_s * (1.0 - self.config.slo_margin), alone)
         if predicted > limit:
             return self._reject(
@@ -127,6 +166,8 @@ class AdmissionController:
         self._admitted.append(
             (self._clock(), priority, self._engine_seconds(num_prompt_tokens, max_output_tokens))
         )
+        if request_id is not None:
+            self.calibration.expect(request_id, waited_s, model_s)
         return None
 
     def _engine_seconds(self, num_prompt_tokens: int, max_output_tokens: int) -> float:

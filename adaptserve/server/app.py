@@ -64,8 +64,8 @@ class ServerState:
         engine = LLMEngine(self.engine_config, checkpoint=checkpoint, progress=False)
         step_model = StepTimeModel()
         warm_up(engine, step_model)
-        engine.stat_loggers += [self.metrics, step_model]
         admission = AdmissionController(self.server_config.admission, engine.scheduler, step_model)
+        engine.stat_loggers += [self.metrics, step_model, admission]
         self.engine = AsyncEngine(engine, admission)
         return engine
 

@@ -122,7 +122,7 @@ class AsyncEngine:
         if self.admission is not None:
             max_output = params.max_tokens or engine.max_model_len - len(prompt_ids)
             waited_s = time.monotonic() - arrival_time
-            rejection = self.admission.check(len(prompt_ids), max_output, priority, waited_s)
+            rejection = self.admission.check(len(prompt_ids), max_output, priority, waited_s, request_id)
             if rejection is not None:
                 raise AdmissionRejected(rejection)
         engine.add_request(request_id, prompt_ids, params, priority, arrival_time, stream)

@@ -351,3 +351,28 @@ def test_more_important_arrivals_stretch_the_prediction():
     assert rejection is not None and rejection.reason == "slo"
     now[0] += 60  # the window forgets them
     assert admission.check(100, 16, priority=1) is None
+
+
+def _first_tokens(ids_and_ttfts: list[tuple[str, float]]) -> StepStats:
+    stats = StepStats(0.0, 0.0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0.0)
+    stats.first_token_request_ids = [rid for rid, _ in ids_and_ttfts]
+    stats.time_to_first_token = [ttft for _, ttft in ids_and_ttfts]
+    return stats
+
+
+def test_calibration_scales_predictions_by_how_late_first_tokens_really_came():
+    scheduler = make_scheduler()
+    admission = controller(scheduler, tiers=[PriorityTier("normal", 2**31, 1.0)])
+    for _ in range(6):
+        add(scheduler, 100)
+    model_s = admission.predict_ttft(100, 0)
+    assert 0.5 < model_s < 1.0 and admission.check(100, 16, priority=0) is None
+    # the real TTFTs of admitted requests ran 2x past their predictions (after the time already waited)
+    for i in range(20):
+        assert admission.check(100, 16, priority=0, waited_s=0.1, request_id=f"r{i}") is None
+    for i in range(20):
+        admission.record(_first_tokens([(f"r{i}", 0.1 + 2 * model_s)]))
+    admission.record(_first_tokens([("unknown", 99.0)]))  # not predicted here: ignored
+    assert admission.calibration.factor == pytest.approx(2.0)
+    rejection = admission.check(100, 16, priority=0)
+    assert rejection is not None and rejection.reason == "slo"
