@@ -36,31 +36,43 @@ class AdmissionRejected(Exception):
 
 
 class StepTimeModel:
-    """step_time ≈ fixed + per_token * scheduled_tokens, least squares over the recent steps."""
+    """step_time ≈ fixed + per_token * scheduled_tokens + per_decode * decode_sequences, by least
+    squares over the recent steps. The decode term holds what each sampled sequence costs beyond its
+    one token (sampling, bookkeeping, attention over its context)."""
 
     def __init__(self, window: int = 512, fixed_s: float = 0.02, per_token_s: float = 1e-4):
-        self._points: deque[tuple[int, float]] = deque(maxlen=window)
-        self.fixed_s = fixed_s  # prior until steps of different sizes have been seen
+        self._points: deque[tuple[int, int, float]] = deque(maxlen=window)  # (tokens, decodes, seconds)
+        self.fixed_s = fixed_s  # priors until steps of different shapes have been seen
         self.per_token_s = per_token_s
+        self.per_decode_s = 0.0
 
     def record(self, stats: StepStats) -> None:
         if stats.num_scheduled_tokens == 0:
             return
-        self._points.append((stats.num_scheduled_tokens, stats.step_time))
+        self._points.append((stats.num_scheduled_tokens, stats.num_decode_sequences, stats.step_time))
         if len(self._points) >= 8 and len(self._points) % 8 == 0:
             self._fit()
 
     def _fit(self) -> None:
-        tokens, times = np.array(self._points, dtype=np.float64).T  # [N], [N]
+        tokens, decodes, times = np.array(self._points, dtype=np.float64).T  # [N] each
         if tokens.max() - tokens.min() < 16:  # all steps alike: only the mean is known
-            self.fixed_s = max(0.0, float(times.mean()) - self.per_token_s * float(tokens.mean()))
+            self.fixed_s = max(
+                0.0, float(times.mean()) - self.step_time(int(tokens.mean()), 0) + self.fixed_s
+            )
             return
-        slope, intercept = np.polyfit(tokens, times, 1)
-        self.per_token_s = max(float(slope), 1e-7)
-        self.fixed_s = max(float(intercept), 0.0)
+        ones = np.ones_like(tokens)
+        (fixed, per_token, per_decode), *_ = np.linalg.lstsq(
+            np.stack([ones, tokens, decodes], axis=1), times, rcond=None
+        )
+        if per_decode < 0 or per_token <= 0:  # the decode term does not help: one regressor only
+            (fixed, per_token), *_ = np.linalg.lstsq(np.stack([ones, tokens], axis=1), times, rcond=None)
+            per_decode = 0.0
+        self.fixed_s = max(float(fixed), 0.0)
+        self.per_token_s = max(float(per_token), 1e-7)
+        self.per_decode_s = float(per_decode)
 
-    def step_time(self, num_tokens: int) -> float:
-        return self.fixed_s + self.per_token_s * num_tokens
+    def step_time(self, num_tokens: int, num_decodes: int = 0) -> float:
+        return self.fixed_s + self.per_token_s * num_tokens + self.per_decode_s * num_decodes
 
 
 class PredictionCalibration:
@@ -173,7 +185,7 @@ class AdmissionController:
     def _engine_seconds(self, num_prompt_tokens: int, max_output_tokens: int) -> float:
         """Engine time a request costs: its prompt, and its share of full decode steps (a lower bound)."""
         batch = self.scheduler.config.max_num_seqs
-        per_output_token = self.step_model.step_time(batch) / batch
+        per_output_token = self.step_model.step_time(batch, batch) / batch
         return self.step_model.per_token_s * num_prompt_tokens + per_output_token * max_output_tokens
 
     def _higher_priority_load(self, priority: int) -> float:
@@ -210,9 +222,9 @@ class AdmissionController:
         prefill_per_step = max(1, config.max_num_batched_tokens - num_decodes)
         num_steps = max(1, math.ceil(num_tokens / prefill_per_step))
         packed = num_tokens + min(num_tokens_behind, num_steps * prefill_per_step - num_tokens)
-        return num_steps * self.step_model.step_time(0) + self.step_model.per_token_s * (
-            packed + num_steps * num_decodes
-        )
+        model = self.step_model
+        per_step = model.step_time(0, num_decodes) + model.per_token_s * num_decodes
+        return num_steps * per_step + model.per_token_s * packed
 
     def _slot_wait_s(self, num_waiting_ahead: int, priority: int) -> float:
         """Time until a running slot frees for this request, if max_num_seqs are taken: the running
@@ -228,7 +240,8 @@ class AdmissionController:
         remaining = sorted(r.max_output_tokens - r.num_output_tokens for r in running)
         rounds, rest = divmod(needed - 1, len(remaining))
         decode_steps = remaining[rest] + rounds * remaining[-1]
-        return decode_steps * self.step_model.step_time(len(self.scheduler.running))
+        batch = len(self.scheduler.running)
+        return decode_steps * self.step_model.step_time(batch, batch)
 
     def _reject(self, reason: str, message: str, wait_s: float) -> Rejection:
         return Rejection(reason, message, max(1, math.ceil(wait_s)))

@@ -3,6 +3,7 @@ step-time model is fixed (or fed synthetic StepStats), and the controller's pred
 are checked against them."""
 
 import math
+import random
 
 import pytest
 
@@ -19,13 +20,13 @@ FIXED_S, PER_TOKEN_S = 0.01, 0.001
 BUDGET = 512  # max_num_batched_tokens
 
 
-def step_stats(num_tokens: int, step_time: float) -> StepStats:
+def step_stats(num_tokens: int, step_time: float, num_decodes: int = 0) -> StepStats:
     return StepStats(
         start_time=0.0,
         step_time=step_time,
         num_scheduled_tokens=num_tokens,
-        num_prefill_tokens=num_tokens,
-        num_decode_sequences=0,
+        num_prefill_tokens=num_tokens - num_decodes,
+        num_decode_sequences=num_decodes,
         num_generation_tokens=0,
         num_preemptions=0,
         prefix_cache_queries=0,
@@ -376,3 +377,15 @@ def test_calibration_scales_predictions_by_how_late_first_tokens_really_came():
     assert admission.calibration.factor == pytest.approx(2.0)
     rejection = admission.check(100, 16, priority=0)
     assert rejection is not None and rejection.reason == "slo"
+
+
+def test_step_time_model_separates_the_cost_of_decode_sequences():
+    model = StepTimeModel()
+    rng = random.Random(0)
+    for _ in range(64):
+        decodes = rng.randint(0, 32)
+        tokens = decodes + rng.choice([0, 0, 64, 256])  # decode steps, and steps with a prompt chunk
+        model.record(step_stats(tokens, 0.01 + 0.001 * tokens + 0.002 * decodes, decodes))
+    assert model.fixed_s == pytest.approx(0.01, rel=0.05)
+    assert model.per_token_s == pytest.approx(0.001, rel=0.05)
+    assert model.per_decode_s == pytest.approx(0.002, rel=0.05)
