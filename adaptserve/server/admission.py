@@ -76,30 +76,31 @@ class StepTimeModel:
 
 
 class PredictionCalibration:
-    """How far real TTFTs run past the model's predictions (step-time noise, time spent in HTTP and
-    in the event loop): predictions are scaled by a high quantile of actual/predicted over the recent
-    admitted requests, so the controller corrects itself on a machine it has never seen."""
+    """How late real first tokens come against the model's predictions: what the model does not see
+    (prompts that arrive in the same gap between steps and are packed into the same step, time in
+    HTTP and the event loop, step-time noise) adds a fairly constant delay. A high quantile of
+    (actual - predicted) over the recent admitted requests is added to every prediction, so the
+    controller corrects itself on a machine it has never seen."""
 
     def __init__(self, quantile: float = 0.9, window: int = 256, min_samples: int = 16):
         self.quantile = quantile
         self.min_samples = min_samples
-        self._pending: OrderedDict[str, tuple[float, float]] = OrderedDict()  # id → (waited, model s)
-        self._ratios: deque[float] = deque(maxlen=window)
-        self.factor = 1.0
+        self._pending: OrderedDict[str, float] = OrderedDict()  # request id → predicted TTFT
+        self._residuals: deque[float] = deque(maxlen=window)
+        self.extra_s = 0.0  # added to predictions; negative when the model runs long
 
-    def expect(self, request_id: str, waited_s: float, model_s: float) -> None:
-        self._pending[request_id] = (waited_s, max(model_s, 1e-3))
+    def expect(self, request_id: str, predicted_s: float) -> None:
+        self._pending[request_id] = predicted_s
         if len(self._pending) > 4096:  # requests aborted before their first token
             self._pending.popitem(last=False)
 
     def record(self, stats: StepStats) -> None:
         for request_id, ttft in zip(stats.first_token_request_ids, stats.time_to_first_token, strict=True):
-            expected = self._pending.pop(request_id, None)
-            if expected is not None:
-                waited_s, model_s = expected
-                self._ratios.append(max(0.0, ttft - waited_s) / model_s)
-        if len(self._ratios) >= self.min_samples:
-            self.factor = min(4.0, max(0.5, float(np.quantile(self._ratios, self.quantile))))
+            predicted_s = self._pending.pop(request_id, None)
+            if predicted_s is not None:
+                self._residuals.append(ttft - predicted_s)
+        if len(self._residuals) >= self.min_samples:
+            self.extra_s = min(60.0, float(np.quantile(self._residuals, self.quantile)))
 
 
 _LOWEST_PRIORITY = 2**62  # queue_ahead(_LOWEST_PRIORITY) counts every waiting request
@@ -162,11 +163,12 @@ class AdmissionController:
         # recent rate they take a share `load` of the engine, which stretches this wait by 1 / (1 - load)
         load = self._higher_priority_load(priority)
         model_s = math.inf if load >= 0.95 else self.predict_ttft(num_prompt_tokens, priority) / (1.0 - load)
-        factor = self.calibration.factor
-        predicted = waited_s + factor * model_s
+        extra_s = self.calibration.extra_s
+        uncalibrated = waited_s + model_s
+        predicted = max(waited_s, uncalibrated + extra_s)
         # a prompt too long to meet the SLO even on an idle engine is not the queue's fault: waiting
         # would not help it, so it is admitted unless the queue makes it later still
-        alone = waited_s + factor * self._prefill_s(num_prompt_tokens, 0)
+        alone = max(waited_s, waited_s + self._prefill_s(num_prompt_tokens, 0) + extra_s)
         limit = max(tier.ttft_slo_s * (1.0 - self.config.slo_margin), alone)
         if predicted > limit:
             return self._reject(
@@ -179,7 +181,7 @@ class AdmissionController:
             (self._clock(), priority, self._engine_seconds(num_prompt_tokens, max_output_tokens))
         )
         if request_id is not None:
-            self.calibration.expect(request_id, waited_s, model_s)
+            self.calibration.expect(request_id, uncalibrated)
         return None
 
     def _engine_seconds(self, num_prompt_tokens: int, max_output_tokens: int) -> float:
