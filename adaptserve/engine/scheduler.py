@@ -124,10 +124,15 @@ class Scheduler:
                 index += 1
 
         out_of_blocks = len(preempted) > num_priority_preemptions  # then admit nobody new this step
+        started_priority = None  # priority policy: new prompts of one priority per step (see below)
         while (
             not out_of_blocks and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
         ):
             request = self.waiting.peek()
+            # packing less important prompts into the step that starts more important ones would
+            # delay the latter's first token by the former's prefill: they start next step instead
+            if started_priority is not None and request.priority > started_priority:
+                break
             hit_blocks, num_hit = self.kv_cache.get_computed_blocks(request)
             num_new = self._num_new_tokens(request, num_hit, budget)
             if self.kv_cache.allocate_slots(request, num_new, hit_blocks) is None:
@@ -140,6 +145,8 @@ class Scheduler:
             self.running.append(request)
             scheduled.append(self._scheduled(request, num_new))
             budget -= num_new
+            if self.waiting.by_priority:
+                started_priority = request.priority
 
         finished, self._finished_ids = self._finished_ids, []
         return SchedulerOutput(scheduled, self.config.max_num_batched_tokens - budget, finished, preempted)

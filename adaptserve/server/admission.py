@@ -168,7 +168,7 @@ class AdmissionController:
         predicted = max(waited_s, uncalibrated + extra_s)
         # a prompt too long to meet the SLO even on an idle engine is not the queue's fault: waiting
         # would not help it, so it is admitted unless the queue makes it later still
-        alone = max(waited_s, waited_s + self._prefill_s(num_prompt_tokens, 0) + extra_s)
+        alone = max(waited_s, waited_s + self._prefill_s(num_prompt_tokens) + extra_s)
         limit = max(tier.ttft_slo_s * (1.0 - self.config.slo_margin), alone)
         if predicted > limit:
             return self._reject(
@@ -207,26 +207,25 @@ class AdmissionController:
         """Seconds until a request of this size and priority, queued now, gets its first token.
 
         Its first token comes at the end of the step that computes its last prompt token. The steps
-        before cover the prompts ranked ahead of it; that last step is also filled, up to the token
-        budget, with prompts ranked behind it, and every step carries one token per running decode."""
+        before cover the prompts ranked ahead of it, and every step carries one token per running
+        decode. Less important prompts are not packed into its step (the scheduler starts one priority
+        per step); same-priority ones that arrive after it may be, which the calibration covers."""
         scheduler = self.scheduler
         num_waiting_ahead, tokens_ahead = scheduler.queue_ahead(priority)
-        _, tokens_waiting = scheduler.queue_ahead(_LOWEST_PRIORITY)
         mine = tokens_ahead + scheduler.num_running_prefill_tokens() + num_prompt_tokens
-        prefill_s = self._prefill_s(mine, tokens_waiting - tokens_ahead)
+        prefill_s = self._prefill_s(mine)
         return prefill_s + self._slot_wait_s(num_waiting_ahead, priority)
 
-    def _prefill_s(self, num_tokens: int, num_tokens_behind: int) -> float:
-        """Steps until `num_tokens` prompt tokens are computed; the last one is filled up with tokens
-        of prompts behind them, and each carries one token per running decode."""
+    def _prefill_s(self, num_tokens: int) -> float:
+        """Steps until `num_tokens` prompt tokens are computed; each also carries one token per
+        running decode."""
         config = self.scheduler.config
         num_decodes = min(len(self.scheduler.running), config.max_num_seqs)
         prefill_per_step = max(1, config.max_num_batched_tokens - num_decodes)
         num_steps = max(1, math.ceil(num_tokens / prefill_per_step))
-        packed = num_tokens + min(num_tokens_behind, num_steps * prefill_per_step - num_tokens)
         model = self.step_model
         per_step = model.step_time(0, num_decodes) + model.per_token_s * num_decodes
-        return num_steps * per_step + model.per_token_s * packed
+        return num_steps * per_step + model.per_token_s * num_tokens
 
     def _slot_wait_s(self, num_waiting_ahead: int, priority: int) -> float:
         """Time until a running slot frees for this request, if max_num_seqs are taken: the running

@@ -193,19 +193,24 @@ def test_chunked_prefill_is_mixed_with_decodes():
     assert not next(s for s in out.sequences if s.request_id == "long").sample
 
 
+def _step(scheduler, executor):
+    out = scheduler.schedule()
+    scheduler.update_from_output(out, executor.execute(out, scheduler.requests))
+    return out
+
+
 def test_max_num_seqs_and_priority_order():
     kv = KVCacheManager(64, 4)
     scheduler = Scheduler(SchedulerConfig(max_num_seqs=2, max_num_batched_tokens=100, policy="priority"), kv)
     for rid, prio in [("low", 5), ("high", 0), ("mid", 2)]:
         scheduler.add_request(make_request(rid, [1, 2, 3], 3, priority=prio))
-    out = scheduler.schedule()
-    assert [s.request_id for s in out.sequences] == ["high", "mid"]
-
-
-def _step(scheduler, executor):
-    out = scheduler.schedule()
-    scheduler.update_from_output(out, executor.execute(out, scheduler.requests))
-    return out
+    executor = FakeExecutor(4)
+    out = _step(scheduler, executor)
+    assert [s.request_id for s in out.sequences] == ["high"]  # one priority's new prompts per step
+    out = _step(scheduler, executor)
+    assert [s.request_id for s in out.sequences] == ["high", "mid"]  # then the slots fill in order
+    out = _step(scheduler, executor)
+    assert [s.request_id for s in out.sequences] == ["high", "mid"]  # max_num_seqs=2: low waits
 
 
 def test_priority_preempts_a_less_important_request_for_its_slot():

@@ -78,12 +78,6 @@ def prefill_time(num_tokens: int, num_decodes: int = 0) -> float:
     return steps * FIXED_S + PER_TOKEN_S * (num_tokens + steps * num_decodes)
 
 
-def packed_time(num_tokens: int) -> float:
-    """The steps that reach `num_tokens` prompt tokens, each full to the budget (more is waiting)."""
-    steps = math.ceil(num_tokens / BUDGET)
-    return steps * FIXED_S + PER_TOKEN_S * steps * BUDGET
-
-
 # ---- StepTimeModel -------------------------------------------------------------------------------------
 
 
@@ -172,11 +166,11 @@ def test_priority_policy_high_priority_skips_lower_priority_tokens():
     low = admission.check(500, 16, priority=5)
     assert low is not None and low.reason == "slo" and "'low' tier" in low.message
     assert admission.check(500, 16, priority=-1) is None
-    # its own step, filled up to the budget with the lower-priority prompts behind it
-    assert admission.predict_ttft(500, -1) == pytest.approx(packed_time(500))
+    # its own step: the scheduler packs no less important prompts into it
+    assert admission.predict_ttft(500, -1) == pytest.approx(prefill_time(500))
 
     add(scheduler, 2000, priority=-1)  # the same priority does queue ahead
-    assert admission.predict_ttft(500, -1) == pytest.approx(packed_time(2500))
+    assert admission.predict_ttft(500, -1) == pytest.approx(prefill_time(2500))
 
 
 def test_fcfs_policy_high_priority_waits_behind_everyone():
