@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import gc
 import logging
 from pathlib import Path
 
@@ -113,6 +114,10 @@ def create_app(
             logger.exception("engine failed to start")
             state.phase, state.error = Phase.FAILED, str(error)
             return
+        # what exists now (weights, tokenizer, caches) lives as long as the server: keep it out of the
+        # garbage collector's scans, whose pauses would stall the engine thread and the event loop
+        gc.collect()
+        gc.freeze()
         state.engine.start()
         state.context = ServingContext(state.engine, state.metrics, state.model_name)
         state.metrics.set_knobs(state.knobs())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import time
 from collections.abc import AsyncIterator
 
@@ -39,6 +40,8 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
         if renamed is not None and renamed != error.param:
             error.message = error.message.replace(error.param, renamed, 1)
             error.param = renamed
+        elif max_tokens_field != "max_tokens":  # e.g. min_tokens must be <= max_tokens
+            error.message = re.sub(r"\bmax_tokens\b", max_tokens_field, error.message)
         raise
     priority = serving.resolve_priority(body.priority, http_request)
     completion_id = serving.new_id("chatcmpl")

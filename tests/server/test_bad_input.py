@@ -88,6 +88,7 @@ INVALID_VALUES = [
     (COMPLETIONS, {"max_tokens": 0}, "max_tokens", [">= 1", "got 0"]),
     (CHAT, {"max_tokens": 0}, "max_tokens", [">= 1", "got 0"]),
     (CHAT, {"max_completion_tokens": 0}, "max_completion_tokens", [">= 1", "got 0"]),
+    (CHAT, {"max_completion_tokens": 2, "min_tokens": 5}, "min_tokens", ["<= max_completion_tokens (2)"]),
     (COMPLETIONS, {"seed": "forty-two"}, "seed", ["integer", "forty-two"]),
     (COMPLETIONS, {"stop": [""]}, "stop", ["non-empty"]),
     (CHAT, {"stop": [""]}, "stop", ["non-empty"]),
