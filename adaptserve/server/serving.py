@@ -20,7 +20,7 @@ from adaptserve.server.async_engine import AsyncEngine, EngineError
 from adaptserve.server.config import NAMED_PRIORITIES
 from adaptserve.server.errors import APIError, bad_request
 from adaptserve.server.metrics import ServerMetrics
-from adaptserve.server.protocol import _SamplingFields
+from adaptserve.server.protocol import SamplingFields
 
 MAX_N = 128  # as OpenAI
 _LOGPROB_FLOOR = -9999.0  # JSON has no -inf
@@ -80,7 +80,7 @@ def resolve_priority(body_priority: int | str | None, http_request: HTTPRequest)
         ) from None
 
 
-def sampling_params(body: _SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def sampling_params(body: SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
     if not 1 <= body.n <= MAX_N:
         raise bad_request(f"n must be in [1, {MAX_N}], got {body.n}", "n")
     if body.logit_bias:
