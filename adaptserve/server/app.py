@@ -11,6 +11,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adaptserve.config import EngineConfig
 from adaptserve.engine.engine import LLMEngine
@@ -146,6 +147,11 @@ def create_app(
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
         state.metrics.record_outcome("invalid")
         return _validation_error(error).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        """Unknown routes (404) and wrong methods (405), in the same error shape as everything else."""
+        return APIError(error.status_code, str(error.detail), None, dict(error.headers or {})).response()
 
     @app.exception_handler(ClientDisconnected)
     async def disconnected(request: Request, error: ClientDisconnected) -> Response:

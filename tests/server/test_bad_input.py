@@ -222,7 +222,17 @@ def test_image_content_part_is_400(http):
 
 
 def test_get_on_post_route_is_405(http):
-    assert http.get(COMPLETIONS).status_code == 405
+    response = http.get(COMPLETIONS)
+    assert response.status_code == 405
+    assert response.json()["error"]["message"] == "Method Not Allowed"
+    assert response.json()["error"]["code"] == 405
+    assert_still_serves(http)
+
+
+def test_unknown_route_is_404_in_the_error_shape(http):
+    response = http.post("/v1/embeddings", json={"input": "hi"})
+    assert response.status_code == 404
+    assert set(response.json()["error"]) == {"message", "type", "param", "code"}
     assert_still_serves(http)
 
 
