@@ -68,7 +68,7 @@ class LLMEngine:
         `stream`: step() returns a delta output for this request whenever it has new tokens."""
         if request_id in self._parents:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
-        prompt_ids = self._encode(prompt)
+        prompt_ids = self.encode_prompt(prompt)
         params.validate()
         arrival_time = time.monotonic() if arrival_time is None else arrival_time
         child_ids = [request_id] if params.n == 1 else [f"{request_id}-{i}" for i in range(params.n)]
@@ -96,9 +96,6 @@ class LLMEngine:
 
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         """Token ids of a prompt, checked against the vocabulary and the context window."""
-        return self._encode(prompt)
-
-    def _encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("prompt is empty; give at least one token", "prompt")
@@ -138,7 +135,7 @@ class LLMEngine:
         self._release(parent)
         if self.stat_loggers:
             now = time.monotonic()
-            stats = self._step_stats(now, now, None, 0)
+            stats = self._step_stats(now, now, SchedulerOutput([], 0), 0)
             stats.finished.append(parent.finished_stats(now))
             self._record(stats)
 
@@ -185,40 +182,33 @@ class LLMEngine:
             if finished:
                 stats.finished.append(parent.finished_stats(now))
                 self._release(parent)
-        self._refresh_gauges(stats)  # stop strings above may have finished requests
         self._record(stats)
         return outputs
 
     def _step_stats(
-        self, start: float, now: float, scheduled: SchedulerOutput | None, num_generation_tokens: int
+        self, start: float, now: float, scheduled: SchedulerOutput, num_generation_tokens: int
     ) -> StepStats:
         queries, hits = self.kv_cache.prefix_cache_queries, self.kv_cache.prefix_cache_hits
         last_queries, last_hits = self._prefix_cache_counts
         self._prefix_cache_counts = (queries, hits)
-        sequences = scheduled.sequences if scheduled is not None else []
-        num_decodes = sum(1 for seq in sequences if seq.sample and len(seq.token_ids) == 1)
-        num_tokens = scheduled.num_batched_tokens if scheduled is not None else 0
+        num_decodes = sum(1 for seq in scheduled.sequences if seq.sample and len(seq.token_ids) == 1)
         return StepStats(
             start_time=start,
             step_time=now - start,
-            num_scheduled_tokens=num_tokens,
-            num_prefill_tokens=num_tokens - num_decodes,
+            num_scheduled_tokens=scheduled.num_batched_tokens,
+            num_prefill_tokens=scheduled.num_batched_tokens - num_decodes,
             num_decode_sequences=num_decodes,
             num_generation_tokens=num_generation_tokens,
-            num_preemptions=len(scheduled.preempted_request_ids) if scheduled is not None else 0,
+            num_preemptions=len(scheduled.preempted_request_ids),
             prefix_cache_queries=queries - last_queries,
             prefix_cache_hits=hits - last_hits,
-            num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting),
-            kv_cache_usage=self.kv_cache.usage,
         )
 
-    def _refresh_gauges(self, stats: StepStats) -> None:
+    def _record(self, stats: StepStats) -> None:
+        """Read the gauges last (stop strings and aborts finish requests after the step), then publish."""
         stats.num_running = len(self.scheduler.running)
         stats.num_waiting = len(self.scheduler.waiting)
         stats.kv_cache_usage = self.kv_cache.usage
-
-    def _record(self, stats: StepStats) -> None:
         for logger in self.stat_loggers:
             logger.record(stats)
 

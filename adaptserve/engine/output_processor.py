@@ -92,11 +92,11 @@ class ParentRequest:
         """What the completions added since the last call; None when nothing new can be sent yet."""
         deltas = []
         for index, child_id in enumerate(self.child_ids):
-            child = self.children[child_id]
-            cursor = self.cursors.setdefault(
-                child_id, StreamCursor(IncrementalDetokenizer(tokenizer) if tokenizer else None)
-            )
-            delta = _completion_delta(index, child, cursor)
+            cursor = self.cursors.get(child_id)
+            if cursor is None:
+                cursor = StreamCursor(IncrementalDetokenizer(tokenizer) if tokenizer else None)
+                self.cursors[child_id] = cursor
+            delta = _completion_delta(index, self.children[child_id], cursor)
             if delta is not None:
                 deltas.append(delta)
         return self._output(deltas) if deltas else None

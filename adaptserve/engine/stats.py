@@ -31,9 +31,9 @@ class StepStats:
     num_preemptions: int
     prefix_cache_queries: int  # tokens looked up in the prefix cache
     prefix_cache_hits: int
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float  # share of KV blocks in use, [0, 1]
+    num_running: int = 0  # gauges: filled in just before the stats are published
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0  # share of KV blocks in use, [0, 1]
     time_to_first_token: list[float] = field(default_factory=list)  # arrival → first token, seconds
     first_token_request_ids: list[str] = field(default_factory=list)  # user request of each of those
     inter_token_latency: list[float] = field(default_factory=list)  # gap since the previous token

@@ -118,7 +118,8 @@ class AsyncEngine:
 
     def _add(self, request_id, prompt, params, priority, stream, arrival_time, outputs) -> None:
         engine = self.engine
-        prompt_ids = engine.encode_prompt(prompt)  # InvalidRequestError names the field
+        # token ids are checked once, by add_request; text must be encoded first to be measured
+        prompt_ids = prompt if isinstance(prompt, list) else engine.encode_prompt(prompt)
         if self.admission is not None:
             max_output = params.max_tokens or engine.max_model_len - len(prompt_ids)
             waited_s = time.monotonic() - arrival_time
@@ -136,20 +137,16 @@ class AsyncEngine:
     # ---- the engine thread ---------------------------------------------------------------------------
 
     def _run(self) -> None:
+        """Run every queued command, then one step; sleep on the queue while there is nothing to step."""
         while True:
-            busy = self.engine.has_unfinished_requests()
             try:
-                command = self._commands.get(block=not busy)
-            except queue.Empty:
-                command = ...
-            while command is not ...:
-                if command is None:
-                    return
-                command()
-                try:
+                command = self._commands.get(block=not self.engine.has_unfinished_requests())
+                while command is not None:
+                    command()
                     command = self._commands.get_nowait()
-                except queue.Empty:
-                    command = ...
+                return  # None: stop()
+            except queue.Empty:
+                pass
             if self.engine.has_unfinished_requests():
                 self._step()
 
@@ -168,22 +165,17 @@ class AsyncEngine:
         if outputs is not None:
             self._loop.call_soon_threadsafe(outputs.put_nowait, item)
 
-    def _fail_all(self, error: EngineError) -> None:
-        for request_id in list(self._queues):
+    def _fail_all(self, error: EngineError) -> int:
+        """Abort every request in flight and hand each the error; returns how many."""
+        request_ids = list(self._queues)
+        for request_id in request_ids:
             try:
                 self.engine.abort_request(request_id)
             except Exception:
-                logger.exception("abort of %s after a failed step also failed", request_id)
+                logger.exception("abort of %s also failed", request_id)
             self._deliver(request_id, error)
+        return len(request_ids)
 
     async def abort_all(self, reason: str) -> int:
         """Fail every request in flight (shutdown after the drain timeout); returns how many."""
-
-        def abort() -> int:
-            ids = list(self._queues)
-            for request_id in ids:
-                self.engine.abort_request(request_id)
-                self._deliver(request_id, EngineError(reason))
-            return len(ids)
-
-        return await self.call(abort)
+        return await self.call(lambda: self._fail_all(EngineError(reason)))
