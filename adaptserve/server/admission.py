@@ -95,11 +95,14 @@ class PredictionCalibration:
             self._pending.popitem(last=False)
 
     def record(self, stats: StepStats) -> None:
+        num_new = 0
         for request_id, ttft in zip(stats.first_token_request_ids, stats.time_to_first_token, strict=True):
             predicted_s = self._pending.pop(request_id, None)
             if predicted_s is not None:
                 self._residuals.append(ttft - predicted_s)
-        if len(self._residuals) >= self.min_samples:
+                num_new += 1
+        # the quantile only moves when residuals arrive (most steps bring none)
+        if num_new and len(self._residuals) >= self.min_samples:
             self.extra_s = min(60.0, float(np.quantile(self._residuals, self.quantile)))
 
 

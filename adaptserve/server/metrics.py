@@ -25,20 +25,27 @@ class ServerMetrics:
 
     def __init__(self, model_name: str):
         self.registry = CollectorRegistry()
-        r, labels = self.registry, {"model_name": model_name}
+        self.model_name = model_name
+        r = self.registry
 
-        def counter(name: str, doc: str, extra: tuple[str, ...] = ()) -> Counter:
-            return Counter(name, doc, ["model_name", *extra], registry=r)
+        # metrics with only the model label are bound to it once, here, not on every step
+        def counter(name: str, doc: str):
+            return Counter(name, doc, ["model_name"], registry=r).labels(model_name)
 
-        def gauge(name: str, doc: str, extra: tuple[str, ...] = ()) -> Gauge:
-            return Gauge(name, doc, ["model_name", *extra], registry=r)
+        def gauge(name: str, doc: str):
+            return Gauge(name, doc, ["model_name"], registry=r).labels(model_name)
 
-        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
-            return Histogram(name, doc, ["model_name"], buckets=buckets, registry=r)
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]):
+            return Histogram(name, doc, ["model_name"], buckets=buckets, registry=r).labels(model_name)
 
-        self._requests = counter("adaptserve:requests", "Requests by outcome.", ("outcome",))
-        self._rejected = counter(
-            "adaptserve:request_rejected", "Requests refused with 429 or 503.", ("reason",)
+        self._requests = Counter(
+            "adaptserve:requests", "Requests by outcome.", ["model_name", "outcome"], registry=r
+        )
+        self._rejected = Counter(
+            "adaptserve:request_rejected",
+            "Requests refused with 429 or 503.",
+            ["model_name", "reason"],
+            registry=r,
         )
         self._prompt_tokens = counter("adaptserve:prompt_tokens", "Prompt tokens of finished requests.")
         self._generation_tokens = counter("adaptserve:generation_tokens", "Tokens generated.")
@@ -74,44 +81,42 @@ class ServerMetrics:
         )
         self._knobs: dict[str, Gauge] = {}  # one gauge per run-time knob: adaptserve:knob_<name>
         self._gauge = gauge
-        self._labels = labels
-        self._queries_total = 0
-        self._hits_total = 0
+        self._prefix_totals = [0, 0]  # queries, hits since this registry was made
         for outcome in OUTCOMES:  # so a scrape shows every outcome, zeros included
-            self._requests.labels(outcome=outcome, **labels)
+            self._requests.labels(model_name, outcome)
 
     def record(self, stats: StepStats) -> None:
         """Called on the engine thread after every step (prometheus-client is thread-safe)."""
-        labels = self._labels
-        self._generation_tokens.labels(**labels).inc(stats.num_generation_tokens)
-        self._preemptions.labels(**labels).inc(stats.num_preemptions)
-        self._prefix_queries.labels(**labels).inc(stats.prefix_cache_queries)
-        self._prefix_hits.labels(**labels).inc(stats.prefix_cache_hits)
-        self._queries_total += stats.prefix_cache_queries
-        self._hits_total += stats.prefix_cache_hits
-        if self._queries_total:
-            self._hit_rate.labels(**labels).set(self._hits_total / self._queries_total)
+        self._generation_tokens.inc(stats.num_generation_tokens)
+        self._preemptions.inc(stats.num_preemptions)
+        self._prefix_queries.inc(stats.prefix_cache_queries)
+        self._prefix_hits.inc(stats.prefix_cache_hits)
+        # the rate over what these counters saw (the engine's own totals include the warm-up)
+        self._prefix_totals[0] += stats.prefix_cache_queries
+        self._prefix_totals[1] += stats.prefix_cache_hits
+        if self._prefix_totals[0]:
+            self._hit_rate.set(self._prefix_totals[1] / self._prefix_totals[0])
         for seconds in stats.time_to_first_token:
-            self._ttft.labels(**labels).observe(seconds)
+            self._ttft.observe(seconds)
         for seconds in stats.inter_token_latency:
-            self._itl.labels(**labels).observe(seconds)
+            self._itl.observe(seconds)
         for finished in stats.finished:
-            self._requests.labels(outcome=finished.finish_reason, **labels).inc()
-            self._prompt_tokens.labels(**labels).inc(finished.num_prompt_tokens)
-            self._e2e.labels(**labels).observe(finished.e2e_latency)
-            self._queue_time.labels(**labels).observe(finished.queue_time)
+            self._requests.labels(self.model_name, finished.finish_reason).inc()
+            self._prompt_tokens.inc(finished.num_prompt_tokens)
+            self._e2e.observe(finished.e2e_latency)
+            self._queue_time.observe(finished.queue_time)
             if finished.time_per_output_token is not None:
-                self._tpot.labels(**labels).observe(finished.time_per_output_token)
-        self._running.labels(**labels).set(stats.num_running)
-        self._waiting.labels(**labels).set(stats.num_waiting)
-        self._kv_usage.labels(**labels).set(stats.kv_cache_usage)
+                self._tpot.observe(finished.time_per_output_token)
+        self._running.set(stats.num_running)
+        self._waiting.set(stats.num_waiting)
+        self._kv_usage.set(stats.kv_cache_usage)
 
     def record_outcome(self, outcome: str) -> None:
         """A request that ended outside the engine: "invalid" (400/404), "error" (500) or "rejected"."""
-        self._requests.labels(outcome=outcome, **self._labels).inc()
+        self._requests.labels(self.model_name, outcome).inc()
 
     def record_rejection(self, reason: str) -> None:
-        self._rejected.labels(reason=reason, **self._labels).inc()
+        self._rejected.labels(self.model_name, reason).inc()
         self.record_outcome("rejected")
 
     def set_knobs(self, knobs: dict[str, float]) -> None:
@@ -119,7 +124,7 @@ class ServerMetrics:
         for name, value in knobs.items():
             if name not in self._knobs:
                 self._knobs[name] = self._gauge(f"adaptserve:knob_{name}", f"Run-time knob {name}.")
-            self._knobs[name].labels(**self._labels).set(value)
+            self._knobs[name].set(value)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -230,6 +230,55 @@ async def _wait_for_disconnect(http_request: HTTPRequest) -> None:
         pass
 
 
+async def sse_stream(
+    ctx: ServingContext,
+    completion_id: str,
+    object_name: str,
+    batches: AsyncIterator[tuple[list[dict], int]],
+    num_prompt_tokens: int,
+    include_usage: bool,
+) -> AsyncIterator[str]:
+    """OpenAI's stream around batches of (choices, tokens they add): one chunk per batch, an error
+    event if the engine fails mid-stream, the usage chunk if asked for, then `[DONE]`. Closing it (a
+    client that went away) closes `batches`, which aborts the requests behind them."""
+    created = now()
+    num_completion_tokens = 0
+
+    def chunk(choices: list[dict]) -> dict:
+        data = {"id": completion_id, "object": object_name, "created": created, "model": ctx.model_name}
+        data["choices"] = choices
+        if include_usage:
+            data["usage"] = None
+        return data
+
+    async with contextlib.aclosing(batches):
+        try:
+            async for choices, num_tokens in batches:
+                num_completion_tokens += num_tokens
+                yield sse(chunk(choices))
+        except APIError as error:
+            yield sse(error.body())
+        except Exception as error:  # an engine failure mid-stream: tell the client, then end cleanly
+            ctx.metrics.record_outcome("error")
+            yield sse(APIError(500, str(error)).body())
+    if include_usage:
+        last = chunk([])
+        last["usage"] = usage(num_prompt_tokens, num_completion_tokens)
+        yield sse(last)
+    yield sse("[DONE]")
+
+
+def finish_reason(reason: str | None) -> str | None:
+    """OpenAI has no "abort": a request cut short by shutdown reads as stopped."""
+    return None if reason is None else "stop" if reason == "abort" else reason
+
+
+def token_text(ctx: ServingContext, token_id: int) -> str:
+    """One token as text, special tokens included (for logprobs)."""
+    tokenizer = ctx.tokenizer
+    return tokenizer.decode([token_id], skip_special_tokens=False) if tokenizer else str(token_id)
+
+
 def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, separators=(',', ':'))}\n\n"
 

@@ -50,8 +50,9 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
     )
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _stream(
-            ctx, completion_id, streams[0], len(prompt_ids), body.n, include_usage, logprobs or 0
+        batches = _choice_batches(ctx, streams[0], body.n, logprobs or 0)
+        events = serving.sse_stream(
+            ctx, completion_id, "chat.completion.chunk", batches, len(prompt_ids), include_usage
         )
         return StreamingResponse(events, media_type="text/event-stream")
     (output,) = await serving.collect(ctx, streams, http_request)
@@ -90,7 +91,7 @@ def _response(ctx: ServingContext, completion_id: str, output: RequestOutput, to
             "index": c.index,
             "message": {"role": "assistant", "content": c.text},
             "logprobs": _logprobs(ctx, c, top_n) if c.logprobs is not None else None,
-            "finish_reason": _finish_reason(c.finish_reason),
+            "finish_reason": serving.finish_reason(c.finish_reason),
             "stop_reason": c.stop_reason,
         }
         for c in output.outputs
@@ -106,16 +107,11 @@ def _response(ctx: ServingContext, completion_id: str, output: RequestOutput, to
     }
 
 
-def _finish_reason(reason: str | None) -> str | None:
-    return None if reason is None else "stop" if reason == "abort" else reason
-
-
 def _logprobs(ctx: ServingContext, completion: CompletionOutput, top_n: int) -> dict:
     """The chat shape: per token its text, logprob, UTF-8 bytes and the top alternatives."""
-    tokenizer = ctx.tokenizer
 
     def entry(token_id: int, logprob: float) -> dict:
-        text = tokenizer.decode([token_id], skip_special_tokens=False)
+        text = serving.token_text(ctx, token_id)
         return {"token": text, "logprob": serving.finite(logprob), "bytes": list(text.encode("utf-8"))}
 
     content = []
@@ -127,61 +123,26 @@ def _logprobs(ctx: ServingContext, completion: CompletionOutput, top_n: int) -> 
     return {"content": content}
 
 
-async def _stream(
-    ctx: ServingContext,
-    completion_id: str,
-    outputs: AsyncIterator[RequestOutput],
-    num_prompt_tokens: int,
-    n: int,
-    include_usage: bool,
-    top_n: int,
-) -> AsyncIterator[str]:
-    created = serving.now()
-    num_completion = 0
-
-    def chunk(choices: list[dict]) -> str:
-        data = {
-            "id": completion_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": ctx.model_name,
-            "choices": choices,
-        }
-        if include_usage:
-            data["usage"] = None
-        return serving.sse(data)
-
-    yield chunk(
-        [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None} for i in range(n)]
+async def _choice_batches(
+    ctx: ServingContext, outputs: AsyncIterator[RequestOutput], n: int, top_n: int
+) -> AsyncIterator[tuple[list[dict], int]]:
+    """The assistant role for every choice first, then each step's content deltas."""
+    yield (
+        [
+            {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+            for i in range(n)
+        ],
+        0,
     )
     async with contextlib.aclosing(outputs):
-        try:
-            async for output in outputs:
-                choices = []
-                for c in output.outputs:
-                    num_completion += len(c.token_ids)
-                    choices.append(
-                        {
-                            "index": c.index,
-                            "delta": {"content": c.text} if c.text else {},
-                            "logprobs": _logprobs(ctx, c, top_n) if c.logprobs is not None else None,
-                            "finish_reason": _finish_reason(c.finish_reason),
-                        }
-                    )
-                yield chunk(choices)
-        except APIError as error:
-            yield serving.sse(error.body())
-        except Exception as error:  # an engine failure mid-stream: tell the client, then end cleanly
-            ctx.metrics.record_outcome("error")
-            yield serving.sse(APIError(500, str(error)).body())
-    if include_usage:
-        data = {
-            "id": completion_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": ctx.model_name,
-        }
-        data["choices"] = []
-        data["usage"] = serving.usage(num_prompt_tokens, num_completion)
-        yield serving.sse(data)
-    yield serving.sse("[DONE]")
+        async for output in outputs:
+            choices = [
+                {
+                    "index": c.index,
+                    "delta": {"content": c.text} if c.text else {},
+                    "logprobs": _logprobs(ctx, c, top_n) if c.logprobs is not None else None,
+                    "finish_reason": serving.finish_reason(c.finish_reason),
+                }
+                for c in output.outputs
+            ]
+            yield choices, sum(len(c.token_ids) for c in output.outputs)

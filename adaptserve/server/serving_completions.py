@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from adaptserve.engine.request import CompletionOutput, RequestOutput
 from adaptserve.server import serving
-from adaptserve.server.errors import APIError, bad_request
+from adaptserve.server.errors import bad_request
 from adaptserve.server.protocol import CompletionRequest
 from adaptserve.server.serving import ServingContext
 
@@ -33,7 +33,11 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, http_r
     streams = await serving.start(ctx, request_ids, prompts, params, priority, body.stream, arrival_time)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _stream(ctx, completion_id, streams, prompts, body.n, include_usage)
+        batches = _choice_batches(ctx, streams, body.n)
+        num_prompt_tokens = sum(len(p) for p in prompts)
+        events = serving.sse_stream(
+            ctx, completion_id, "text_completion", batches, num_prompt_tokens, include_usage
+        )
         return StreamingResponse(events, media_type="text/event-stream")
     outputs = await serving.collect(ctx, streams, http_request)
     return JSONResponse(_response(ctx, completion_id, outputs, body.n))
@@ -72,31 +76,20 @@ def _choice(ctx: ServingContext, index: int, completion: CompletionOutput, text_
         "index": index,
         "text": completion.text,
         "logprobs": _logprobs(ctx, completion, text_offset) if completion.logprobs is not None else None,
-        "finish_reason": _finish_reason(completion.finish_reason),
+        "finish_reason": serving.finish_reason(completion.finish_reason),
         "stop_reason": completion.stop_reason,
     }
 
 
-def _finish_reason(reason: str | None) -> str | None:
-    return None if reason is None else "stop" if reason == "abort" else reason
-
-
 def _logprobs(ctx: ServingContext, completion: CompletionOutput, text_offset: int) -> dict:
     """The legacy completions shape: tokens, token_logprobs, top_logprobs, text_offset."""
-    tokenizer = ctx.tokenizer
     tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
     for token_id, candidates in zip(completion.token_ids, completion.logprobs, strict=False):
-        text = tokenizer.decode([token_id], skip_special_tokens=False) if tokenizer else str(token_id)
+        text = serving.token_text(ctx, token_id)
         tokens.append(text)
         token_logprobs.append(serving.finite(candidates.get(token_id, float("-inf"))))
-        top_logprobs.append(
-            {
-                (tokenizer.decode([t], skip_special_tokens=False) if tokenizer else str(t)): serving.finite(
-                    lp
-                )
-                for t, lp in sorted(candidates.items(), key=lambda kv: -kv[1])
-            }
-        )
+        ranked = sorted(candidates.items(), key=lambda kv: -kv[1])
+        top_logprobs.append({serving.token_text(ctx, t): serving.finite(lp) for t, lp in ranked})
         offsets.append(text_offset)
         text_offset += len(text)
     return {
@@ -107,48 +100,16 @@ def _logprobs(ctx: ServingContext, completion: CompletionOutput, text_offset: in
     }
 
 
-async def _stream(
-    ctx: ServingContext,
-    completion_id: str,
-    streams: list[AsyncIterator[RequestOutput]],
-    prompts: list[list[int]],
-    n: int,
-    include_usage: bool,
-) -> AsyncIterator[str]:
-    created = serving.now()
-    num_completion = 0
-    offsets: dict[int, int] = {}
+async def _choice_batches(
+    ctx: ServingContext, streams: list[AsyncIterator[RequestOutput]], n: int
+) -> AsyncIterator[tuple[list[dict], int]]:
+    """One choice per batch, indexed prompt * n + completion, as the outputs of all prompts come."""
+    offsets: dict[int, int] = {}  # text offset per choice, for logprobs
     merged = serving.merge(streams)
     async with contextlib.aclosing(merged):
-        try:
-            async for prompt_index, output in merged:
-                for completion in output.outputs:
-                    index = prompt_index * n + completion.index
-                    num_completion += len(completion.token_ids)
-                    choice = _choice(ctx, index, completion, offsets.get(index, 0))
-                    offsets[index] = offsets.get(index, 0) + len(completion.text)
-                    chunk = _chunk(completion_id, created, ctx.model_name, [choice])
-                    if include_usage:
-                        chunk["usage"] = None
-                    yield serving.sse(chunk)
-        except APIError as error:
-            yield serving.sse(error.body())
-        except Exception as error:  # an engine failure mid-stream: tell the client, then end cleanly
-            ctx.metrics.record_outcome("error")
-            yield serving.sse(APIError(500, str(error)).body())
-    if include_usage:
-        num_prompt = sum(len(p) for p in prompts)
-        chunk = _chunk(completion_id, created, ctx.model_name, [])
-        chunk["usage"] = serving.usage(num_prompt, num_completion)
-        yield serving.sse(chunk)
-    yield serving.sse("[DONE]")
-
-
-def _chunk(completion_id: str, created: int, model: str, choices: list[dict]) -> dict:
-    return {
-        "id": completion_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": choices,
-    }
+        async for prompt_index, output in merged:
+            for completion in output.outputs:
+                index = prompt_index * n + completion.index
+                choice = _choice(ctx, index, completion, offsets.get(index, 0))
+                offsets[index] = offsets.get(index, 0) + len(completion.text)
+                yield [choice], len(completion.token_ids)

@@ -31,9 +31,6 @@ def step_stats(num_tokens: int, step_time: float, num_decodes: int = 0) -> StepS
         num_preemptions=0,
         prefix_cache_queries=0,
         prefix_cache_hits=0,
-        num_running=0,
-        num_waiting=0,
-        kv_cache_usage=0.0,
     )
 
 
@@ -349,7 +346,7 @@ def test_more_important_arrivals_stretch_the_prediction():
 
 
 def _first_tokens(ids_and_ttfts: list[tuple[str, float]]) -> StepStats:
-    stats = StepStats(0.0, 0.0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0.0)
+    stats = step_stats(0, 0.0)
     stats.first_token_request_ids = [rid for rid, _ in ids_and_ttfts]
     stats.time_to_first_token = [ttft for _, ttft in ids_and_ttfts]
     return stats
