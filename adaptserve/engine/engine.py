@@ -7,6 +7,7 @@ import numbers
 import time
 
 from adaptserve.config import EngineConfig
+from adaptserve.engine.detokenizer import IncrementalDetokenizer
 from adaptserve.engine.kv_cache import KVCacheManager
 from adaptserve.engine.output_processor import ParentRequest, finalize_text, find_stop_string
 from adaptserve.engine.outputs import SchedulerOutput
@@ -76,6 +77,8 @@ class LLMEngine:
             request_id, prompt if isinstance(prompt, str) else None, child_ids, stream=stream
         )
         for index, child_id in enumerate(child_ids):
+            if self.tokenizer is not None and (stream or params.stop):
+                parent.detokenizers[child_id] = IncrementalDetokenizer(self.tokenizer)
             child_params = params
             if params.n > 1:
                 seed = None if params.seed is None else params.seed + index
@@ -161,20 +164,17 @@ class LLMEngine:
         for request in updated:
             parent_id = self._child_to_parent[request.request_id]
             _stamp_token_time(request, parent_id, now, stats)
-            if find_stop_string(request, self.tokenizer):
-                if request.is_finished:  # it also hit max_tokens in this step: the stop string wins
-                    request.status = RequestStatus.FINISHED_STOPPED
-                else:
-                    self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
+            parent = self._parents[parent_id]
+            self._update_text(request, parent)
             if request.is_finished:
                 finalize_text(request, self.tokenizer)
-            touched[parent_id] = self._parents[parent_id]
+            touched[parent_id] = parent
         # only now: n siblings can finish in the same step, and each needs its text before the output
         outputs: list[RequestOutput] = []
         for parent in touched.values():
             finished = parent.is_finished()
             if parent.stream:
-                delta = parent.delta_output(self.tokenizer)
+                delta = parent.delta_output()
                 if delta is not None:
                     outputs.append(delta)
             elif finished:
@@ -184,6 +184,21 @@ class LLMEngine:
                 self._release(parent)
         self._record(stats)
         return outputs
+
+    def _update_text(self, request: Request, parent: ParentRequest) -> None:
+        """Bring the request's incremental text up to date (once per step, for stop strings and
+        streaming alike) and finish the request if a stop string appeared."""
+        detokenizer = parent.detokenizers.get(request.request_id)
+        if detokenizer is None:
+            return
+        num_checked_chars = len(detokenizer.text)
+        detokenizer.update(request.output_token_ids)
+        if not find_stop_string(request, detokenizer.text, num_checked_chars):
+            return
+        if request.is_finished:  # it also hit max_tokens in this step: the stop string wins
+            request.status = RequestStatus.FINISHED_STOPPED
+        else:
+            self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
 
     def _step_stats(
         self, start: float, now: float, scheduled: SchedulerOutput, num_generation_tokens: int

@@ -13,21 +13,16 @@ if TYPE_CHECKING:
     from adaptserve.model.tokenizer import Tokenizer
 
 
-def find_stop_string(request: Request, tokenizer: Tokenizer | None) -> bool:
-    """If the output text now contains a stop string, cut the text there and return True."""
+def find_stop_string(request: Request, text: str, num_checked_chars: int) -> bool:
+    """If `text` (the output so far, from the request's incremental detokenizer) now holds a stop
+    string, cut the output text there and return True. Text before `num_checked_chars` held none, so
+    only its tail is searched."""
     stops = request.sampling_params.stop
-    if not stops or tokenizer is None:
+    if not stops:
         return False
-    # a new match ends in the last token, and a stop of L characters spans at most L tokens: decode
-    # only that tail each step (decoding the whole output every step would be quadratic)
-    longest = max(len(s) for s in stops)
-    tail = tokenizer.decode(request.output_token_ids[-(longest + 4) :])
-    if not any(stop in tail for stop in stops):
-        return False
-    text = tokenizer.decode(request.output_token_ids)
-    window = len(tail) + longest
+    start = max(0, num_checked_chars - max(len(s) for s in stops) + 1)
     for stop in stops:
-        at = text.find(stop, max(0, len(text) - window))
+        at = text.find(stop, start)
         if at >= 0:
             keep = at + len(stop) if request.sampling_params.include_stop_str_in_output else at
             request.output_text = text[:keep]
@@ -61,7 +56,6 @@ def completion_output(index: int, request: Request) -> CompletionOutput:
 class StreamCursor:
     """How much of one streamed completion has been handed out."""
 
-    detokenizer: IncrementalDetokenizer | None
     num_sent_tokens: int = 0
     num_sent_chars: int = 0
     finish_sent: bool = False
@@ -79,7 +73,9 @@ class ParentRequest:
     child_ids: list[str]
     children: dict[str, Request] = field(default_factory=dict)
     stream: bool = False
-    cursors: dict[str, StreamCursor] = field(default_factory=dict)
+    cursors: dict[str, StreamCursor] = field(default_factory=dict)  # streamed: per child
+    # per child that streams or has stop strings: its text as it grows, shared by both
+    detokenizers: dict[str, IncrementalDetokenizer] = field(default_factory=dict)
 
     def is_finished(self) -> bool:
         return all(c.status.is_finished for c in self.children.values())
@@ -88,15 +84,12 @@ class ParentRequest:
         children = [self.children[cid] for cid in self.child_ids]
         return self._output([completion_output(i, c) for i, c in enumerate(children)])
 
-    def delta_output(self, tokenizer: Tokenizer | None) -> RequestOutput | None:
+    def delta_output(self) -> RequestOutput | None:
         """What the completions added since the last call; None when nothing new can be sent yet."""
         deltas = []
         for index, child_id in enumerate(self.child_ids):
-            cursor = self.cursors.get(child_id)
-            if cursor is None:
-                cursor = StreamCursor(IncrementalDetokenizer(tokenizer) if tokenizer else None)
-                self.cursors[child_id] = cursor
-            delta = _completion_delta(index, self.children[child_id], cursor)
+            cursor = self.cursors.setdefault(child_id, StreamCursor())
+            delta = _completion_delta(index, self.children[child_id], cursor, self.detokenizers.get(child_id))
             if delta is not None:
                 deltas.append(delta)
         return self._output(deltas) if deltas else None
@@ -132,15 +125,16 @@ class ParentRequest:
         )
 
 
-def _completion_delta(index: int, request: Request, cursor: StreamCursor) -> CompletionOutput | None:
+def _completion_delta(
+    index: int, request: Request, cursor: StreamCursor, detokenizer: IncrementalDetokenizer | None
+) -> CompletionOutput | None:
     if cursor.finish_sent:
         return None
     finished = request.status.is_finished
     if finished:
         text = request.output_text  # final: cut at a stop string if one matched
-    elif cursor.detokenizer is not None:
-        cursor.detokenizer.update(request.output_token_ids)
-        text = cursor.detokenizer.text
+    elif detokenizer is not None:
+        text = detokenizer.text  # brought up to date by the engine this step
         stops = request.sampling_params.stop
         if stops:  # hold back what could still grow into a stop string, which must never be sent
             text = text[: max(0, len(text) - (max(len(s) for s in stops) - 1))]
