@@ -80,13 +80,24 @@ class PredictionCalibration:
     (prompts that arrive in the same gap between steps and are packed into the same step, time in
     HTTP and the event loop, step-time noise) adds a fairly constant delay. A high quantile of
     (actual - predicted) over the recent admitted requests is added to every prediction, so the
-    controller corrects itself on a machine it has never seen."""
+    controller corrects itself on a machine it has never seen. Residuals older than `max_age_s` are
+    forgotten, so a slow spell (another process on the machine) does not keep inflating predictions
+    after it ends."""
 
-    def __init__(self, quantile: float = 0.9, window: int = 256, min_samples: int = 16):
+    def __init__(
+        self,
+        quantile: float = 0.9,
+        window: int = 256,
+        min_samples: int = 16,
+        max_age_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.quantile = quantile
         self.min_samples = min_samples
+        self.max_age_s = max_age_s
+        self._clock = clock
         self._pending: OrderedDict[str, float] = OrderedDict()  # request id → predicted TTFT
-        self._residuals: deque[float] = deque(maxlen=window)
+        self._residuals: deque[tuple[float, float]] = deque(maxlen=window)  # (time, seconds late)
         self.extra_s = 0.0  # added to predictions; negative when the model runs long
 
     def expect(self, request_id: str, predicted_s: float) -> None:
@@ -95,15 +106,23 @@ class PredictionCalibration:
             self._pending.popitem(last=False)
 
     def record(self, stats: StepStats) -> None:
-        num_new = 0
+        now = self._clock()
+        num_changed = 0
         for request_id, ttft in zip(stats.first_token_request_ids, stats.time_to_first_token, strict=True):
             predicted_s = self._pending.pop(request_id, None)
             if predicted_s is not None:
-                self._residuals.append(ttft - predicted_s)
-                num_new += 1
-        # the quantile only moves when residuals arrive (most steps bring none)
-        if num_new and len(self._residuals) >= self.min_samples:
-            self.extra_s = min(60.0, float(np.quantile(self._residuals, self.quantile)))
+                self._residuals.append((now, ttft - predicted_s))
+                num_changed += 1
+        while self._residuals and self._residuals[0][0] < now - self.max_age_s:
+            self._residuals.popleft()
+            num_changed += 1
+        # the quantile only moves when residuals arrive or age out (most steps bring neither)
+        if num_changed:
+            if len(self._residuals) >= self.min_samples:
+                residuals = [late for _, late in self._residuals]
+                self.extra_s = min(60.0, float(np.quantile(residuals, self.quantile)))
+            else:
+                self.extra_s = 0.0
 
 
 _LOWEST_PRIORITY = 2**62  # queue_ahead(_LOWEST_PRIORITY) counts every waiting request
@@ -126,7 +145,7 @@ class AdmissionController:
         self._clock = clock
         self._window_s = window_s
         self._admitted: deque[tuple[float, int, float]] = deque()  # (time, priority, engine seconds)
-        self.calibration = PredictionCalibration()
+        self.calibration = PredictionCalibration(clock=clock)
 
     def record(self, stats: StepStats) -> None:
         """A StatLogger: the engine's first tokens calibrate the predictions."""

@@ -13,7 +13,7 @@ from adaptserve.engine.outputs import RunnerOutput
 from adaptserve.engine.request import Request, SamplingParams
 from adaptserve.engine.scheduler import Scheduler
 from adaptserve.engine.stats import StepStats
-from adaptserve.server.admission import AdmissionController, StepTimeModel
+from adaptserve.server.admission import AdmissionController, PredictionCalibration, StepTimeModel
 from adaptserve.server.config import AdmissionConfig, PriorityTier, default_tiers, parse_slos
 
 FIXED_S, PER_TOKEN_S = 0.01, 0.001
@@ -368,6 +368,26 @@ def test_calibration_adds_how_late_first_tokens_really_came():
     assert admission.calibration.extra_s == pytest.approx(0.4)
     rejection = admission.check(100, 16, priority=0)
     assert rejection is not None and rejection.reason == "slo"
+
+
+def test_calibration_forgets_a_slow_spell():
+    now = [0.0]
+    calibration = PredictionCalibration(clock=lambda: now[0], max_age_s=60.0)
+    for i in range(20):  # a busy machine: first tokens came 3 s late
+        calibration.expect(f"slow{i}", 0.2)
+        calibration.record(_first_tokens([(f"slow{i}", 3.2)]))
+    assert calibration.extra_s == pytest.approx(3.0)
+    now[0] = 30.0
+    for i in range(20):  # the machine is quiet again; the slow residuals still dominate the p90
+        calibration.expect(f"fast{i}", 0.2)
+        calibration.record(_first_tokens([(f"fast{i}", 0.25)]))
+    assert calibration.extra_s > 2.0
+    now[0] = 61.0  # a minute after the slow spell: it no longer counts
+    calibration.record(_first_tokens([]))
+    assert calibration.extra_s == pytest.approx(0.05)
+    now[0] = 200.0  # nothing recent at all: no correction
+    calibration.record(_first_tokens([]))
+    assert calibration.extra_s == 0.0
 
 
 def test_step_time_model_separates_the_cost_of_decode_sequences():
