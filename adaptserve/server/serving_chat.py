@@ -126,16 +126,17 @@ def _logprobs(ctx: ServingContext, completion: CompletionOutput, top_n: int) -> 
 async def _choice_batches(
     ctx: ServingContext, outputs: AsyncIterator[RequestOutput], n: int, top_n: int
 ) -> AsyncIterator[tuple[list[dict], int]]:
-    """The assistant role for every choice first, then each step's content deltas."""
-    yield (
-        [
-            {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-            for i in range(n)
-        ],
-        0,
-    )
+    """The assistant role for every choice, then each step's content deltas.
+
+    The role chunk waits for the first step's output (as in vLLM), so a client that times the first
+    chunk measures the time to the first token, not the time to an empty envelope."""
+    role_sent = False
     async with contextlib.aclosing(outputs):
         async for output in outputs:
+            if not role_sent:
+                role_sent = True
+                role = {"role": "assistant", "content": ""}
+                yield [{"index": i, "delta": role, "finish_reason": None} for i in range(n)], 0
             choices = [
                 {
                     "index": c.index,
