@@ -56,18 +56,28 @@ def git_commit() -> str:
 
 
 def write_results(
-    benchmark: str, device: torch.device, payload: dict[str, Any], out_dir: Path = RESULTS_DIR
+    benchmark: str,
+    device: torch.device,
+    payload: dict[str, Any],
+    out_dir: Path = RESULTS_DIR,
+    *,
+    device_description: str | None = None,
+    file_stem: str | None = None,
 ) -> Path:
+    """Write `<benchmark>-<device tag>.json` (or `<file_stem>.json`) with the run's provenance first.
+
+    `device_description` names the device when it is not this process's (a client benchmarking a
+    server elsewhere)."""
     record = {
         "benchmark": benchmark,
-        "device": device_name(device),
+        "device": device_description or device_name(device),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
         "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
         "torch": torch.__version__,
         **payload,
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{benchmark}-{device_tag(device)}.json"
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    path = Path(out_dir) / f"{file_stem or f'{benchmark}-{device_tag(device)}'}.json"
     path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return path
