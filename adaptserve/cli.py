@@ -1,4 +1,4 @@
-"""Command line: `adaptserve serve`, `adaptserve generate ...` and `adaptserve bench offline ...`."""
+"""Command line: `adaptserve serve`, `generate` and `bench serve|offline|decode|plot`."""
 
 from __future__ import annotations
 
@@ -104,10 +104,44 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from adaptserve.bench.offline import run_offline_benchmark
-
-    run_offline_benchmark(args)
+    if args.bench_command == "serve":
+        from adaptserve.bench.serve import run_serve_benchmark as run
+    elif args.bench_command == "offline":
+        from adaptserve.bench.offline import run_offline_benchmark as run
+    elif args.bench_command == "decode":
+        from adaptserve.bench.decode import run_decode_benchmark as run
+    else:
+        from adaptserve.bench.plot import run_plot as run
+    run(args)
     return 0
+
+
+def _add_bench_commands(commands) -> None:
+    from adaptserve.bench.decode import add_decode_args
+    from adaptserve.bench.offline import add_offline_args
+    from adaptserve.bench.plot import add_plot_args
+    from adaptserve.bench.serve import add_serve_args
+
+    bench = commands.add_parser("bench", help="benchmarks; results go to docs/benchmarks/")
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True)
+    serve = bench_commands.add_parser(
+        "serve", help="vLLM-compatible serving benchmark against any OpenAI-compatible server"
+    )
+    add_serve_args(serve)
+    offline = bench_commands.add_parser(
+        "offline", help="in-process throughput on a workload, beside transformers"
+    )
+    add_offline_args(offline)
+    _add_engine_args(offline)
+    decode = bench_commands.add_parser(
+        "decode", help="decode step time per batch size beside the bandwidth floor"
+    )
+    add_decode_args(decode)
+    _add_engine_args(decode)
+    plot = bench_commands.add_parser("plot", help="draw PNGs from benchmark JSON files")
+    add_plot_args(plot)
+    for parser in (serve, offline, decode, plot):
+        parser.set_defaults(func=_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,14 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(gen)
     gen.set_defaults(func=_generate)
 
-    bench = commands.add_parser("bench", help="benchmarks")
-    bench_commands = bench.add_subparsers(dest="bench_command", required=True)
-    offline = bench_commands.add_parser("offline", help="in-process throughput beside transformers")
-    from adaptserve.bench.offline import add_offline_args
-
-    add_offline_args(offline)
-    _add_engine_args(offline)
-    offline.set_defaults(func=_bench)
+    _add_bench_commands(commands)
     return parser
 
 

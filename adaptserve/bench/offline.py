@@ -1,5 +1,13 @@
-"""`adaptserve bench offline`: in-process batch-1 decode speed and batch throughput, beside
-transformers' `generate` on the same weights, device and dtype, in the same run."""
+"""`adaptserve bench offline`: in-process throughput on a workload, beside transformers' `generate` on
+the same model, device and dtype, in the same run.
+
+Our engine takes the whole workload as one continuous batch (greedy, ignore EOS, each request its own
+output length). transformers gets it in batches of `--hf-max-batch-size` requests in workload order,
+left-padded, each batch generating its longest output length (as vLLM's HF throughput backend);
+tokens past a request's own length are wasted work, not counted. Its "static" variant pads every
+batch to the workload's longest prompt and output and to a full batch, so one compiled graph serves
+the whole run; the compilation is paid in a warm-up batch before timing.
+"""
 
 from __future__ import annotations
 
@@ -8,34 +16,36 @@ import itertools
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from adaptserve.bench.results import write_results
+from adaptserve.bench.workload_args import add_workload_args, workload_from_args
+from adaptserve.bench.workloads import BenchRequest
 
 
 @dataclass
 class OfflineResult:
-    engine: str  # adaptserve | transformers
+    engine: str  # adaptserve | transformers-eager | transformers-static
     dtype: str
-    batch1_decode_tok_s: float  # median over rounds: one request, decode steps only (prefill excluded)
-    throughput_output_tok_s: float  # median over rounds: num_prompts requests, output tokens / wall time
-    throughput_total_tok_s: float  # (prompt + output tokens) / the median wall time
-    throughput_elapsed_s: float  # median wall time of the throughput run
-    batch1_decode_samples: list[float] = field(default_factory=list)  # every round, in order
-    throughput_elapsed_samples: list[float] = field(default_factory=list)
+    request_throughput: float  # requests / median wall time
+    throughput_output_tok_s: float  # requested output tokens / median wall time
+    throughput_total_tok_s: float  # (prompt + requested output tokens) / median wall time
+    elapsed_s: float  # median wall time of a run over the whole workload
+    elapsed_samples: list[float] = field(default_factory=list)  # every round, in order
 
 
 def add_offline_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--num-prompts", type=int, default=32)
-    parser.add_argument("--input-len", type=int, default=256)
-    parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--decode-tokens", type=int, default=128, help="tokens generated in the batch-1 test")
-    parser.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated dtypes to measure")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds, engines alternating; medians reported")
-    parser.add_argument("--no-baseline", action="store_true", help="skip transformers")
-    parser.add_argument("--seed", type=int, default=0)
+    add_workload_args(parser, default_dataset="random")
+    parser.set_defaults(num_prompts=256, random_input_len=512, random_output_len=128)
+    parser.add_argument("--rounds", type=int, default=1, help="rounds, engines alternating; medians reported")
+    parser.add_argument(
+        "--baselines", default="eager,static", help="transformers variants: eager, static; 'none' for none"
+    )
+    parser.add_argument("--hf-max-batch-size", type=int, default=64, help="transformers' batch size")
+    parser.add_argument("--result-dir", default="docs/benchmarks")
 
 
 def random_prompts(num: int, length: int, vocab_size: int, seed: int) -> list[list[int]]:
@@ -44,181 +54,178 @@ def random_prompts(num: int, length: int, vocab_size: int, seed: int) -> list[li
     return torch.randint(256, vocab_size, (num, length), generator=g).tolist()
 
 
-class AdaptserveRunner:
-    def __init__(self, llm, args):
-        from adaptserve import SamplingParams
-
-        self.llm, self.args = llm, args
-        self.decode_params = SamplingParams(temperature=0.0, max_tokens=args.decode_tokens, ignore_eos=True)
-        self.batch_params = SamplingParams(temperature=0.0, max_tokens=args.output_len, ignore_eos=True)
-        self._ids = itertools.count()
-
-    def decode_rate(self, prompt: list[int]) -> float:
-        engine = self.llm.engine
-        engine.add_request(f"bench-decode-{next(self._ids)}", prompt, self.decode_params)
-        engine.step()  # prefill + first token
-        start, steps = time.perf_counter(), 0
-        while engine.has_unfinished_requests():
-            engine.step()
-            steps += 1
-        return steps / (time.perf_counter() - start)
-
-    def batch_time(self, prompts: list[list[int]]) -> float:
-        self.llm.engine.kv_cache.reset_prefix_cache()  # every round computes every prompt
-        start = time.perf_counter()
-        outputs = self.llm.generate(prompts, self.batch_params, use_tqdm=False)
-        elapsed = time.perf_counter() - start
-        assert sum(len(o.outputs[0].token_ids) for o in outputs) == len(prompts) * self.args.output_len
-        return elapsed
-
-
-class TransformersRunner:
-    def __init__(self, model, args, device):
-        self.model, self.args, self.device = model, args, device
-
-    @torch.inference_mode()
-    def _generate(self, batch: list[list[int]], new_tokens: int) -> float:
-        ids = torch.tensor(batch, device=self.device)
-        sync(self.device)
-        start = time.perf_counter()
-        self.model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=new_tokens,
-            min_new_tokens=new_tokens,
-            do_sample=False,
-            pad_token_id=0,
-        )
-        sync(self.device)
-        return time.perf_counter() - start
-
-    def decode_rate(self, prompt: list[int]) -> float:
-        first = self._generate([prompt], 1)
-        full = self._generate([prompt], self.args.decode_tokens)
-        return (self.args.decode_tokens - 1) / (full - first)
-
-    def batch_time(self, prompts: list[list[int]]) -> float:
-        return self._generate(prompts, self.args.output_len)
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
+class AdaptserveRunner:
+    """The whole workload as one continuous batch through our engine."""
+
+    def __init__(self, llm):
+        from adaptserve import SamplingParams
+
+        self.llm = llm
+        self._params = lambda n: SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+        self._ids = itertools.count()
+
+    def run(self, requests: list[BenchRequest]) -> float:
+        window = self.llm.engine.max_model_len
+        too_long = [r for r in requests if r.prompt_len + r.output_len > window]
+        if too_long:
+            raise ValueError(
+                f"{len(too_long)} requests need more than the context window ({window} tokens), e.g. "
+                f"{too_long[0].prompt_len} prompt + {too_long[0].output_len} output; raise --max-model-len "
+                "or shorten the workload"
+            )
+        self.llm.engine.kv_cache.reset_prefix_cache()  # every round computes every prompt
+        params = [self._params(r.output_len) for r in requests]
+        start = time.perf_counter()
+        outputs = self.llm.generate([r.prompt for r in requests], params, use_tqdm=False)
+        elapsed = time.perf_counter() - start
+        produced = [len(o.outputs[0].token_ids) for o in outputs]
+        assert produced == [r.output_len for r in requests], "ignore_eos runs must give every token"
+        return elapsed
+
+
+class TransformersRunner:
+    """The workload in batches through transformers' generate (see the module docstring)."""
+
+    def __init__(self, generator, requests: list[BenchRequest], max_batch_size: int):
+        self.generator = generator
+        self.static = generator.variant == "static"
+        self.max_batch_size = max_batch_size
+        self.prompt_len = max(r.prompt_len for r in requests)
+        self.output_len = max(r.output_len for r in requests)
+
+    def run(self, requests: list[BenchRequest]) -> float:
+        return sum(
+            self._batch(requests[i : i + self.max_batch_size])
+            for i in range(0, len(requests), self.max_batch_size)
+        )
+
+    def warm_up(self, requests: list[BenchRequest]) -> None:
+        self._batch(requests[: self.max_batch_size], new_tokens=2 if not self.static else None)
+
+    def _batch(self, batch: list[BenchRequest], new_tokens: int | None = None) -> float:
+        prompts = [list(r.prompt) for r in batch]
+        if self.static:  # one shape for the whole run: longest prompt, longest output, full batch
+            prompts += [prompts[-1]] * (self.max_batch_size - len(prompts))
+            prompts = [[0] * (self.prompt_len - len(p)) + p for p in prompts]
+            new_tokens = new_tokens or self.output_len
+            return self.generator.time_generate(prompts, new_tokens, self.prompt_len + self.output_len)
+        return self.generator.time_generate(prompts, new_tokens or max(r.output_len for r in batch))
+
+
 def run_offline_benchmark(args: argparse.Namespace) -> list[OfflineResult]:
     from adaptserve import LLM
-    from adaptserve.bench.hf_baseline import transformers_model
+    from adaptserve.bench.decode import parse_baselines
+    from adaptserve.bench.hf_baseline import TransformersGenerator, transformers_model
     from adaptserve.model.loaders import load_checkpoint
     from adaptserve.runner.device import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    dtype_name = str(dtype).removeprefix("torch.")
     checkpoint = load_checkpoint(args.model)
-    prompts = random_prompts(args.num_prompts, args.input_len, checkpoint.arch.vocab_size, args.seed)
-    decode_prompt = random_prompts(1, 16, checkpoint.arch.vocab_size, args.seed + 1)[0]
-    warmup_prompts = random_prompts(2, 32, checkpoint.arch.vocab_size, args.seed + 2)
-    results: list[OfflineResult] = []
-    for dtype_name in args.dtypes.split(","):
-        llm = LLM.from_checkpoint(
-            checkpoint,
-            dtype=dtype_name,
-            device=str(device),
-            max_num_seqs=max(args.max_num_seqs, 1),
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            enable_prefix_caching=not args.no_prefix_caching,
-        )
-        runners = {"adaptserve": AdaptserveRunner(llm, args)}
-        if not args.no_baseline:
-            model = transformers_model(checkpoint, resolve_dtype(dtype_name, device)).to(device)
-            runners["transformers"] = TransformersRunner(model, args, device)
-        decode = {name: [] for name in runners}
-        elapsed = {name: [] for name in runners}
-        for runner in runners.values():  # warm-up: first calls pay for allocation and kernel choice
-            runner.decode_rate(decode_prompt)
-            runner.batch_time(warmup_prompts)
-        # engines alternate within each round, so both see the same phases of a noisy machine
-        for _ in tqdm(range(args.rounds), desc=f"rounds ({dtype_name})", unit="round"):
-            for name, runner in runners.items():
-                decode[name].append(round(runner.decode_rate(decode_prompt), 2))
-                elapsed[name].append(round(runner.batch_time(prompts), 3))
-        for name in runners:
-            results.append(_result(name, dtype_name, decode[name], elapsed[name], args))
-            print(_row(results[-1]))
-        del llm, runners
+    workload = workload_from_args(args, args.vocab_size or checkpoint.arch.vocab_size, checkpoint.tokenizer)
+    requests = workload.requests(args.num_prompts, args.seed)
+    if any(isinstance(r.prompt, str) for r in requests):
+        tokenizer = checkpoint.tokenizer
+        requests = [BenchRequest(tokenizer.encode(r.prompt), r.prompt_len, r.output_len) for r in requests]
+    warmup = workload.requests(min(4, len(requests)), args.seed + 1)
+
+    llm = LLM.from_checkpoint(
+        checkpoint,
+        dtype=dtype_name,
+        device=str(device),
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+        kv_cache_memory_gib=args.kv_cache_memory_gib,
+        enable_prefix_caching=not args.no_prefix_caching,
+    )
+    ours = AdaptserveRunner(llm)
+    ours.run(warmup)  # first calls pay for allocation and kernel choice
+    elapsed = {"adaptserve": [ours.run(requests) for _ in tqdm(range(args.rounds), desc="adaptserve")]}
+    del llm, ours
+    _free(device)  # our weights and KV cache leave before transformers' arrive
+    variants = parse_baselines(args.baselines)
+    if variants:
+        model = transformers_model(checkpoint, dtype, device)
+        for variant in variants:
+            runner = TransformersRunner(
+                TransformersGenerator(model, variant), requests, args.hf_max_batch_size
+            )
+            runner.warm_up(requests)
+            name = f"transformers-{variant}"
+            elapsed[name] = [runner.run(requests) for _ in tqdm(range(args.rounds), desc=name)]
+        del model
+        _free(device)
+    results = [_result(name, dtype_name, samples, requests) for name, samples in elapsed.items()]
+    for r in results:
+        print(_row(r))
     payload = {
         "model": args.model or "SmolLM2-135M-Instruct (embedded GGUF, Q4_1 dequantized)",
-        "workload": {
-            "num_prompts": args.num_prompts,
-            "input_len": args.input_len,
-            "output_len": args.output_len,
-            "decode_tokens": args.decode_tokens,
-            "rounds": args.rounds,
-            "prompts": "random token ids, seeded",
-        },
+        "workload": {**workload.describe(), "num_prompts": args.num_prompts, "seed": args.seed},
         "engine_options": {
             "max_num_seqs": args.max_num_seqs,
             "max_num_batched_tokens": args.max_num_batched_tokens,
             "prefix_caching": not args.no_prefix_caching,
         },
+        "hf_max_batch_size": args.hf_max_batch_size,
+        "rounds": args.rounds,
         "results": [asdict(r) for r in results],
     }
-    path = write_results("offline", device, payload)
-    plot_offline(results, path.with_suffix(".png"))
+    path = write_results("offline", device, payload, args.result_dir)
     print(f"wrote {path}")
     print(markdown_table(results))
+    from adaptserve.bench.plot import plot_after_run
+
+    plot_after_run(path)
     return results
 
 
-def _result(engine, dtype, decode_samples, elapsed_samples, args) -> OfflineResult:
-    elapsed = statistics.median(elapsed_samples)
-    num_out = args.num_prompts * args.output_len
-    num_total = args.num_prompts * (args.input_len + args.output_len)
+def _free(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _result(engine: str, dtype: str, samples: list[float], requests: list[BenchRequest]) -> OfflineResult:
+    elapsed = statistics.median(samples)
+    num_out = sum(r.output_len for r in requests)
+    num_total = num_out + sum(r.prompt_len for r in requests)
     return OfflineResult(
         engine,
         dtype,
-        round(statistics.median(decode_samples), 2),
+        round(len(requests) / elapsed, 3),
         round(num_out / elapsed, 2),
         round(num_total / elapsed, 2),
-        round(elapsed, 3),
-        decode_samples,
-        elapsed_samples,
+        round(elapsed, 6),
+        [round(s, 6) for s in samples],
     )
 
 
 def _row(r: OfflineResult) -> str:
     return (
-        f"{r.engine:>12} {r.dtype:>9}: batch-1 decode {r.batch1_decode_tok_s:8.1f} tok/s | "
-        f"throughput {r.throughput_output_tok_s:8.1f} output tok/s ({r.throughput_elapsed_s:.1f} s)"
+        f"{r.engine:>20} {r.dtype:>9}: {r.throughput_output_tok_s:9.1f} output tok/s, "
+        f"{r.request_throughput:7.2f} req/s ({r.elapsed_s:.1f} s)"
     )
 
 
 def markdown_table(results: list[OfflineResult]) -> str:
-    lines = ["| engine | dtype | batch-1 decode (tok/s) | throughput (output tok/s) |", "|---|---|---:|---:|"]
+    lines = ["| engine | dtype | output tok/s | total tok/s | req/s |", "|---|---|---:|---:|---:|"]
     lines += [
-        f"| {r.engine} | {r.dtype} | {r.batch1_decode_tok_s:.1f} | {r.throughput_output_tok_s:.1f} |"
+        f"| {r.engine} | {r.dtype} | {r.throughput_output_tok_s:.1f} | {r.throughput_total_tok_s:.1f} | "
+        f"{r.request_throughput:.2f} |"
         for r in results
     ]
     return "\n".join(lines)
 
 
-def plot_offline(results: list[OfflineResult], path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no plot")
-        return
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    labels = [f"{r.engine}\n{r.dtype}" for r in results]
-    colors = ["tab:blue" if r.engine == "adaptserve" else "tab:gray" for r in results]
-    axes[0].bar(labels, [r.batch1_decode_tok_s for r in results], color=colors)
-    axes[0].set_title("batch-1 decode (tokens/s)")
-    axes[1].bar(labels, [r.throughput_output_tok_s for r in results], color=colors)
-    axes[1].set_title("throughput (output tokens/s)")
-    for ax in axes:
-        ax.tick_params(axis="x", labelsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def results_table(payload: dict[str, Any]) -> str:
+    """The markdown table of a saved offline JSON."""
+    return markdown_table([OfflineResult(**r) for r in payload["results"]])

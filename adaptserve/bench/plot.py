@@ -64,6 +64,18 @@ def plot_file(path: Path, out_dir: Path | None = None) -> list[Path]:
     return [png]
 
 
+def plot_after_run(path: Path) -> None:
+    """Plot a result a benchmark has just written; without matplotlib (a bare GPU box) say how to
+    plot it later instead of failing the run."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print(f"matplotlib is not installed: run `adaptserve bench plot {path}` where it is")
+        return
+    for png in plot_file(path):
+        print(f"wrote {png}")
+
+
 def _figure(mosaic: list[list[str]], figsize: tuple[float, float], title: str):
     from matplotlib.figure import Figure
 

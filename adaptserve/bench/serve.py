@@ -162,10 +162,9 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     path = _write(args, payload)
     print(f"wrote {path}")
     if not args.no_plot:
-        from adaptserve.bench.plot import plot_file
+        from adaptserve.bench.plot import plot_after_run
 
-        for png in plot_file(path):
-            print(f"wrote {png}")
+        plot_after_run(path)
     return payload
 
 

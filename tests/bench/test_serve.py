@@ -54,7 +54,9 @@ def test_rate_sweep_with_a_baseline_writes_vllm_keys_and_a_plot(server, tmp_path
         assert run["total_output_tokens"] == 6 * 4  # from usage: ignore_eos gives exactly max_tokens
         assert run["output_throughput"] == pytest.approx(24 / run["duration"])
         assert run["request_goodput"] == pytest.approx(run["request_throughput"])  # generous SLOs
-        assert len(run["ttfts"]) == 6 and all(0 < t < e for t, e in zip(run["ttfts"], run["e2els"], strict=True))
+        assert len(run["ttfts"]) == 6 and all(
+            0 < t < e for t, e in zip(run["ttfts"], run["e2els"], strict=True)
+        )
         for key in ("mean_ttft_ms", "median_tpot_ms", "p99_itl_ms", "p90_e2el_ms", "std_ttft_ms"):
             assert run[key] > 0, key
         assert run["mean_ttft_ms"] <= run["mean_e2el_ms"]
