@@ -40,19 +40,23 @@ def device_tag(device: torch.device) -> str:
 
 
 def git_commit() -> str:
+    """The checkout's short commit (+"-dirty" with uncommitted changes to tracked files). A copy of
+    the tree without .git (a remote GPU box) reads it from ADAPTSERVE_GIT_COMMIT instead."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
         )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-        ).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+        if out.returncode == 0:
+            dirty = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+            ).stdout.strip()
+            return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        pass
+    return os.environ.get("ADAPTSERVE_GIT_COMMIT", "unknown")
 
 
 def write_results(
