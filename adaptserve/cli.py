@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 
 from adaptserve.config import ConfigError
@@ -193,7 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["adaptserve", *argv])  # what results files record as the command
     try:
         return args.func(args)
     except (ConfigError, ValueError) as error:

@@ -142,7 +142,9 @@ def run_decode_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "results": rows,
     }
     out_dir = Path(getattr(args, "result_dir", None) or RESULTS_DIR)
-    path = write_results("decode", device, payload, out_dir=out_dir)
+    path = write_results(
+        "decode", device, payload, out_dir=out_dir, command=getattr(args, "command_line", None)
+    )
     print(markdown_table(payload))
     print(f"wrote {path}")
     from adaptserve.bench.plot import plot_after_run

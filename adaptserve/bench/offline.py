@@ -177,7 +177,9 @@ def run_offline_benchmark(args: argparse.Namespace) -> list[OfflineResult]:
         "rounds": args.rounds,
         "results": [asdict(r) for r in results],
     }
-    path = write_results("offline", device, payload, args.result_dir)
+    path = write_results(
+        "offline", device, payload, args.result_dir, command=getattr(args, "command_line", None)
+    )
     print(f"wrote {path}")
     print(markdown_table(results))
     from adaptserve.bench.plot import plot_after_run

@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -41,7 +42,10 @@ def device_tag(device: torch.device) -> str:
 
 def git_commit() -> str:
     """The checkout's short commit (+"-dirty" with uncommitted changes to tracked files). A copy of
-    the tree without .git (a remote GPU box) reads it from ADAPTSERVE_GIT_COMMIT instead."""
+    the tree (a remote GPU box, whose .git may be missing or stale) names it in ADAPTSERVE_GIT_COMMIT,
+    which wins when set."""
+    if os.environ.get("ADAPTSERVE_GIT_COMMIT"):
+        return os.environ["ADAPTSERVE_GIT_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
@@ -56,7 +60,7 @@ def git_commit() -> str:
             return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass
-    return os.environ.get("ADAPTSERVE_GIT_COMMIT", "unknown")
+    return "unknown"
 
 
 def write_results(
@@ -67,17 +71,18 @@ def write_results(
     *,
     device_description: str | None = None,
     file_stem: str | None = None,
+    command: str | None = None,
 ) -> Path:
     """Write `<benchmark>-<device tag>.json` (or `<file_stem>.json`) with the run's provenance first.
 
     `device_description` names the device when it is not this process's (a client benchmarking a
-    server elsewhere)."""
+    server elsewhere); `command` is the command line as typed (the CLI passes it)."""
     record = {
         "benchmark": benchmark,
         "device": device_description or device_name(device),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
-        "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+        "command": command or shlex.join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
         "torch": torch.__version__,
         **payload,
     }

@@ -293,4 +293,5 @@ def _write(args: argparse.Namespace, payload: dict[str, Any]):
         args.result_dir,
         device_description=args.device_name,
         file_stem=args.result_name,
+        command=getattr(args, "command_line", None),
     )
