@@ -133,6 +133,8 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
 
     targets = await _targets(args)
     bodies = {t.label: [request_body(t, r, args.ignore_eos, tokenizer) for r in requests] for t in targets}
+    for target in targets:
+        await _initial_test(target, requests[0], args, tokenizer)
     runs = []
     for rate in rates:
         process = _arrival_process(args, requests, rate)
@@ -142,7 +144,6 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
 
             save_trace(args.save_trace, requests, times)
         for target in targets:
-            await _initial_test(target, requests[0], args, tokenizer)
             desc = f"{target.label} @ {_rate_text(rate)} req/s"
             outcomes, duration = await _benchmark(target, requests, bodies[target.label], times, args, desc)
             metrics = calculate_metrics(outcomes, duration, metrics_names, percentiles, goodput)
