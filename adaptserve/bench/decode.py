@@ -19,7 +19,6 @@ transformers compiles_while_timing (torch.compile graphs made inside timed calls
 from __future__ import annotations
 
 import argparse
-import gc
 import math
 import statistics
 import time
@@ -29,7 +28,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from adaptserve.bench.offline import random_prompts, sync
+from adaptserve.bench.offline import free_memory, random_prompts, sync
 from adaptserve.bench.results import RESULTS_DIR, write_results
 from adaptserve.model.config import ModelArchConfig
 
@@ -125,7 +124,7 @@ def run_decode_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             rows.append(floor.row(OURS, batch_size, samples))
             bar.update(1)
         del llm
-        _free_memory(device)  # our weights and KV cache leave before transformers' arrive
+        free_memory(device)  # our weights and KV cache leave before transformers' arrive
         if variants and hf_sizes:
             rows += _transformers_rows(
                 checkpoint, dtype, device, variants, hf_sizes, prompts, floor, args, bar
@@ -273,14 +272,8 @@ def _transformers_rows(checkpoint, dtype, device, variants, hf_sizes, prompts, f
             rows.append(floor.row(engine, batch_size, samples, compiles_while_timing=compiles))
             bar.update(1)
     del model
-    _free_memory(device)
+    free_memory(device)
     return rows
-
-
-def _free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 # ---- parsing and reporting ----------------------------------------------------------------------------

@@ -12,6 +12,7 @@ the whole run; the compilation is paid in a warm-up batch before timing.
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import statistics
 import time
@@ -57,6 +58,13 @@ def random_prompts(num: int, length: int, vocab_size: int, seed: int) -> list[li
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device) -> None:
+    """Let one engine's weights and caches go before the next engine's arrive."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 class AdaptserveRunner:
@@ -149,7 +157,7 @@ def run_offline_benchmark(args: argparse.Namespace) -> list[OfflineResult]:
     ours.run(warmup)  # first calls pay for allocation and kernel choice
     elapsed = {"adaptserve": [ours.run(requests) for _ in tqdm(range(args.rounds), desc="adaptserve")]}
     del llm, ours
-    _free(device)  # our weights and KV cache leave before transformers' arrive
+    free_memory(device)  # our weights and KV cache leave before transformers' arrive
     variants = parse_baselines(args.baselines)
     if variants:
         model = transformers_model(checkpoint, dtype, device)
@@ -161,7 +169,7 @@ def run_offline_benchmark(args: argparse.Namespace) -> list[OfflineResult]:
             name = f"transformers-{variant}"
             elapsed[name] = [runner.run(requests) for _ in tqdm(range(args.rounds), desc=name)]
         del model
-        _free(device)
+        free_memory(device)
     results = [_result(name, dtype_name, samples, requests) for name, samples in elapsed.items()]
     for r in results:
         print(_row(r))
@@ -186,14 +194,6 @@ def run_offline_benchmark(args: argparse.Namespace) -> list[OfflineResult]:
 
     plot_after_run(path)
     return results
-
-
-def _free(device: torch.device) -> None:
-    import gc
-
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def _result(engine: str, dtype: str, samples: list[float], requests: list[BenchRequest]) -> OfflineResult:
