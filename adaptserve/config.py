@@ -42,16 +42,52 @@ class SchedulerConfig:
 
 
 @dataclass
+class PrecisionConfig:
+    weight_formats: tuple[str, ...] = ()  # extra weight formats held beside the native ones: bf16, fp8, int4
+    precision_policy: str = "native"  # native | bf16 | fp8 | int4 (every step) | adaptive (per decode step)
+    int4_group_size: int = 128  # weights per int4 scale/zero group (a divisor of each row is used)
+    quality_budget: float = 0.99  # adaptive: least top-1 agreement of low-precision steps with native ones
+    shadow_rate: float = 0.1  # adaptive: share of low-precision decode steps re-run natively to measure it
+
+    def formats_needed(self) -> tuple[str, ...]:
+        """The formats to build: those asked for, the fixed policy's, and fp8 + int4 for adaptive."""
+        formats = list(self.weight_formats)
+        if self.precision_policy == "adaptive" and not formats:
+            formats = ["fp8", "int4"]
+        elif self.precision_policy not in ("native", "adaptive") and self.precision_policy not in formats:
+            formats.append(self.precision_policy)
+        return tuple(formats)
+
+
+@dataclass
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        c, s, m = self.cache, self.scheduler, self.model
+        c, s, m, p = self.cache, self.scheduler, self.model, self.precision
+        p.weight_formats = tuple(p.weight_formats)
+        for name in p.weight_formats:
+            _require(name in _WEIGHT_FORMATS, "precision.weight_formats", name, "bf16, fp8 or int4")
+        _require(
+            p.precision_policy in ("native", "adaptive", *_WEIGHT_FORMATS),
+            "precision.precision_policy",
+            p.precision_policy,
+            "native, bf16, fp8, int4 or adaptive",
+        )
+        _require(
+            p.int4_group_size in (32, 64, 128, 256),
+            "precision.int4_group_size",
+            p.int4_group_size,
+            "32, 64, 128 or 256",
+        )
+        _require(0 < p.quality_budget <= 1, "precision.quality_budget", p.quality_budget, "(0, 1]")
+        _require(0 <= p.shadow_rate <= 1, "precision.shadow_rate", p.shadow_rate, "[0, 1]")
         _require(
             c.block_size in (8, 16, 32, 64, 128), "cache.block_size", c.block_size, "8, 16, 32, 64 or 128"
         )
@@ -100,7 +136,7 @@ class EngineConfig:
         for name, value in data.items():
             if name not in sections:
                 raise ConfigError(f"unknown config section {name!r}; known: {sorted(sections)}")
-            section_cls = {"model": ModelConfig, "cache": CacheConfig, "scheduler": SchedulerConfig}[name]
+            section_cls = _SECTIONS[name]
             kwargs[name] = _section_from_dict(section_cls, name, value)
         return cls(**kwargs)
 
@@ -109,11 +145,7 @@ class EngineConfig:
         """Build from flat keyword arguments (as `LLM(...)` takes them): each key belongs to one section."""
         owners = {
             f.name: section
-            for section, section_cls in (
-                ("model", ModelConfig),
-                ("cache", CacheConfig),
-                ("scheduler", SchedulerConfig),
-            )
+            for section, section_cls in _SECTIONS.items()
             for f in dataclasses.fields(section_cls)
         }
         nested: dict[str, dict[str, Any]] = {}
@@ -122,6 +154,15 @@ class EngineConfig:
                 raise ConfigError(f"unknown engine option {key!r}; known: {sorted(owners)}")
             nested.setdefault(owners[key], {})[key] = value
         return cls.from_dict(nested)
+
+
+_SECTIONS = {
+    "model": ModelConfig,
+    "cache": CacheConfig,
+    "scheduler": SchedulerConfig,
+    "precision": PrecisionConfig,
+}
+_WEIGHT_FORMATS = ("bf16", "fp8", "int4")
 
 
 def _section_from_dict(section_cls: type, section: str, data: dict[str, Any]) -> Any:

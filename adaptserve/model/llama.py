@@ -15,6 +15,7 @@ from adaptserve.kernels.attention.metadata import AttentionMetadata
 from adaptserve.kernels.attention.registry import AttentionBackend
 from adaptserve.kernels.linear import linear
 from adaptserve.model.config import ModelArchConfig
+from adaptserve.model.projection import NATIVE, Projection
 from adaptserve.model.rope import RotaryEmbedding, apply_rope
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # ([blocks, block_size, KVH, D], same) for one layer
@@ -43,8 +44,8 @@ class Attention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         self.scale = self.head_dim**-0.5
-        self.qkv_proj = nn.Linear(arch.hidden_size, self.q_size + 2 * self.kv_size, bias=arch.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, arch.hidden_size, bias=arch.o_proj_bias)
+        self.qkv_proj = Projection(arch.hidden_size, self.q_size + 2 * self.kv_size, bias=arch.attention_bias)
+        self.o_proj = Projection(self.q_size, arch.hidden_size, bias=arch.o_proj_bias)
         self.q_norm = RMSNorm(self.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, arch.rms_norm_eps) if arch.qk_norm else None
 
@@ -55,11 +56,10 @@ class Attention(nn.Module):
         kv_cache: KVCache,
         meta: AttentionMetadata,
         backend: AttentionBackend,
+        precision: str = NATIVE,
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
-        q, k, v = linear(x, self.qkv_proj.weight, self.qkv_proj.bias).split(
-            [self.q_size, self.kv_size, self.kv_size], dim=-1
-        )
+        q, k, v = self.qkv_proj(x, precision).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(num_tokens, self.num_heads, self.head_dim)  # [T, H, D]
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
@@ -69,19 +69,19 @@ class Attention(nn.Module):
         k_cache, v_cache = kv_cache
         backend.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
         o = backend.attend(q, k, v, k_cache, v_cache, meta, self.scale)  # [T, H, D]
-        return linear(o.reshape(num_tokens, self.q_size), self.o_proj.weight, self.o_proj.bias)
+        return self.o_proj(o.reshape(num_tokens, self.q_size), precision)
 
 
 class MLP(nn.Module):
     def __init__(self, arch: ModelArchConfig):
         super().__init__()
         self.intermediate_size = arch.intermediate_size
-        self.gate_up_proj = nn.Linear(arch.hidden_size, 2 * arch.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(arch.intermediate_size, arch.hidden_size, bias=False)
+        self.gate_up_proj = Projection(arch.hidden_size, 2 * arch.intermediate_size, bias=False)
+        self.down_proj = Projection(arch.intermediate_size, arch.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = linear(x, self.gate_up_proj.weight).split(self.intermediate_size, dim=-1)  # [T, I] each
-        return linear(F.silu(gate) * up, self.down_proj.weight)
+    def forward(self, x: torch.Tensor, precision: str = NATIVE) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x, precision).split(self.intermediate_size, dim=-1)  # [T, I] each
+        return self.down_proj(F.silu(gate) * up, precision)
 
 
 class DecoderLayer(nn.Module):
@@ -92,9 +92,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.mlp = MLP(arch)
 
-    def forward(self, x, rope, kv_cache, meta, backend):
-        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta, backend)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, rope, kv_cache, meta, backend, precision: str = NATIVE):
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta, backend, precision)
+        return x + self.mlp(self.post_attention_layernorm(x), precision)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -116,12 +116,14 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[KVCache],
         meta: AttentionMetadata,
         backend: AttentionBackend,
+        precision: str = NATIVE,
     ) -> torch.Tensor:
-        """input_ids, positions: [T] -> hidden states [T, hidden]."""
+        """input_ids, positions: [T] -> hidden states [T, hidden], the projections computed in
+        `precision` (a weight format the model holds; see model/projection.py)."""
         x = self.embed_tokens(input_ids)  # [T, hidden]
         rope = self.rotary.lookup(positions, x.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, rope, kv_cache, meta, backend)
+            x = layer(x, rope, kv_cache, meta, backend, precision)
         return self.norm(x)
 
     def rebuild_rope(self, max_positions: int, device: torch.device) -> None:

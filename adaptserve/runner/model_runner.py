@@ -10,9 +10,11 @@ from adaptserve.kernels.attention.registry import get_backend
 from adaptserve.model.config import ModelArchConfig
 from adaptserve.model.llama import LlamaForCausalLM
 from adaptserve.model.loaders import LoadedCheckpoint
+from adaptserve.model.projection import quantize_model
 from adaptserve.runner.device import resolve_device, resolve_dtype
 from adaptserve.runner.inputs import prepare_inputs
 from adaptserve.runner.memory import num_kv_blocks
+from adaptserve.runner.precision import StepPrecision
 from adaptserve.runner.sampler import Sampler, SamplingMetadata
 
 
@@ -34,6 +36,10 @@ class ModelRunner:
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         self.block_size = config.cache.block_size
         self.model = build_model(checkpoint, max_model_len, self.device, self.dtype, config.model.seed)
+        formats = config.precision.formats_needed()
+        # bytes held per weight format over the projections (the extra formats cost memory)
+        self.format_bytes = quantize_model(self.model, formats, config.precision.int4_group_size)
+        self.precision = StepPrecision(config.precision, formats)
         self.backend = get_backend(attention_backend)
         self.num_blocks = num_kv_blocks(config.cache, self.arch, self.dtype, self.device)
         self.kv_caches = self._allocate_kv_caches()
@@ -57,12 +63,18 @@ class ModelRunner:
         if scheduler_output.is_empty:
             return RunnerOutput([], [], [])
         inputs = prepare_inputs(scheduler_output.sequences, self.block_size, self.device)
-        hidden = self.model(
-            inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn, self.backend
-        )  # [T, H]
+        precision = self.precision.choose(not inputs.attn.prefills)
+
+        def logits_in(step_precision: str) -> torch.Tensor:
+            hidden = self.model(
+                inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn, self.backend, step_precision
+            )  # [T, H]
+            return self.model.compute_logits(hidden[inputs.sample_rows])  # [N, V] float32
+
+        logits = logits_in(precision)
         if not inputs.sampled_sequences:
             return RunnerOutput([], [], [])
-        logits = self.model.compute_logits(hidden[inputs.sample_rows])  # [N, V] float32
+        self.precision.observe(logits, precision, logits_in)
         seqs = inputs.sampled_sequences
         metadata = SamplingMetadata(
             params=[s.sampling_params for s in seqs],
