@@ -21,6 +21,15 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument("--kv-cache-memory-gib", type=float, default=None, help="KV budget; default: auto")
+    parser.add_argument(
+        "--precision-policy",
+        default="native",
+        choices=["native", "bf16", "fp8", "int4", "adaptive"],
+        help="weight precision of every step, or adaptive per decode step from the model's confidence",
+    )
+    parser.add_argument(
+        "--weight-formats", default="", help="extra weight formats to hold, e.g. fp8,int4 (memory permitting)"
+    )
 
 
 def _engine_options(args: argparse.Namespace) -> dict:
@@ -33,6 +42,8 @@ def _engine_options(args: argparse.Namespace) -> dict:
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "enable_prefix_caching": not args.no_prefix_caching,
         "kv_cache_memory_gib": args.kv_cache_memory_gib,
+        "precision_policy": args.precision_policy,
+        "weight_formats": tuple(f for f in args.weight_formats.split(",") if f),
     }
 
 

@@ -116,3 +116,14 @@ def test_prompts_file_with_json_gives_one_line_per_prompt(capsys, tmp_path):
         assert set(record) == {"prompt", "text", "finish_reason"}
         assert record["text"].strip() and record["finish_reason"] in ("stop", "length")
     assert "Paris" in records[0]["text"]
+
+
+def test_precision_flags_reach_the_engine_options():
+    from adaptserve.cli import _engine_options, build_parser
+    from adaptserve.config import EngineConfig
+
+    args = build_parser().parse_args(["serve", "--precision-policy", "adaptive", "--weight-formats", "fp8"])
+    options = _engine_options(args)
+    assert options["precision_policy"] == "adaptive" and options["weight_formats"] == ("fp8",)
+    options.pop("model")
+    assert EngineConfig.from_flat(**options).precision.formats_needed() == ("fp8",)
