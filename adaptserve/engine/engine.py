@@ -156,6 +156,8 @@ class LLMEngine:
             request = self.scheduler.requests[seq.request_id]
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = start
+        # memory pressure for the precision policy: the share of KV blocks in use after scheduling
+        self.runner.precision.memory_pressure = self.kv_cache.usage
         runner_output = self.runner.execute(scheduler_output)
         updated = self.scheduler.update_from_output(scheduler_output, runner_output)
         now = time.monotonic()

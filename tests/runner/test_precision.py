@@ -43,3 +43,10 @@ def test_precision_config_errors_name_the_field():
     with pytest.raises(ConfigError, match="precision.shadow_rate"):
         EngineConfig.from_flat(shadow_rate=2.0)
     assert EngineConfig.from_flat(precision_policy="int4").precision.formats_needed() == ("int4",)
+
+
+def test_kv_memory_pressure_reaches_the_policy():
+    # 16 KV blocks of 16 tokens: 4 requests of 4 prompt + up to 12 output tokens hold one block each
+    llm = LLM("tiny", device="cpu", num_blocks=16, max_model_len=64, precision_policy="adaptive")
+    llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    assert llm.engine.runner.precision.memory_pressure == 0.25
