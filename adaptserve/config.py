@@ -41,6 +41,9 @@ class SchedulerConfig:
     policy: str = "fcfs"  # fcfs | priority
 
 
+WEIGHT_FORMATS = ("bf16", "fp8", "int4")  # weight formats a model may hold besides its own, high to low
+
+
 @dataclass
 class PrecisionConfig:
     weight_formats: tuple[str, ...] = ()  # extra weight formats held beside the native ones: bf16, fp8, int4
@@ -73,9 +76,9 @@ class EngineConfig:
         c, s, m, p = self.cache, self.scheduler, self.model, self.precision
         p.weight_formats = tuple(p.weight_formats)
         for name in p.weight_formats:
-            _require(name in _WEIGHT_FORMATS, "precision.weight_formats", name, "bf16, fp8 or int4")
+            _require(name in WEIGHT_FORMATS, "precision.weight_formats", name, "bf16, fp8 or int4")
         _require(
-            p.precision_policy in ("native", "adaptive", *_WEIGHT_FORMATS),
+            p.precision_policy in ("native", "adaptive", *WEIGHT_FORMATS),
             "precision.precision_policy",
             p.precision_policy,
             "native, bf16, fp8, int4 or adaptive",
@@ -162,7 +165,6 @@ _SECTIONS = {
     "scheduler": SchedulerConfig,
     "precision": PrecisionConfig,
 }
-_WEIGHT_FORMATS = ("bf16", "fp8", "int4")
 
 
 def _section_from_dict(section_cls: type, section: str, data: dict[str, Any]) -> Any:

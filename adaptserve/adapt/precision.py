@@ -13,11 +13,11 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from adaptserve.adapt.quality import QualityMonitor
-from adaptserve.config import ConfigError
+from adaptserve.config import WEIGHT_FORMATS, ConfigError
 
 __all__ = ["PRECISIONS", "PrecisionController", "PrecisionDecision", "PrecisionPolicyConfig"]
 
-PRECISIONS = ("bf16", "fp8", "int4")  # high to low
+PRECISIONS = WEIGHT_FORMATS  # the controller's levels, high to low
 
 
 def _default_down_thresholds() -> dict[str, float]:

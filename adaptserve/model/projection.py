@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from adaptserve.config import WEIGHT_FORMATS
 from adaptserve.kernels.linear import linear
 from adaptserve.kernels.quant import (
     Fp8Weight,
@@ -23,7 +24,6 @@ from adaptserve.kernels.quant import (
 )
 
 NATIVE = "native"  # the model's own weights and dtype
-WEIGHT_FORMATS = ("bf16", "fp8", "int4")  # the formats a projection may hold besides its native one
 
 
 class Projection(nn.Linear):

@@ -63,7 +63,7 @@ class ModelRunner:
         if scheduler_output.is_empty:
             return RunnerOutput([], [], [])
         inputs = prepare_inputs(scheduler_output.sequences, self.block_size, self.device)
-        precision = self.precision.choose(not inputs.attn.prefills)
+        precision, shadow = self.precision.choose(not inputs.attn.prefills)
 
         def logits_in(step_precision: str) -> torch.Tensor:
             hidden = self.model(
@@ -71,10 +71,11 @@ class ModelRunner:
             )  # [T, H]
             return self.model.compute_logits(hidden[inputs.sample_rows])  # [N, V] float32
 
+        shadow_logits = None if shadow is None else logits_in(shadow)  # first: the served run's KV stays
         logits = logits_in(precision)
         if not inputs.sampled_sequences:
             return RunnerOutput([], [], [])
-        self.precision.observe(logits, precision, logits_in)
+        self.precision.observe(logits, precision, shadow_logits)
         seqs = inputs.sampled_sequences
         metadata = SamplingMetadata(
             params=[s.sampling_params for s in seqs],

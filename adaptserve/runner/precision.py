@@ -1,26 +1,26 @@
 """Which weight format each step runs in, and what each step's logits tell the precision policy.
 
 A fixed policy runs every step in one format. The adaptive policy runs each decode-only step in the
-precision the controller picked from the previous step's confidence (steps with prompt tokens run
-natively, so prompt KV is always full precision). A sample of low-precision steps is shadowed: the
-same inputs run again natively and the top-1 tokens are compared, which feeds the quality budget. The
-shadow run rewrites those tokens' KV with native values, so shadowing can only help what follows.
+precision the controller picked from the previous step's confidence (steps with prompt tokens run at
+the top level, so prompt KV is always full precision). A sample of steps is shadowed to measure the
+quality budget: a low-precision step against a top-level run, and, while the budget holds the top
+level, a top-level step against the next lower format so the measurement can recover. The shadow
+runs before the served run, so the KV cache ends up holding the served precision's values either way.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
 
 import torch
 
 from adaptserve.adapt.confidence import confidence_score, confidence_signals
-from adaptserve.adapt.precision import PrecisionController, PrecisionPolicyConfig
+from adaptserve.adapt.precision import PRECISIONS, PrecisionController, PrecisionPolicyConfig
 from adaptserve.adapt.quality import QualityMonitor
 from adaptserve.config import PrecisionConfig
 from adaptserve.model.projection import NATIVE
 
-TOP = "bf16"  # the controller's highest level: the bf16 copy if held, else the native weights
+TOP = PRECISIONS[0]  # the controller's highest level: the bf16 copy if held, else the native weights
 
 
 class StepPrecision:
@@ -30,45 +30,40 @@ class StepPrecision:
         self.controller: PrecisionController | None = None
         self.quality: QualityMonitor | None = None
         if self.adaptive:
-            available = (TOP, *(f for f in ("fp8", "int4") if f in held_formats))
+            available = tuple(p for p in PRECISIONS if p == TOP or p in held_formats)
             self.quality = QualityMonitor(budget=config.quality_budget, shadow_rate=config.shadow_rate)
             self.controller = PrecisionController(PrecisionPolicyConfig(available=available), self.quality)
         self.memory_pressure = 0.0  # set by the engine from KV-cache use before each step
         self.steps_by_precision: Counter[str] = Counter()
         self.last_score: float | None = None
 
-    def choose(self, decode_only: bool) -> str:
-        """The format this step runs in."""
+    def choose(self, decode_only: bool) -> tuple[str, str | None]:
+        """(the format this step is served in, the format to shadow it with or None)."""
         if not self.adaptive:
-            precision = self.fixed
-        elif not decode_only:
-            precision = TOP
-        else:
-            precision = self.controller.precision
+            self.steps_by_precision[self.fixed] += 1
+            return self.fixed, None
+        precision = self.controller.precision if decode_only else TOP
         self.steps_by_precision[precision] += 1
-        return precision
+        lower = self.controller.config.available[1:]
+        if precision != TOP:
+            shadow = TOP
+        elif decode_only and lower and not self.quality.within_budget:
+            shadow = lower[0]
+        else:
+            return precision, None
+        return precision, shadow if self.quality.should_shadow() else None
 
-    def observe(self, logits: torch.Tensor, precision: str, run: Callable[[str], torch.Tensor]) -> None:
-        """After a step: shadow it if sampled, then let the controller pick the next step's precision.
-        logits: [N, V] of the sampled rows; run(p) re-runs the step in precision p.
-
-        A low-precision step is shadowed by a native run. While the quality budget holds the top
-        level, top-level steps are shadowed by a run in the next lower format instead, so the window
-        can recover (no low-precision steps are served meanwhile)."""
+    def observe(self, logits: torch.Tensor, precision: str, shadow_logits: torch.Tensor | None) -> None:
+        """After a step: record the shadow comparison, then let the controller pick the next step's
+        precision from the least confident sequence. logits, shadow_logits: [N, V] of the sampled rows."""
         if not self.adaptive or logits.shape[0] == 0:
             return
-        lower = self.controller.config.available[1:]
-        if precision != TOP and self.quality.should_shadow():
-            self._record_agreement(run(TOP), logits)
-        elif precision == TOP and lower and not self.quality.within_budget and self.quality.should_shadow():
-            self._record_agreement(logits, run(lower[0]))
-        score = float(confidence_score(confidence_signals(logits)).min())  # the least confident sequence
-        self.last_score = score
-        self.controller.decide(score, self.memory_pressure)
-
-    def _record_agreement(self, reference: torch.Tensor, low: torch.Tensor) -> None:
-        agree = int((reference.argmax(-1) == low.argmax(-1)).sum())  # top-1 tokens that match
-        self.quality.record(agree, reference.shape[0])
+        if shadow_logits is not None:
+            reference, low = (logits, shadow_logits) if precision == TOP else (shadow_logits, logits)
+            agree = int((reference.argmax(-1) == low.argmax(-1)).sum())  # top-1 tokens that match
+            self.quality.record(agree, logits.shape[0])
+        self.last_score = float(confidence_score(confidence_signals(logits)).min())
+        self.controller.decide(self.last_score, self.memory_pressure)
 
     def summary(self) -> dict[str, float | int | str]:
         """Plain numbers for stats and metrics."""
