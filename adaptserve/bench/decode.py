@@ -29,12 +29,11 @@ import torch
 from tqdm.auto import tqdm
 
 from adaptserve.bench.offline import free_memory, random_prompts, sync
-from adaptserve.bench.results import RESULTS_DIR, write_results
+from adaptserve.bench.results import DEFAULT_MODEL_LABEL, RESULTS_DIR, write_results
 from adaptserve.model.config import ModelArchConfig
 
 OURS = "adaptserve"
 WARMUP_STEPS = 2  # untimed decode steps at each batch size before the timed ones
-DEFAULT_MODEL_LABEL = "SmolLM2-135M-Instruct (embedded GGUF, Q4_1 dequantized)"
 
 
 def add_decode_args(parser: argparse.ArgumentParser) -> None:

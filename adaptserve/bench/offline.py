@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import argparse
 import gc
-import itertools
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from adaptserve.bench.results import write_results
+from adaptserve.bench.results import DEFAULT_MODEL_LABEL, write_results
 from adaptserve.bench.workload_args import add_workload_args, workload_from_args
 from adaptserve.bench.workloads import BenchRequest
 
@@ -75,7 +73,6 @@ class AdaptserveRunner:
 
         self.llm = llm
         self._params = lambda n: SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
-        self._ids = itertools.count()
 
     def run(self, requests: list[BenchRequest]) -> float:
         window = self.llm.engine.max_model_len
@@ -174,7 +171,7 @@ def run_offline_benchmark(args: argparse.Namespace) -> list[OfflineResult]:
     for r in results:
         print(_row(r))
     payload = {
-        "model": args.model or "SmolLM2-135M-Instruct (embedded GGUF, Q4_1 dequantized)",
+        "model": args.model or DEFAULT_MODEL_LABEL,
         "workload": {**workload.describe(), "num_prompts": args.num_prompts, "seed": args.seed},
         "engine_options": {
             "max_num_seqs": args.max_num_seqs,
@@ -226,8 +223,3 @@ def markdown_table(results: list[OfflineResult]) -> str:
         for r in results
     ]
     return "\n".join(lines)
-
-
-def results_table(payload: dict[str, Any]) -> str:
-    """The markdown table of a saved offline JSON."""
-    return markdown_table([OfflineResult(**r) for r in payload["results"]])

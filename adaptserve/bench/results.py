@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 RESULTS_DIR = Path("docs/benchmarks")
+DEFAULT_MODEL_LABEL = "SmolLM2-135M-Instruct (embedded GGUF, Q4_1 dequantized)"  # --model not given
 
 
 def device_name(device: torch.device) -> str:

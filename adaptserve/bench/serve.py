@@ -102,7 +102,7 @@ def parse_options(items: list[str], flag: str) -> dict[str, float]:
     return options
 
 
-def parse_baselines(items: list[str]) -> list[tuple[str, str]]:
+def parse_baseline_servers(items: list[str]) -> list[tuple[str, str]]:
     pairs = []
     for item in items:
         name, sep, url = item.partition("=")
@@ -127,8 +127,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     vocab_size = args.vocab_size or vocab_size
     workload = workload_from_args(args, vocab_size, tokenizer)
     requests = workload.requests(args.num_prompts, args.seed)
-    traced = requests[0].arrival_s is not None
-    if traced:
+    if requests[0].arrival_s is not None:
         rates = [math.nan]  # the trace's own times; one run per target
 
     targets = await _targets(args)
@@ -154,7 +153,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
     payload = {
         "backend": args.backend,
         "model": targets[0].model,
-        "workload": {**_jsonable(workload.describe()), "num_prompts": args.num_prompts, "seed": args.seed},
+        "workload": {**workload.describe(), "num_prompts": args.num_prompts, "seed": args.seed},
         "arrivals": runs[0]["arrivals"],
         "ignore_eos": args.ignore_eos,
         "goodput_slos_ms": goodput,
@@ -171,7 +170,7 @@ async def _run(args: argparse.Namespace) -> dict[str, Any]:
 
 async def _targets(args: argparse.Namespace) -> list[Target]:
     chat = args.backend == "openai-chat"
-    pairs = [(args.label, args.base_url), *parse_baselines(args.baseline)]
+    pairs = [(args.label, args.base_url), *parse_baseline_servers(args.baseline)]
     if len({name for name, _ in pairs}) != len(pairs):
         raise ValueError(f"--label and --baseline names must differ: {[name for name, _ in pairs]}")
     targets = []
@@ -249,7 +248,7 @@ def _run_record(target: Target, process, rate: float, args, metrics: dict[str, A
         "request_rate": "trace" if math.isnan(rate) else arrival_processes.json_rate(rate),
         "burstiness": args.burstiness,
         "max_concurrency": args.max_concurrency,
-        "arrivals": _jsonable(process.describe()),
+        "arrivals": process.describe(),
     }
     errors = metrics.pop("errors")
     itls = metrics.pop("itls")
@@ -269,16 +268,6 @@ def _error_kind(error: str) -> str:
 
 def _rate_text(rate: float) -> str:
     return "trace" if math.isnan(rate) else "inf" if math.isinf(rate) else f"{rate:g}"
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and math.isinf(value):
-        return "inf"
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 def _write(args: argparse.Namespace, payload: dict[str, Any]):
