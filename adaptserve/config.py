@@ -62,18 +62,49 @@ class PrecisionConfig:
         return tuple(formats)
 
 
+ATTENTION_BACKENDS = ("auto", "torch_ref", "triton", "flex")
+AUTOTUNE_MODES = ("off", "cache", "online")
+
+
+@dataclass
+class KernelConfig:
+    attention_backend: str = "auto"  # auto (Triton on CUDA, reference on CPU) | torch_ref | triton | flex
+    cuda_graphs: bool = True  # replay decode steps from CUDA graphs (CUDA with a graph-safe backend)
+    cuda_graph_max_batch: int | None = None  # largest captured decode batch; None = max_num_seqs
+    autotune: str = "cache"  # off | cache (reuse saved choices) | online (also tune while serving)
+    kernel_cache: str | None = None  # file of saved kernel choices; None = ~/.cache/adaptserve/kernels.json
+    pins: tuple[str, ...] = ()  # "op=variant" forced choices, e.g. "decode_attention=torch_ref"
+
+
 @dataclass
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    kernels: KernelConfig = field(default_factory=KernelConfig)
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        c, s, m, p = self.cache, self.scheduler, self.model, self.precision
+        c, s, m, p, k = self.cache, self.scheduler, self.model, self.precision, self.kernels
+        k.pins = tuple(k.pins)
+        _require(
+            k.attention_backend in ATTENTION_BACKENDS,
+            "kernels.attention_backend",
+            k.attention_backend,
+            ", ".join(ATTENTION_BACKENDS),
+        )
+        _require(k.autotune in AUTOTUNE_MODES, "kernels.autotune", k.autotune, ", ".join(AUTOTUNE_MODES))
+        _require(
+            k.cuda_graph_max_batch is None or k.cuda_graph_max_batch >= 1,
+            "kernels.cuda_graph_max_batch",
+            k.cuda_graph_max_batch,
+            ">= 1",
+        )
+        for pin in k.pins:
+            _require(pin.count("=") == 1, "kernels.pins", pin, "entries of the form op=variant")
         p.weight_formats = tuple(p.weight_formats)
         for name in p.weight_formats:
             _require(name in WEIGHT_FORMATS, "precision.weight_formats", name, "bf16, fp8 or int4")
@@ -164,6 +195,7 @@ _SECTIONS = {
     "cache": CacheConfig,
     "scheduler": SchedulerConfig,
     "precision": PrecisionConfig,
+    "kernels": KernelConfig,
 }
 
 

@@ -1,9 +1,14 @@
 import os
 
-import pytest
 import torch
 
-from adaptserve.model.loaders import load_checkpoint
+if not torch.cuda.is_available():
+    # Triton kernels run under its interpreter on the CPU; it must be set before triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from adaptserve.model.loaders import load_checkpoint  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

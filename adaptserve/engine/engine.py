@@ -38,6 +38,7 @@ class LLMEngine:
             self.tokenizer.eos_token_ids if self.tokenizer else checkpoint.arch.eos_token_ids
         )
         self.runner = ModelRunner(config, checkpoint, self.max_model_len, self.eos_token_ids)
+        self.runner.warm_up()
         capacity = self.runner.num_blocks * config.cache.block_size
         if capacity < self.max_model_len:
             raise ValueError(

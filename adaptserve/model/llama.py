@@ -14,9 +14,10 @@ from torch import nn
 from adaptserve.kernels.attention.metadata import AttentionMetadata
 from adaptserve.kernels.attention.registry import AttentionBackend
 from adaptserve.kernels.linear import linear
+from adaptserve.kernels.norm import rms_norm
 from adaptserve.model.config import ModelArchConfig
 from adaptserve.model.projection import NATIVE, Projection
-from adaptserve.model.rope import RotaryEmbedding, apply_rope
+from adaptserve.model.rope import RopeContext, RotaryEmbedding
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # ([blocks, block_size, KVH, D], same) for one layer
 
@@ -27,14 +28,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        # as transformers does it: statistics in float32, then scale in the model dtype (F.rms_norm
-        # is slow for bfloat16 on CPU)
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """x: [..., dim] -> normed; with `residual`: (norm(residual + x), residual + x)."""
+        if x.dim() != 2:  # per-head q/k norms: [T, heads, D]
+            return rms_norm(x.reshape(-1, x.shape[-1]), self.weight, self.eps).view(x.shape)
+        return rms_norm(x, self.weight, self.eps, residual)
 
 
 class Attention(nn.Module):
@@ -52,7 +50,7 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor],
+        rope: RopeContext,
         kv_cache: KVCache,
         meta: AttentionMetadata,
         backend: AttentionBackend,
@@ -65,9 +63,8 @@ class Attention(nn.Module):
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)  # [T, KVH, D]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         k_cache, v_cache = kv_cache
-        backend.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        q, k = backend.rope_and_write_kv(q, k, v, rope, k_cache, v_cache, meta)
         o = backend.attend(q, k, v, k_cache, v_cache, meta, self.scale)  # [T, H, D]
         return self.o_proj(o.reshape(num_tokens, self.q_size), precision)
 
@@ -92,9 +89,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
         self.mlp = MLP(arch)
 
-    def forward(self, x, rope, kv_cache, meta, backend, precision: str = NATIVE):
-        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta, backend, precision)
-        return x + self.mlp(self.post_attention_layernorm(x), precision)
+    def forward(self, x, residual, rope, kv_cache, meta, backend, precision: str = NATIVE):
+        """x: [T, hidden] the previous layer's output, residual: the stream before it (None for the
+        first layer) -> (this layer's output, the stream before it); the adds are fused into the norms."""
+        if residual is None:
+            x, residual = self.input_layernorm(x), x
+        else:
+            x, residual = self.input_layernorm(x, residual)
+        x = self.self_attn(x, rope, kv_cache, meta, backend, precision)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x, precision), residual
 
 
 class LlamaForCausalLM(nn.Module):
@@ -121,10 +125,11 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions: [T] -> hidden states [T, hidden], the projections computed in
         `precision` (a weight format the model holds; see model/projection.py)."""
         x = self.embed_tokens(input_ids)  # [T, hidden]
-        rope = self.rotary.lookup(positions, x.dtype)
+        rope = self.rotary.context(positions, x.dtype)
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, rope, kv_cache, meta, backend, precision)
-        return self.norm(x)
+            x, residual = layer(x, residual, rope, kv_cache, meta, backend, precision)
+        return self.norm(x, residual)[0]
 
     def rebuild_rope(self, max_positions: int, device: torch.device) -> None:
         """Recompute the cos/sin tables (needed after building on the meta device)."""

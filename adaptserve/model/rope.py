@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -53,10 +54,33 @@ class RotaryEmbedding(torch.nn.Module):
         self.register_buffer("cos_table", emb.cos(), persistent=False)
         self.register_buffer("sin_table", emb.sin(), persistent=False)
 
+    def context(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeContext:
+        return RopeContext(positions, dtype, self.cos_table, self.sin_table)
+
     def lookup(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         cos = self.cos_table[positions].to(dtype)  # [T, D]
         sin = self.sin_table[positions].to(dtype)  # [T, D]
         return cos[:, None, :], sin[:, None, :]  # [T, 1, D] to broadcast over heads
+
+
+@dataclass
+class RopeContext:
+    """One step's rotary inputs: the positions and the tables; the per-token cos/sin rows are looked
+    up once, on first use (a fused kernel reads the tables directly and never needs them)."""
+
+    positions: torch.Tensor  # [T]
+    dtype: torch.dtype
+    cos_table: torch.Tensor  # [P, D] float32
+    sin_table: torch.Tensor  # [P, D] float32
+    _rows: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    def lookup(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin: [T, 1, D] in the model dtype."""
+        if self._rows is None:
+            cos = self.cos_table[self.positions].to(self.dtype)  # [T, D]
+            sin = self.sin_table[self.positions].to(self.dtype)  # [T, D]
+            self._rows = (cos[:, None, :], sin[:, None, :])
+        return self._rows
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

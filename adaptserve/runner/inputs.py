@@ -1,13 +1,41 @@
-"""Turn a SchedulerOutput into the flat tensors one forward pass needs."""
+"""Turn a SchedulerOutput into the flat tensors one forward pass needs.
+
+Everything is built on the host with numpy (a few vectorised operations, no per-token Python) and
+goes to the device in one copy per tensor; nothing here waits on the device.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from adaptserve.engine.outputs import ScheduledSequence
 from adaptserve.kernels.attention.metadata import AttentionMetadata, PrefillSequence
+
+
+@dataclass
+class HostBatch:
+    """One step's batch on the host, in batch order (decodes first, then prefills)."""
+
+    sequences: list[ScheduledSequence]
+    num_decodes: int
+    input_ids: np.ndarray  # [T] int64
+    positions: np.ndarray  # [T] int64
+    slot_mapping: np.ndarray  # [T] int64
+    block_table: np.ndarray  # [S, max_blocks] int32
+    context_lens: np.ndarray  # [S] int32
+    query_start_loc: np.ndarray  # [S + 1] int32
+    sample_rows: np.ndarray  # [N] int64 rows whose logits are sampled
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.num_decodes == len(self.sequences)
 
 
 @dataclass
@@ -24,60 +52,77 @@ def order_for_batch(sequences: list[ScheduledSequence]) -> list[ScheduledSequenc
     return [s for s in sequences if len(s.token_ids) == 1] + [s for s in sequences if len(s.token_ids) > 1]
 
 
-def prepare_inputs(sequences: list[ScheduledSequence], block_size: int, device: torch.device) -> ModelInputs:
+def build_host_batch(sequences: list[ScheduledSequence], block_size: int) -> HostBatch:
     sequences = order_for_batch(sequences)
     num_decodes = sum(1 for s in sequences if len(s.token_ids) == 1)
-    input_ids: list[int] = []
-    positions: list[int] = []
-    token_seq_index: list[int] = []
-    sample_rows: list[int] = []
-    for i, seq in enumerate(sequences):
-        num_new = len(seq.token_ids)
-        input_ids += seq.token_ids
-        positions += range(seq.num_computed_tokens, seq.num_computed_tokens + num_new)
-        token_seq_index += [i] * num_new
-        if seq.sample:
-            sample_rows.append(len(input_ids) - 1)
-    block_table = _block_table(sequences)  # [S, max_blocks] on the host
-    positions_t = torch.tensor(positions, dtype=torch.int64)  # [T]
-    seq_index_t = torch.tensor(token_seq_index, dtype=torch.int64)  # [T]
-    slot_mapping = block_table[seq_index_t, positions_t // block_size] * block_size + positions_t % block_size
+    query_lens = np.fromiter((len(s.token_ids) for s in sequences), np.int64, len(sequences))  # [S]
+    starts = np.fromiter((s.num_computed_tokens for s in sequences), np.int64, len(sequences))  # [S]
+    query_start_loc = np.zeros(len(sequences) + 1, np.int32)  # [S + 1]
+    np.cumsum(query_lens, out=query_start_loc[1:])
+    num_tokens = int(query_start_loc[-1])
+    if num_decodes == len(sequences):  # the common decode step: one token per sequence
+        input_ids = np.fromiter((s.token_ids[0] for s in sequences), np.int64, num_tokens)
+        positions, seq_index = starts, np.arange(num_tokens)
+    else:
+        input_ids = np.fromiter((t for s in sequences for t in s.token_ids), np.int64, num_tokens)
+        seq_index = np.repeat(np.arange(len(sequences)), query_lens)  # [T]
+        positions = np.arange(num_tokens) - query_start_loc[:-1][seq_index] + starts[seq_index]  # [T]
+    block_table = _block_table(sequences)  # [S, MB]
+    slots = block_table[seq_index, positions // block_size].astype(np.int64) * block_size  # [T]
+    sample_rows = np.fromiter(
+        (query_start_loc[i + 1] - 1 for i, s in enumerate(sequences) if s.sample), np.int64
+    )
+    return HostBatch(
+        sequences=sequences,
+        num_decodes=num_decodes,
+        input_ids=input_ids,
+        positions=positions,
+        slot_mapping=slots + positions % block_size,
+        block_table=block_table,
+        context_lens=(starts + query_lens).astype(np.int32),
+        query_start_loc=query_start_loc,
+        sample_rows=sample_rows,
+    )
 
-    decode_blocks = decode_mask = None
-    if num_decodes:
-        context_lens = torch.tensor([s.num_computed_tokens + 1 for s in sequences[:num_decodes]])  # [N]
-        num_blocks = (int(context_lens.max()) + block_size - 1) // block_size
-        decode_blocks = block_table[:num_decodes, :num_blocks]  # [N, MB]
-        offsets = torch.arange(num_blocks * block_size)  # [L]
-        decode_mask = offsets[None, :] < context_lens[:, None]  # [N, L]
-        decode_blocks, decode_mask = decode_blocks.to(device), decode_mask.to(device)
 
-    prefills = []
-    row = num_decodes
-    for i, seq in enumerate(sequences[num_decodes:], start=num_decodes):
-        num_new = len(seq.token_ids)
-        context_len = seq.num_computed_tokens + num_new
-        offsets = torch.arange(context_len)  # [L]
-        slots = block_table[i, offsets // block_size] * block_size + offsets % block_size  # [L]
-        prefills.append(PrefillSequence(row, num_new, context_len, slots.to(device)))
-        row += num_new
-
-    attn = AttentionMetadata(slot_mapping.to(device), num_decodes, decode_blocks, decode_mask, prefills)
+def to_device(batch: HostBatch, device: torch.device) -> ModelInputs:
+    """The eager path's inputs: tensors sized to this step's batch."""
+    prefills = [
+        PrefillSequence(
+            int(batch.query_start_loc[i]), len(s.token_ids), s.num_computed_tokens + len(s.token_ids)
+        )
+        for i, s in enumerate(batch.sequences[batch.num_decodes :], start=batch.num_decodes)
+    ]
+    attn = AttentionMetadata(
+        slot_mapping=_to(batch.slot_mapping, device),
+        num_decode_tokens=batch.num_decodes,
+        prefills=prefills,
+        block_table=_to(batch.block_table, device),
+        context_lens=_to(batch.context_lens, device),
+        query_start_loc=_to(batch.query_start_loc, device),
+        max_query_len=int((batch.query_start_loc[1:] - batch.query_start_loc[:-1]).max()),
+        max_context_len=int(batch.context_lens.max()),
+    )
     return ModelInputs(
-        input_ids=_tensor(input_ids, device),
-        positions=positions_t.to(device),
+        input_ids=_to(batch.input_ids, device),
+        positions=_to(batch.positions, device),
         attn=attn,
-        sample_rows=_tensor(sample_rows, device),
-        sampled_sequences=[s for s in sequences if s.sample],
+        sample_rows=_to(batch.sample_rows, device),
+        sampled_sequences=[s for s in batch.sequences if s.sample],
     )
 
 
-def _block_table(sequences: list[ScheduledSequence]) -> torch.Tensor:
+def prepare_inputs(sequences: list[ScheduledSequence], block_size: int, device: torch.device) -> ModelInputs:
+    return to_device(build_host_batch(sequences, block_size), device)
+
+
+def _block_table(sequences: list[ScheduledSequence]) -> np.ndarray:
     width = max(len(s.block_ids) for s in sequences)
-    return torch.tensor(
-        [s.block_ids + [0] * (width - len(s.block_ids)) for s in sequences], dtype=torch.int64
-    )
+    table = np.zeros((len(sequences), width), np.int32)  # [S, MB]
+    for row, seq in zip(table, sequences, strict=True):
+        row[: len(seq.block_ids)] = seq.block_ids
+    return table
 
 
-def _tensor(values: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
+def _to(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array)).to(device, non_blocking=True)

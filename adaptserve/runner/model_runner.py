@@ -6,16 +6,23 @@ import torch
 
 from adaptserve.config import EngineConfig
 from adaptserve.engine.outputs import RunnerOutput, ScheduledSequence, SchedulerOutput
-from adaptserve.kernels.attention.registry import get_backend
+from adaptserve.kernels.attention.dispatch import TunedAttention
+from adaptserve.kernels.attention.metadata import AttentionMetadata
+from adaptserve.kernels.attention.variants import build_registry, triton_available
+from adaptserve.kernels.autotune import Autotuner, ChoiceCache
+from adaptserve.kernels.registry import OPS
 from adaptserve.model.config import ModelArchConfig
 from adaptserve.model.llama import LlamaForCausalLM
 from adaptserve.model.loaders import LoadedCheckpoint
 from adaptserve.model.projection import quantize_model
+from adaptserve.runner.cuda_graphs import DecodeGraphPool
 from adaptserve.runner.device import resolve_device, resolve_dtype
-from adaptserve.runner.inputs import prepare_inputs
-from adaptserve.runner.memory import num_kv_blocks
+from adaptserve.runner.inputs import HostBatch, ModelInputs, build_host_batch, to_device
+from adaptserve.runner.memory import num_kv_blocks, profile_activation_bytes
 from adaptserve.runner.precision import StepPrecision
 from adaptserve.runner.sampler import Sampler, SamplingMetadata
+
+DEFAULT_KERNEL_CACHE = "~/.cache/adaptserve/kernels.json"
 
 
 class ModelRunner:
@@ -27,7 +34,6 @@ class ModelRunner:
         checkpoint: LoadedCheckpoint,
         max_model_len: int,
         eos_token_ids: frozenset[int] = frozenset(),
-        attention_backend: str = "torch_ref",
     ):
         self.config = config
         self.eos_token_ids = eos_token_ids
@@ -35,19 +41,85 @@ class ModelRunner:
         self.device = resolve_device(config.model.device)
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         self.block_size = config.cache.block_size
+        self.max_model_len = max_model_len
         self.model = build_model(checkpoint, max_model_len, self.device, self.dtype, config.model.seed)
         formats = config.precision.formats_needed()
         # bytes held per weight format over the projections (the extra formats cost memory)
         self.format_bytes = quantize_model(self.model, formats, config.precision.int4_group_size)
         self.precision = StepPrecision(config.precision, formats)
-        self.backend = get_backend(attention_backend)
-        self.num_blocks = num_kv_blocks(config.cache, self.arch, self.dtype, self.device)
-        self.kv_caches = self._allocate_kv_caches()
+        self.registry, self.attention = self._build_attention(config.kernels)
+        activation_bytes = profile_activation_bytes(self) if self.device.type == "cuda" else 0
+        self.num_blocks = num_kv_blocks(config.cache, self.arch, self.dtype, self.device, activation_bytes)
+        self.kv_caches = self._allocate_kv_caches(self.num_blocks + 1)  # the last block: padded rows' slot
+        self.pad_slot = self.num_blocks * self.block_size
+        self.graphs = self._build_graph_pool(config)
+        self.autotuner = self._build_autotuner(config.kernels)
         self.sampler = Sampler()
         self._generators: dict[str, torch.Generator] = {}  # per seeded request
 
-    def _allocate_kv_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        shape = (self.num_blocks, self.block_size, self.arch.num_kv_heads, self.arch.head_dim)
+    def _build_attention(self, kernels) -> tuple:
+        backend = kernels.attention_backend
+        use_triton = self.device.type == "cuda" and triton_available() and backend in ("auto", "triton")
+        if backend == "triton" and not use_triton:
+            raise ValueError("kernels.attention_backend='triton' needs CUDA and the triton package")
+        families = ("torch_ref", "triton") if use_triton else ("torch_ref",)
+        registry = build_registry(self.device, families + (("flex",) if backend == "flex" else ()))
+        if backend in ("torch_ref", "flex"):
+            for op in OPS:
+                registry.pin(op, backend)
+        for pin in kernels.pins:
+            op, name = pin.split("=")
+            registry.pin(op.strip(), name.strip())
+        arch = self.arch
+        attention = TunedAttention(registry, arch.num_heads, arch.num_kv_heads, arch.head_dim, use_triton)
+        return registry, attention
+
+    def _build_autotuner(self, kernels) -> Autotuner | None:
+        if kernels.autotune == "off":
+            return None
+        device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        cache = ChoiceCache(kernels.kernel_cache or DEFAULT_KERNEL_CACHE, device_name)
+        cache.load_into(self.registry)
+        reference = {op: self.registry.get(op, "torch_ref") for op in OPS}
+        return Autotuner(self.registry, reference, cache=cache, online=kernels.autotune == "online")
+
+    def _tune_after(self, batch: HostBatch, meta: AttentionMetadata | None) -> None:
+        """Hand this step's shapes to the autotuner and give it its slot (eager steps pass their
+        metadata; graph steps build an unpadded one only when a bucket wants a sample)."""
+        num_prefill_tokens = batch.num_tokens - batch.num_decodes
+        for bucket in self.attention.buckets(
+            batch.num_decodes, num_prefill_tokens, int(batch.context_lens.max())
+        ):
+            if bucket is not None and self.autotuner.wants(bucket):
+                meta = meta or to_device(batch, self.device).attn
+                k_cache, v_cache = self.kv_caches[0]
+                self.autotuner.observe(bucket, meta, k_cache, v_cache, self.arch.num_heads)
+        self.autotuner.run_slot()
+
+    def _build_graph_pool(self, config: EngineConfig) -> DecodeGraphPool | None:
+        if self.device.type != "cuda" or not config.kernels.cuda_graphs:
+            return None
+        max_batch = config.kernels.cuda_graph_max_batch or config.scheduler.max_num_seqs
+        max_blocks = -(-self.max_model_len // self.block_size)
+        return DecodeGraphPool(
+            self.model,
+            self.kv_caches,
+            self.attention,
+            self.registry,
+            max_batch,
+            max_blocks,
+            self.pad_slot,
+            self.device,
+        )
+
+    def warm_up(self, context_len: int = 1024) -> None:
+        """Capture the decode graphs (in the precision every step starts in) before serving."""
+        if self.graphs is not None:
+            precision, _ = self.precision.peek()
+            self.graphs.capture_all(precision, context_len)
+
+    def _allocate_kv_caches(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        shape = (num_blocks, self.block_size, self.arch.num_kv_heads, self.arch.head_dim)
         return [
             (
                 torch.zeros(shape, dtype=self.dtype, device=self.device),
@@ -62,21 +134,21 @@ class ModelRunner:
             self._generators.pop(request_id, None)
         if scheduler_output.is_empty:
             return RunnerOutput([], [], [])
-        inputs = prepare_inputs(scheduler_output.sequences, self.block_size, self.device)
-        precision, shadow = self.precision.choose(not inputs.attn.prefills)
-
-        def logits_in(step_precision: str) -> torch.Tensor:
-            hidden = self.model(
-                inputs.input_ids, inputs.positions, self.kv_caches, inputs.attn, self.backend, step_precision
-            )  # [T, H]
-            return self.model.compute_logits(hidden[inputs.sample_rows])  # [N, V] float32
-
+        batch = build_host_batch(scheduler_output.sequences, self.block_size)
+        precision, shadow = self.precision.choose(batch.is_decode_only)
+        inputs = None
+        if self._can_replay(batch):
+            logits_in = self._graph_logits(batch)
+        else:
+            inputs = to_device(batch, self.device)
+            logits_in = self._eager_logits(inputs)
         shadow_logits = None if shadow is None else logits_in(shadow)  # first: the served run's KV stays
         logits = logits_in(precision)
-        if not inputs.sampled_sequences:
+        sampled_sequences = [s for s in batch.sequences if s.sample]
+        if not sampled_sequences:
             return RunnerOutput([], [], [])
         self.precision.observe(logits, precision, shadow_logits)
-        seqs = inputs.sampled_sequences
+        seqs = sampled_sequences
         metadata = SamplingMetadata(
             params=[s.sampling_params for s in seqs],
             prompt_token_ids=[s.prompt_token_ids for s in seqs],
@@ -85,7 +157,42 @@ class ModelRunner:
             blocked_token_ids=[self._blocked_token_ids(s) for s in seqs],
         )
         sampled = self.sampler(logits, metadata)
+        if self.autotuner is not None:
+            self._tune_after(batch, None if inputs is None else inputs.attn)
         return RunnerOutput([s.request_id for s in seqs], sampled.token_ids, sampled.logprobs)
+
+    def _can_replay(self, batch: HostBatch) -> bool:
+        return (
+            self.graphs is not None
+            and batch.is_decode_only
+            and self.graphs.bucket(len(batch.sequences)) is not None
+            and batch.block_table.shape[1] <= self.graphs.max_blocks
+        )
+
+    def _graph_logits(self, batch: HostBatch):
+        sample_rows = torch.from_numpy(batch.sample_rows).to(self.device, non_blocking=True)
+
+        def logits_in(step_precision: str) -> torch.Tensor:
+            hidden = self.graphs.run(batch, step_precision)  # [N, H]
+            return self.model.compute_logits(hidden[sample_rows])  # [N, V] float32
+
+        return logits_in
+
+    def _eager_logits(self, inputs: ModelInputs):
+        self.attention.begin_step(inputs.attn)
+
+        def logits_in(step_precision: str) -> torch.Tensor:
+            hidden = self.model(
+                inputs.input_ids,
+                inputs.positions,
+                self.kv_caches,
+                inputs.attn,
+                self.attention,
+                step_precision,
+            )  # [T, H]
+            return self.model.compute_logits(hidden[inputs.sample_rows])  # [N, V] float32
+
+        return logits_in
 
     def _blocked_token_ids(self, seq: ScheduledSequence) -> list[int]:
         """Stop token ids (EOS unless ignored) may not be sampled before min_tokens, as in vLLM."""

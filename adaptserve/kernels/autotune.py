@@ -1,0 +1,415 @@
+"""Runtime autotuner: times kernel variants on live shapes, swaps in the fastest, rolls back regressions.
+
+Signal: the shapes the engine actually runs. After each step the runner hands over that step's
+attention metadata and layer-0 KV cache (`observe`); between steps `run_slot` spends a bounded
+amount of work on one bucket:
+
+- **tuning** a bucket with no saved choice: each tunable variant is launched once (compiling it) and
+  pruned if its compiled launch cannot reach a useful occupancy (registers and shared memory per block
+  against the SM's limits) or spills; it is checked against the reference on the live shapes (random
+  queries over the live cache), then timed; after the last candidate the fastest correct one is swapped
+  in when it beats the current one by `min_gain`;
+- **probation** after every swap (tuned or offered by a person): the new and the previous variant are
+  re-timed, interleaved, on fresh live samples; a variant that is slower by more than
+  `max_regression`, or whose error leaves the tolerance, is rolled back and barred from that bucket.
+
+Choices persist to a JSON file keyed by GPU, shape bucket and kernel version, so the next start is warm.
+Guardrail: a swap never happens without a reference check, and every swap can be undone by probation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adaptserve.kernels.attention.metadata import AttentionMetadata, PrefillSequence
+from adaptserve.kernels.registry import KernelRegistry, KernelVariant, ShapeBucket
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AutotuneConfig:
+    tunable_families: tuple[str, ...] = ("triton", "torch_ref", "flex")  # families tuning may pick
+    repeats: int = 10  # timed launches per variant and sample (median kept)
+    min_gain: float = 0.03  # a tuned variant must be this much faster than the current one to swap
+    max_regression: float = 0.10  # probation: slower than the previous variant by more -> rollback
+    probation_samples: int = 3  # live samples a swapped variant must pass
+    atol: float = 2e-2  # reference check: max |variant - reference| (bf16 attention outputs)
+
+
+@dataclass
+class Sample:
+    """A live shape to time on: the step's metadata (copied) and layer-0 caches (shared, read only)."""
+
+    meta: AttentionMetadata
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    num_heads: int
+    step: int
+
+
+@dataclass
+class _Tuning:
+    candidates: list[KernelVariant]
+    timings: dict[str, float] = field(default_factory=dict)  # variant name -> median seconds
+    rejected: dict[str, str] = field(default_factory=dict)  # variant name -> why
+
+
+@dataclass
+class _Probation:
+    old: str
+    new: str
+    reason: str
+    ratios: list[float] = field(default_factory=list)  # new time / old time per sample
+
+
+class Autotuner:
+    def __init__(
+        self,
+        registry: KernelRegistry,
+        reference: dict[str, KernelVariant],
+        config: AutotuneConfig | None = None,
+        cache: ChoiceCache | None = None,
+        online: bool = True,
+        clock: Callable[[], float] = time.perf_counter,
+    ):
+        self.registry, self.reference = registry, reference
+        self.config = config or AutotuneConfig()
+        self.cache = cache
+        self.online = online  # tune untuned buckets while serving (else only probation and the cache)
+        self.clock = clock
+        self._samples: dict[ShapeBucket, Sample] = {}
+        self._tuning: dict[ShapeBucket, _Tuning] = {}
+        self._probation: dict[ShapeBucket, _Probation] = {}
+        self._barred: dict[ShapeBucket, set[str]] = {}
+        self._step = 0
+        self.device_limits = _device_limits()
+        self.events: list[dict[str, Any]] = []  # tuned, rollback, pruned ... for /admin and tests
+
+    # ---- inputs from the runner ----------------------------------------------------------------------
+
+    def wants(self, bucket: ShapeBucket) -> bool:
+        """Whether a live sample of this bucket would be used (the runner skips copying otherwise)."""
+        if bucket in self._probation:
+            return True
+        return self.online and not self.registry.is_tuned(bucket) and bucket not in self._samples
+
+    def observe(self, bucket: ShapeBucket, meta: AttentionMetadata, k_cache, v_cache, num_heads: int) -> None:
+        self._step += 1
+        if self.wants(bucket):
+            self._samples[bucket] = Sample(_copy_meta(meta), k_cache, v_cache, num_heads, self._step)
+
+    def offer(self, op: str, name: str) -> list[str]:
+        """A person offers a variant: it replaces the current one in every bucket of `op` seen so far,
+        on probation. Returns the buckets it went into."""
+        variant = self.registry.get(op, name)
+        buckets = [b for b in self._known_buckets() if b.op == op]
+        for bucket in buckets:
+            self._swap(bucket, variant.name, "offered")
+        return [b.key() for b in buckets]
+
+    # ---- the slot between steps ----------------------------------------------------------------------
+
+    def run_slot(self) -> None:
+        """Do one bounded piece of work: a probation measurement, or one tuning candidate."""
+        for bucket, probation in list(self._probation.items()):
+            sample = self._samples.pop(bucket, None)
+            if sample is not None:
+                self._probe(bucket, probation, sample)
+                return
+        if not self.online:
+            return
+        for bucket, sample in list(self._samples.items()):
+            if self.registry.is_tuned(bucket) and bucket not in self._tuning:
+                del self._samples[bucket]
+                continue
+            self._tune_one(bucket, sample)
+            return
+
+    def _tune_one(self, bucket: ShapeBucket, sample: Sample) -> None:
+        tuning = self._tuning.get(bucket)
+        if tuning is None:
+            barred = self._barred.get(bucket, set())
+            candidates = [
+                v
+                for v in self.registry.variants(bucket.op)
+                if v.family in self.config.tunable_families and v.name not in barred and _runs_on(v, sample)
+            ]
+            tuning = self._tuning[bucket] = _Tuning(candidates)
+        if tuning.candidates:
+            self._evaluate(bucket, tuning, tuning.candidates.pop(0), sample)
+            return
+        del self._tuning[bucket]
+        del self._samples[bucket]
+        self._finish(bucket, tuning)
+
+    def _evaluate(self, bucket: ShapeBucket, tuning: _Tuning, variant: KernelVariant, sample: Sample) -> None:
+        inputs = _inputs(sample)
+        try:
+            resources: dict[str, Any] = {}
+            out = _launch(variant, inputs, resources)
+            why = self._occupancy_problem(resources)
+            if why is None:
+                why = self._error_problem(out, _launch(self.reference[bucket.op], inputs))
+            if why is not None:
+                tuning.rejected[variant.name] = why
+                return
+            tuning.timings[variant.name] = self._time(variant, inputs)
+        except Exception as error:  # a variant that cannot run this shape is simply not chosen
+            tuning.rejected[variant.name] = f"failed: {error}"
+
+    def _finish(self, bucket: ShapeBucket, tuning: _Tuning) -> None:
+        if not tuning.timings:
+            self._event("untuned", bucket, rejected=tuning.rejected)
+            return
+        best = min(tuning.timings, key=tuning.timings.get)
+        current = self.registry.choose(bucket).name
+        current_time = tuning.timings.get(current)
+        self._event("tuned", bucket, best=best, timings=tuning.timings, rejected=tuning.rejected)
+        if current_time is not None and tuning.timings[best] > current_time * (1 - self.config.min_gain):
+            best = current  # not worth a swap; still record the choice so the bucket counts as tuned
+        if self.cache is not None:
+            self.cache.put(bucket, self.registry.get(bucket.op, best), tuning.timings.get(best))
+        if best == current:
+            self.registry.set_choice(bucket, best, "tuned")
+        else:
+            self._swap(bucket, best, "tuned")
+
+    # ---- probation -----------------------------------------------------------------------------------
+
+    def _swap(self, bucket: ShapeBucket, name: str, reason: str) -> None:
+        old = self.registry.choose(bucket).name
+        if self.registry.set_choice(bucket, name, reason) is not None:
+            self._probation[bucket] = _Probation(old, name, reason)
+
+    def _probe(self, bucket: ShapeBucket, probation: _Probation, sample: Sample) -> None:
+        new = self.registry.get(bucket.op, probation.new)
+        old = self.registry.get(bucket.op, probation.old)
+        inputs = _inputs(sample)
+        why = self._error_problem(_launch(new, inputs), _launch(self.reference[bucket.op], inputs))
+        if why is None:
+            times = self._time_pair(new, old, inputs)
+            probation.ratios.append(times[0] / times[1])
+            if statistics.median(probation.ratios) > 1 + self.config.max_regression and len(
+                probation.ratios
+            ) >= min(2, self.config.probation_samples):
+                why = f"{statistics.median(probation.ratios):.2f}x slower than {old.name}"
+        if why is not None:
+            self._rollback(bucket, probation, why)
+        elif len(probation.ratios) >= self.config.probation_samples:
+            del self._probation[bucket]
+            self._event("kept", bucket, variant=new.name, ratios=probation.ratios)
+
+    def _rollback(self, bucket: ShapeBucket, probation: _Probation, why: str) -> None:
+        del self._probation[bucket]
+        self._barred.setdefault(bucket, set()).add(probation.new)
+        self.registry.set_choice(bucket, probation.old, f"rollback: {why}")
+        if self.cache is not None:
+            self.cache.put(bucket, self.registry.get(bucket.op, probation.old), None)
+        self._event("rollback", bucket, variant=probation.new, back_to=probation.old, why=why)
+        log.warning("kernel %s rolled back in %s: %s", probation.new, bucket.key(), why)
+
+    # ---- measurements --------------------------------------------------------------------------------
+
+    def _time(self, variant: KernelVariant, inputs: dict) -> float:
+        return statistics.median(self._timed_runs(variant, inputs, self.config.repeats))
+
+    def _time_pair(self, a: KernelVariant, b: KernelVariant, inputs: dict) -> tuple[float, float]:
+        """Interleaved timings of two variants (so drift in clocks or load hits both alike)."""
+        times_a, times_b = [], []
+        for _ in range(self.config.repeats):
+            times_a += self._timed_runs(a, inputs, 1)
+            times_b += self._timed_runs(b, inputs, 1)
+        return statistics.median(times_a), statistics.median(times_b)
+
+    def _timed_runs(self, variant: KernelVariant, inputs: dict, repeats: int) -> list[float]:
+        q = inputs["q"]
+        if q.is_cuda:
+            _launch(variant, inputs)  # warm
+            times = []
+            for _ in range(repeats):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                _launch(variant, inputs)
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            return times
+        times = []
+        for _ in range(repeats):
+            begin = self.clock()
+            _launch(variant, inputs)
+            times.append(self.clock() - begin)
+        return times
+
+    def _occupancy_problem(self, resources: dict[str, Any]) -> str | None:
+        """Why a compiled launch is not worth timing, from its registers and shared memory per block."""
+        if not resources or self.device_limits is None:
+            return None
+        limits = self.device_limits
+        if resources.get("spills", 0) > 0:
+            return f"spills {resources['spills']} registers"
+        threads = 32 * resources["num_warps"]
+        if resources["shared"] > limits["shared_per_block"]:
+            limit = limits["shared_per_block"]
+            return f"needs {resources['shared']} B of shared memory per block (limit {limit})"
+        by_regs = limits["regs_per_sm"] // max(1, resources["regs"] * threads)
+        by_shared = limits["shared_per_sm"] // max(1, resources["shared"]) if resources["shared"] else 1 << 30
+        by_threads = limits["threads_per_sm"] // threads
+        blocks = min(by_regs, by_shared, by_threads)
+        if blocks < 1:
+            return f"no block fits an SM ({resources['regs']} registers x {threads} threads)"
+        return None
+
+    def _error_problem(self, out: torch.Tensor, reference: torch.Tensor) -> str | None:
+        error = (out.float() - reference.float()).abs().max().item()
+        if not error <= self.config.atol:  # also catches NaN
+            return f"error {error:.3g} > {self.config.atol}"
+        return None
+
+    # ---- bookkeeping ---------------------------------------------------------------------------------
+
+    def _known_buckets(self) -> list[ShapeBucket]:
+        seen = set(self._samples) | set(self._tuning) | set(self._probation)
+        seen |= {b for b in self.registry.tuned_buckets()}
+        return sorted(seen, key=lambda b: b.key())
+
+    def _event(self, kind: str, bucket: ShapeBucket, **details: Any) -> None:
+        self.events.append({"time": time.time(), "event": kind, "bucket": bucket.key(), **details})
+        self.events = self.events[-200:]
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "online": self.online,
+            "tuning": {b.key(): len(t.candidates) for b, t in self._tuning.items()},
+            "probation": {b.key(): vars(p) for b, p in self._probation.items()},
+            "barred": {b.key(): sorted(v) for b, v in self._barred.items()},
+            "events": self.events[-50:],
+        }
+
+
+class ChoiceCache:
+    """Saved choices: {"<gpu>|<bucket key>": {"variant", "version", "seconds"}} in a JSON file."""
+
+    def __init__(self, path: str | Path, device_name: str):
+        self.path = Path(path).expanduser()
+        self.device_name = device_name
+        self.entries: dict[str, dict[str, Any]] = {}
+        if self.path.exists():
+            try:
+                self.entries = json.loads(self.path.read_text())
+            except (OSError, json.JSONDecodeError) as error:
+                log.warning("ignoring unreadable kernel cache %s: %s", self.path, error)
+
+    def put(self, bucket: ShapeBucket, variant: KernelVariant, seconds: float | None) -> None:
+        self.entries[f"{self.device_name}|{bucket.key()}"] = {
+            "variant": variant.name,
+            "version": variant.version,
+            "seconds": seconds,
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.entries, indent=1, sort_keys=True))
+        tmp.replace(self.path)
+
+    def load_into(self, registry: KernelRegistry) -> int:
+        """Apply this GPU's saved choices whose variant still exists at the same version."""
+        loaded = 0
+        prefix = f"{self.device_name}|"
+        for key, entry in self.entries.items():
+            if not key.startswith(prefix):
+                continue
+            bucket = ShapeBucket.parse(key[len(prefix) :])
+            try:
+                variant = registry.get(bucket.op, entry["variant"])
+            except ValueError:
+                continue
+            if variant.version == entry.get("version"):
+                registry.set_choice(bucket, variant.name, "cache")
+                loaded += 1
+        return loaded
+
+
+def _runs_on(variant: KernelVariant, sample: Sample) -> bool:
+    return sample.k_cache.device.type in variant.devices
+
+
+def _inputs(sample: Sample) -> dict[str, Any]:
+    """Random queries over the live cache; k and v are this step's rows read back from the cache."""
+    meta = sample.meta
+    num_tokens = meta.slot_mapping.shape[0]
+    num_kv_heads, head_dim = sample.k_cache.shape[2], sample.k_cache.shape[3]
+    generator = torch.Generator(device=sample.k_cache.device).manual_seed(sample.step)
+    q = torch.randn(
+        num_tokens, sample.num_heads, head_dim, generator=generator, device=sample.k_cache.device
+    ).to(sample.k_cache.dtype)  # [T, H, D]
+    flat_k = sample.k_cache.view(-1, num_kv_heads, head_dim)
+    flat_v = sample.v_cache.view(-1, num_kv_heads, head_dim)
+    return {
+        "q": q,
+        "k": flat_k[meta.slot_mapping],  # [T, KVH, D]
+        "v": flat_v[meta.slot_mapping],  # [T, KVH, D]
+        "k_cache": sample.k_cache,
+        "v_cache": sample.v_cache,
+        "meta": meta,
+        "scale": head_dim**-0.5,
+    }
+
+
+def _launch(variant: KernelVariant, inputs: dict[str, Any], resources: dict | None = None) -> torch.Tensor:
+    """Run one variant -> the rows of its op (decode rows, or the prefill rows)."""
+    meta: AttentionMetadata = inputs["meta"]
+    out = torch.zeros_like(inputs["q"])
+    variant.run(
+        inputs["q"],
+        inputs["k"],
+        inputs["v"],
+        inputs["k_cache"],
+        inputs["v_cache"],
+        meta,
+        inputs["scale"],
+        out,
+        resources,
+    )
+    if variant.op == "decode_attention":
+        return out[: meta.num_decode_tokens]
+    return out[meta.num_decode_tokens :]
+
+
+def _copy_meta(meta: AttentionMetadata) -> AttentionMetadata:
+    """A copy that the next step's buffers (CUDA-graph inputs are overwritten in place) cannot change."""
+
+    def clone(t):
+        return None if t is None else t.clone()
+
+    return AttentionMetadata(
+        slot_mapping=meta.slot_mapping.clone(),
+        num_decode_tokens=meta.num_decode_tokens,
+        prefills=[PrefillSequence(p.query_start, p.query_len, p.context_len) for p in meta.prefills],
+        block_table=clone(meta.block_table),
+        context_lens=clone(meta.context_lens),
+        query_start_loc=clone(meta.query_start_loc),
+        max_query_len=meta.max_query_len,
+        max_context_len=meta.max_context_len,
+    )
+
+
+def _device_limits() -> dict[str, int] | None:
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return {
+        "regs_per_sm": getattr(props, "regs_per_multiprocessor", 65536),
+        "shared_per_sm": getattr(props, "shared_memory_per_multiprocessor", 228 * 1024),
+        "shared_per_block": getattr(props, "shared_memory_per_block_optin", 227 * 1024),
+        "threads_per_sm": getattr(props, "max_threads_per_multi_processor", 2048),
+    }

@@ -1,0 +1,164 @@
+"""CUDA graphs of the decode forward pass, one per (batch size bucket, split count, precision, variant).
+
+A decode step of a big model is hundreds of small kernels; launched from Python they cost more than
+the GPU work at small batches. A graph replays them with one launch. Graphs read static input buffers
+that `run` refills each step: the batch is padded up to its bucket with rows whose context length is 0
+(they attend to nothing) and whose K/V goes to a scratch slot outside the allocator's blocks.
+
+Graphs are captured at start for every bucket and on demand for new keys; a kernel swap in the
+registry drops the graphs that captured the old variant (they are re-captured on next use).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from adaptserve.kernels.attention.dispatch import TunedAttention
+from adaptserve.kernels.attention.metadata import AttentionMetadata
+from adaptserve.kernels.registry import (
+    DECODE_ATTENTION,
+    KernelRegistry,
+    KernelVariant,
+    ShapeBucket,
+    SwapEvent,
+)
+from adaptserve.runner.inputs import HostBatch
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """1, 2, 4, 8, then steps of 8 to 64, of 16 to 128, of 32 to 256, of 64 beyond; up to max_batch."""
+    sizes = [1, 2, 4]
+    step_for = ((64, 8), (128, 16), (256, 32), (1 << 30, 64))
+    size = 8
+    while size < max_batch:
+        sizes.append(size)
+        size += next(step for limit, step in step_for if size < limit)
+    return sorted({s for s in sizes if s < max_batch} | {max_batch})
+
+
+@dataclass
+class _Graph:
+    graph: torch.cuda.CUDAGraph
+    hidden: torch.Tensor  # [size, hidden] the graph's output
+    variant: str
+
+
+class DecodeGraphPool:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        attention: TunedAttention,
+        registry: KernelRegistry,
+        max_batch: int,
+        max_blocks: int,
+        pad_slot: int,
+        device: torch.device,
+    ):
+        self.model, self.kv_caches, self.attention, self.registry = model, kv_caches, attention, registry
+        self.sizes = batch_buckets(max_batch)
+        self.max_batch, self.max_blocks, self.pad_slot = self.sizes[-1], max_blocks, pad_slot
+        self.device = device
+        self.input_ids = torch.zeros(self.max_batch, dtype=torch.int64, device=device)  # [B]
+        self.positions = torch.zeros(self.max_batch, dtype=torch.int64, device=device)  # [B]
+        self.slot_mapping = torch.full((self.max_batch,), pad_slot, dtype=torch.int64, device=device)  # [B]
+        self.block_table = torch.zeros(
+            self.max_batch, max_blocks, dtype=torch.int32, device=device
+        )  # [B, MB]
+        self.context_lens = torch.zeros(self.max_batch, dtype=torch.int32, device=device)  # [B]
+        self.query_start_loc = torch.arange(self.max_batch + 1, dtype=torch.int32, device=device)  # [B + 1]
+        self.graphs: dict[tuple, _Graph] = {}
+        self.memory_pool = torch.cuda.graph_pool_handle()
+        self.num_captures = 0
+        self.capture_seconds = 0.0
+        registry.on_swap(self._forget_swapped)
+
+    def bucket(self, num_seqs: int) -> int | None:
+        """The smallest captured size that holds num_seqs, or None when the batch is too big."""
+        for size in self.sizes:
+            if size >= num_seqs:
+                return size
+        return None
+
+    def capture_all(self, precision: str, context_len: int) -> None:
+        """Capture every batch bucket for contexts around `context_len` (at start)."""
+        for size in reversed(self.sizes):  # largest first: later graphs reuse its memory pool
+            self._graph(size, precision, context_len)
+
+    def run(self, batch: HostBatch, precision: str) -> torch.Tensor:
+        """Replay the graph for this decode-only batch -> hidden states [N, hidden]."""
+        num_seqs = len(batch.sequences)
+        size = self.bucket(num_seqs)
+        width = batch.block_table.shape[1]
+        if width > self.max_blocks:
+            raise ValueError(f"block table of {width} blocks exceeds the graph pool's {self.max_blocks}")
+        graph = self._graph(size, precision, int(batch.context_lens.max()))
+        self._fill(batch, num_seqs, size, width)
+        graph.graph.replay()
+        return graph.hidden[:num_seqs]
+
+    def _fill(self, batch: HostBatch, num_seqs: int, size: int, width: int) -> None:
+        """Copy this step's inputs into the static buffers; padded rows attend to nothing."""
+        self.input_ids[:num_seqs].copy_(torch.from_numpy(batch.input_ids), non_blocking=True)
+        self.positions[:num_seqs].copy_(torch.from_numpy(batch.positions), non_blocking=True)
+        self.slot_mapping[:num_seqs].copy_(torch.from_numpy(batch.slot_mapping), non_blocking=True)
+        self.slot_mapping[num_seqs:size].fill_(self.pad_slot)
+        self.context_lens[:num_seqs].copy_(torch.from_numpy(batch.context_lens), non_blocking=True)
+        self.context_lens[num_seqs:size].zero_()
+        self.block_table[:num_seqs, :width].copy_(
+            torch.from_numpy(np.ascontiguousarray(batch.block_table)), non_blocking=True
+        )
+
+    def _graph(self, size: int, precision: str, context_len: int) -> _Graph:
+        bucket = ShapeBucket.of(DECODE_ATTENTION, size, context_len, *self.attention.layout)
+        variant = self.registry.choose(bucket)
+        key = (size, bucket.context, precision, variant.name)
+        graph = self.graphs.get(key)
+        if graph is None:
+            graph = self.graphs[key] = self._capture(size, bucket.context, precision, variant)
+        return graph
+
+    def _metadata(self, size: int, context_len: int) -> AttentionMetadata:
+        return AttentionMetadata(
+            slot_mapping=self.slot_mapping[:size],
+            num_decode_tokens=size,
+            block_table=self.block_table[:size],
+            context_lens=self.context_lens[:size],
+            query_start_loc=self.query_start_loc[: size + 1],
+            max_query_len=1,
+            max_context_len=context_len,  # sizes the split count; the kernels read the real lengths
+        )
+
+    @torch.inference_mode()
+    def _capture(self, size: int, context_len: int, precision: str, variant: KernelVariant) -> _Graph:
+        start = time.perf_counter()
+        meta = self._metadata(size, context_len)
+        self.slot_mapping[:size].fill_(self.pad_slot)
+        self.context_lens[:size].fill_(1)  # a real length while warming up; replays overwrite it
+
+        def forward() -> torch.Tensor:
+            self.attention.begin_step(meta, decode=variant)
+            return self.model(
+                self.input_ids[:size], self.positions[:size], self.kv_caches, meta, self.attention, precision
+            )
+
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            forward()  # warm-up: compiles kernels and settles lazy state outside the capture
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.memory_pool):
+            hidden = forward()  # [size, hidden]
+        torch.cuda.synchronize(self.device)
+        self.num_captures += 1
+        self.capture_seconds += time.perf_counter() - start
+        return _Graph(graph, hidden, variant.name)
+
+    def _forget_swapped(self, event: SwapEvent) -> None:
+        if event.op == DECODE_ATTENTION:
+            self.graphs = {k: g for k, g in self.graphs.items() if g.variant != event.old}
