@@ -8,6 +8,7 @@ import shlex
 import sys
 
 from adaptserve.config import ConfigError
+from adaptserve.kernel_args import add_kernel_args, kernel_options
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +31,7 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--weight-formats", default="", help="extra weight formats to hold, e.g. fp8,int4 (memory permitting)"
     )
+    add_kernel_args(parser)
 
 
 def _engine_options(args: argparse.Namespace) -> dict:
@@ -44,6 +46,7 @@ def _engine_options(args: argparse.Namespace) -> dict:
         "kv_cache_memory_gib": args.kv_cache_memory_gib,
         "precision_policy": args.precision_policy,
         "weight_formats": tuple(f for f in args.weight_formats.split(",") if f),
+        **kernel_options(args),
     }
 
 
@@ -122,6 +125,10 @@ def _bench(args: argparse.Namespace) -> int:
         from adaptserve.bench.offline import run_offline_benchmark as run
     elif args.bench_command == "decode":
         from adaptserve.bench.decode import run_decode_benchmark as run
+    elif args.bench_command == "prefill":
+        from adaptserve.bench.prefill import run_prefill_benchmark as run
+    elif args.bench_command == "startup":
+        from adaptserve.bench.startup import run_startup_benchmark as run
     else:
         from adaptserve.bench.plot import run_plot as run
     run(args)
@@ -132,7 +139,9 @@ def _add_bench_commands(commands) -> None:
     from adaptserve.bench.decode import add_decode_args
     from adaptserve.bench.offline import add_offline_args
     from adaptserve.bench.plot import add_plot_args
+    from adaptserve.bench.prefill import add_prefill_args
     from adaptserve.bench.serve import add_serve_args
+    from adaptserve.bench.startup import add_startup_args
 
     bench = commands.add_parser("bench", help="benchmarks; results go to docs/benchmarks/")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True)
@@ -150,9 +159,15 @@ def _add_bench_commands(commands) -> None:
     )
     add_decode_args(decode)
     _add_engine_args(decode)
+    prefill = bench_commands.add_parser("prefill", help="long-prompt prefill as TFLOP/s beside transformers")
+    add_prefill_args(prefill)
+    _add_engine_args(prefill)
+    startup = bench_commands.add_parser("startup", help="time from process start to ready to serve")
+    add_startup_args(startup)
+    _add_engine_args(startup)
     plot = bench_commands.add_parser("plot", help="draw PNGs from benchmark JSON files")
     add_plot_args(plot)
-    for parser in (serve, offline, decode, plot):
+    for parser in (serve, offline, decode, prefill, startup, plot):
         parser.set_defaults(func=_bench)
 
 

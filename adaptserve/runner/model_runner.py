@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import time
+
 import torch
 
 from adaptserve.config import EngineConfig
@@ -42,15 +45,21 @@ class ModelRunner:
         self.dtype = resolve_dtype(config.model.dtype, self.device)
         self.block_size = config.cache.block_size
         self.max_model_len = max_model_len
-        self.model = build_model(checkpoint, max_model_len, self.device, self.dtype, config.model.seed)
-        formats = config.precision.formats_needed()
-        # bytes held per weight format over the projections (the extra formats cost memory)
-        self.format_bytes = quantize_model(self.model, formats, config.precision.int4_group_size)
+        self.startup_seconds: dict[str, float] = {}  # phase -> seconds (bench startup reports them)
+        with self._phase("weights"):
+            self.model = build_model(checkpoint, max_model_len, self.device, self.dtype, config.model.seed)
+            formats = config.precision.formats_needed()
+            # bytes held per weight format over the projections (the extra formats cost memory)
+            self.format_bytes = quantize_model(self.model, formats, config.precision.int4_group_size)
         self.precision = StepPrecision(config.precision, formats)
         self.registry, self.attention = self._build_attention(config.kernels)
-        activation_bytes = profile_activation_bytes(self) if self.device.type == "cuda" else 0
-        self.num_blocks = num_kv_blocks(config.cache, self.arch, self.dtype, self.device, activation_bytes)
-        self.kv_caches = self._allocate_kv_caches(self.num_blocks + 1)  # the last block: padded rows' slot
+        with self._phase("memory_profile"):
+            activation_bytes = profile_activation_bytes(self) if self.device.type == "cuda" else 0
+        with self._phase("kv_cache"):
+            self.num_blocks = num_kv_blocks(
+                config.cache, self.arch, self.dtype, self.device, activation_bytes
+            )
+            self.kv_caches = self._allocate_kv_caches(self.num_blocks + 1)  # last block: padded rows' slot
         self.pad_slot = self.num_blocks * self.block_size
         self.graphs = self._build_graph_pool(config)
         self.autotuner = self._build_autotuner(config.kernels)
@@ -116,7 +125,18 @@ class ModelRunner:
         """Capture the decode graphs (in the precision every step starts in) before serving."""
         if self.graphs is not None:
             precision, _ = self.precision.peek()
-            self.graphs.capture_all(precision, context_len)
+            with self._phase("cuda_graphs"):
+                self.graphs.capture_all(precision, context_len)
+
+    @contextlib.contextmanager
+    def _phase(self, name: str):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.startup_seconds[name] = time.perf_counter() - start
 
     def _allocate_kv_caches(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         shape = (num_blocks, self.block_size, self.arch.num_kv_heads, self.arch.head_dim)

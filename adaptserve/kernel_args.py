@@ -1,0 +1,47 @@
+"""Command-line flags of the kernel layer (attention backend, CUDA graphs, autotuning, pins), shared by
+`serve`, `generate` and the benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+
+from adaptserve.config import ATTENTION_BACKENDS, AUTOTUNE_MODES
+
+
+def add_kernel_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("kernels")
+    group.add_argument(
+        "--attention-backend",
+        default="auto",
+        choices=ATTENTION_BACKENDS,
+        help="auto: the registry's tuned choice (Triton on CUDA), or force one family",
+    )
+    group.add_argument("--no-cuda-graphs", action="store_true", help="launch decode steps eagerly")
+    group.add_argument("--cuda-graph-max-batch", type=int, default=None, help="default: --max-num-seqs")
+    group.add_argument(
+        "--autotune",
+        default="cache",
+        choices=AUTOTUNE_MODES,
+        help="cache: reuse saved kernel choices; online: also time variants while serving and swap",
+    )
+    group.add_argument("--kernel-cache", default=None, help="file of saved kernel choices")
+    group.add_argument(
+        "--pin-kernel",
+        action="append",
+        default=[],
+        metavar="OP=VARIANT",
+        help="force a kernel variant, e.g. decode_attention=torch_ref (repeatable; "
+        "`adaptserve kernels` lists them)",
+    )
+
+
+def kernel_options(args: argparse.Namespace) -> dict:
+    """EngineConfig.from_flat keywords from the flags (defaults when a parser lacks them)."""
+    return {
+        "attention_backend": getattr(args, "attention_backend", "auto"),
+        "cuda_graphs": not getattr(args, "no_cuda_graphs", False),
+        "cuda_graph_max_batch": getattr(args, "cuda_graph_max_batch", None),
+        "autotune": getattr(args, "autotune", "cache"),
+        "kernel_cache": getattr(args, "kernel_cache", None),
+        "pins": tuple(getattr(args, "pin_kernel", None) or ()),
+    }
