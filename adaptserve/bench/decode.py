@@ -61,6 +61,9 @@ def add_decode_args(parser: argparse.ArgumentParser) -> None:
         "--hf-repeats", type=int, default=3, help="measurements per transformers batch size; median reported"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--profile-batch-sizes", default="", help="also profile one decode step at these batch sizes (CUDA)"
+    )
 
 
 # ---- the floor ----------------------------------------------------------------------------------------
@@ -119,9 +122,19 @@ def run_decode_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     with tqdm(total=len(batch_sizes) + len(variants) * len(hf_sizes), desc=OURS, unit="batch") as bar:
         llm = _build_engine(checkpoint, args, device, dtype, batch_sizes)
+        profile_sizes = (
+            set(parse_sizes(args.profile_batch_sizes, "--profile-batch-sizes"))
+            if getattr(args, "profile_batch_sizes", "")
+            else set()
+        )
         for batch_size in batch_sizes:
-            samples = _engine_step_samples(llm, prompts[batch_size], args.steps, device)
-            rows.append(floor.row(OURS, batch_size, samples))
+            profile = batch_size in profile_sizes and device.type == "cuda"
+            samples, summary = _engine_step_samples(llm, prompts[batch_size], args.steps, device, profile)
+            rows.append(floor.row(OURS, batch_size, samples, **({"profile": summary} if summary else {})))
+            if summary:
+                from adaptserve.bench.step_profile import format_profile
+
+                print(format_profile(batch_size, summary))
             bar.update(1)
         del llm
         free_memory(device)  # our weights and KV cache leave before transformers' arrive
@@ -218,7 +231,9 @@ def _max_tokens(args, batch_size: int, token_budget: int) -> int:
     return WARMUP_STEPS + args.steps + prefill_steps + 4
 
 
-def _engine_step_samples(llm, prompts: list[list[int]], steps: int, device: torch.device) -> list[float]:
+def _engine_step_samples(
+    llm, prompts: list[list[int]], steps: int, device: torch.device, profile: bool = False
+) -> tuple[list[float], dict | None]:
     """Seconds of each of `steps` engine steps in which every request of the batch decodes one token.
 
     The prompts run once with max_tokens=1 first, which leaves their KV in the prefix cache; so when
@@ -248,13 +263,18 @@ def _engine_step_samples(llm, prompts: list[list[int]], steps: int, device: torc
             engine.step()
             sync(device)
             samples.append(time.perf_counter() - start)
+        summary = None
+        if profile:
+            from adaptserve.bench.step_profile import profile_steps
+
+            summary = profile_steps(engine.step, device)
         if any(r.is_finished for r in requests):
             raise RuntimeError("a request finished while decode steps were being timed; raise the context")
     finally:
         for request_id in request_ids:
             engine.abort_request(request_id)
         engine.kv_cache.reset_prefix_cache()
-    return samples
+    return samples, summary
 
 
 def _transformers_rows(checkpoint, dtype, device, variants, hf_sizes, prompts, floor: _Floor, args, bar):

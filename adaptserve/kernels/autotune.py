@@ -92,6 +92,7 @@ class Autotuner:
         self._probation: dict[ShapeBucket, _Probation] = {}
         self._barred: dict[ShapeBucket, set[str]] = {}
         self._step = 0
+        self._seen: set[ShapeBucket] = set()  # every bucket the engine has run
         self.device_limits = _device_limits()
         self.events: list[dict[str, Any]] = []  # tuned, rollback, pruned ... for /admin and tests
 
@@ -103,8 +104,13 @@ class Autotuner:
             return True
         return self.online and not self.registry.is_tuned(bucket) and bucket not in self._samples
 
+    def saw(self, bucket: ShapeBucket) -> None:
+        """The engine ran this bucket (offers go to every bucket seen)."""
+        self._seen.add(bucket)
+
     def observe(self, bucket: ShapeBucket, meta: AttentionMetadata, k_cache, v_cache, num_heads: int) -> None:
         self._step += 1
+        self._seen.add(bucket)
         if self.wants(bucket):
             self._samples[bucket] = Sample(_copy_meta(meta), k_cache, v_cache, num_heads, self._step)
 
@@ -279,8 +285,7 @@ class Autotuner:
     # ---- bookkeeping ---------------------------------------------------------------------------------
 
     def _known_buckets(self) -> list[ShapeBucket]:
-        seen = set(self._samples) | set(self._tuning) | set(self._probation)
-        seen |= {b for b in self.registry.tuned_buckets()}
+        seen = self._seen | set(self.registry.tuned_buckets())
         return sorted(seen, key=lambda b: b.key())
 
     def _event(self, kind: str, bucket: ShapeBucket, **details: Any) -> None:

@@ -99,7 +99,10 @@ class ModelRunner:
         for bucket in self.attention.buckets(
             batch.num_decodes, num_prefill_tokens, int(batch.context_lens.max())
         ):
-            if bucket is not None and self.autotuner.wants(bucket):
+            if bucket is None:
+                continue
+            self.autotuner.saw(bucket)
+            if self.autotuner.wants(bucket):
                 meta = meta or to_device(batch, self.device).attn
                 k_cache, v_cache = self.kv_caches[0]
                 self.autotuner.observe(bucket, meta, k_cache, v_cache, self.arch.num_heads)

@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from adaptserve.config import EngineConfig
 from adaptserve.engine.engine import LLMEngine
 from adaptserve.model.loaders import LoadedCheckpoint, ModelLoadError, default_model_path
+from adaptserve.server.admin_kernels import add_kernel_admin_routes
 from adaptserve.server.admission import AdmissionController, StepTimeModel
 from adaptserve.server.async_engine import AsyncEngine
 from adaptserve.server.config import ServerConfig
@@ -194,6 +195,7 @@ def create_app(
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         return await create_chat_completion(state.ready_context(), body, request)
 
+    add_kernel_admin_routes(app, state)
     return app
 
 
