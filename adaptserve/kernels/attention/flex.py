@@ -13,21 +13,29 @@ rows sit at positions p0 .. p1 (p = context_len - query_len + row):
   - the pages from there up to p1's page (the causal diagonal and a half-filled last page) are partial,
     and the mask_mod decides element by element;
   - later pages are left out, and so are query blocks made only of padding rows.
-No page outside the sequence's block table is ever visited, so nothing is gathered or copied.
+No page outside the sequence's block table is visited and the context is never gathered or copied; only
+the prefill queries are copied, into their padded batch.
 
 mask_mod. It receives a physical key index, so it needs the page's logical index in that sequence: a
-per-step table page_to_logical [B, num_blocks] (-1 = not this sequence's page), as in PyTorch's
+per-step table page_to_logical [B, num_blocks + 1] (-1 = not this sequence's page), as in PyTorch's
 experimental PagedAttention. A key is seen when its page belongs to the sequence, its logical position
 is below the context length, and it is not after the query (causal, with the sequence's offset). The
 mask_mod is exact on its own; the block mask only saves work. That matters on the CPU, where eager
 flex ignores the block mask and evaluates the mask_mod over the whole cache.
 
-Costs. Per step (not per layer: masks are built once for a metadata object and reused by every layer):
-a few small tensor ops over [B, Q blocks, max_blocks] and the page_to_logical table, B * num_blocks
-int32 (about 30 MB for 256 decodes over 30k pages). On CUDA, flex_attention runs under torch.compile
-(once per process; a few graphs: decode, prefill, and a batch of one); the first call of each takes
-tens of seconds. On the CPU it runs eagerly, materializing the scores against the whole cache: fine for
-tests, not for serving.
+Costs. Per step, not per layer (the plan is built once per metadata object and reused by every layer):
+some forty small tensor ops, 0.4-1.5 ms on an H100 (one group or two); page_to_logical, B * (num_blocks
++ 1) int32 (about 30 MB for 256 decodes over 30k pages); kv_indices and full_kv_indices, B * Q blocks *
+max_blocks int32 each. On CUDA flex_attention runs under one torch.compile(dynamic=True): about four
+graphs per model (decode; prefill of one or of several query blocks), the first compiled in about 10 s,
+each later one in 2-3 s. Sizes 0 and 1 are padded away (_at_least_two) so that batch sizes do not
+multiply graphs toward dynamo's recompile limit; fullgraph=True turns hitting that limit into an error
+instead of a silent fall back to eager flex, which would materialize scores against the whole cache. On
+the CPU flex runs eagerly, and does exactly that: fine for tests, not for serving.
+
+Speed (H100, bf16, 32/8 heads, D 128, pages of 16): prefill chunks about 3x faster than the reference;
+decodes about 1.7x slower than the reference's gather + SDPA, because the decoding kernel's key tile is
+one page (16 keys); pages of 32 close part of that gap.
 """
 
 from __future__ import annotations
@@ -136,8 +144,6 @@ def _attend_group(
     """q: [T_g, H, D] of one group -> [T_g, H, D] through one flex call over the whole cache."""
     q_batch = _batch_queries(q, group)  # [B, H, L, D]
     if q.is_cuda:
-        # the kernels' key tile must divide the page (one block-mask column)
-        options = {"BLOCK_N": min(block_size, MAX_KV_TILE)}
         o = _compiled_flex()(
             q_batch,
             keys,
@@ -145,7 +151,7 @@ def _attend_group(
             block_mask=group.block_mask,
             scale=scale,
             enable_gqa=True,
-            kernel_options=options,
+            kernel_options=_kernel_options(block_size, decode=group.seq_of_token is None),
         )  # [B, H, L, D]
     else:
         o = flex_attention(q_batch, keys, values, block_mask=group.block_mask, scale=scale, enable_gqa=True)
@@ -165,6 +171,15 @@ def _batch_queries(q: torch.Tensor, group: _PagedGroup) -> torch.Tensor:
     else:
         q_batch[group.seq_of_token, :, group.pos_of_token] = q
     return q_batch
+
+
+def _kernel_options(block_size: int, decode: bool) -> dict:
+    """Triton settings: the key tile must divide the page, one block-mask column. For the decoding kernel,
+    3 stages of 4 warps ran 20-25% faster than flex's defaults on an H100 (bf16, D 128, pages of 16, 32)."""
+    options = {"BLOCK_N": min(block_size, MAX_KV_TILE)}
+    if decode:
+        options |= {"num_stages": 3, "num_warps": 4}
+    return options
 
 
 @functools.cache
