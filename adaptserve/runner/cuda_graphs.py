@@ -152,7 +152,9 @@ class DecodeGraphPool:
             forward()  # warm-up: compiles kernels and settles lazy state outside the capture
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.memory_pool):
+        # thread_local: the server builds the engine off the event-loop thread, whose own CUDA calls
+        # must not invalidate the capture
+        with torch.cuda.graph(graph, pool=self.memory_pool, capture_error_mode="thread_local"):
             hidden = forward()  # [size, hidden]
         torch.cuda.synchronize(self.device)
         self.num_captures += 1

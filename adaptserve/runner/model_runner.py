@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 
 import torch
@@ -25,6 +26,7 @@ from adaptserve.runner.memory import num_kv_blocks, profile_activation_bytes
 from adaptserve.runner.precision import StepPrecision
 from adaptserve.runner.sampler import Sampler, SamplingMetadata
 
+logger = logging.getLogger(__name__)
 DEFAULT_KERNEL_CACHE = "~/.cache/adaptserve/kernels.json"
 
 
@@ -128,8 +130,12 @@ class ModelRunner:
         """Capture the decode graphs (in the precision every step starts in) before serving."""
         if self.graphs is not None:
             precision, _ = self.precision.peek()
-            with self._phase("cuda_graphs"):
-                self.graphs.capture_all(precision, context_len)
+            try:
+                with self._phase("cuda_graphs"):
+                    self.graphs.capture_all(precision, context_len)
+            except RuntimeError:
+                logger.exception("CUDA-graph capture failed; decode steps run eagerly")
+                self.graphs = None
 
     @contextlib.contextmanager
     def _phase(self, name: str):
