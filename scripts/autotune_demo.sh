@@ -10,7 +10,7 @@ python3 -m adaptserve.cli serve --model llama-3.1-8b --port 8011 --max-num-seqs 
 server=$!
 for _ in $(seq 240); do curl -sf localhost:8011/health >/dev/null && break; sleep 0.5; done
 python3 -m adaptserve.cli bench serve --base-url http://127.0.0.1:8011 --dataset-name sharegpt-synth \
-  --num-prompts 400 --request-rate 8 --vocab-size 128256 --result-dir "$out" --save-detailed >/tmp/bench.log 2>&1 &
+  --num-prompts 400 --request-rate 8 --tokenizer llama-3.1-8b --result-dir "$out" --save-detailed >/tmp/bench.log 2>&1 &
 bench=$!
 sleep 25
 curl -s localhost:8011/admin/kernels > "$out/kernels-before-offer.json"
