@@ -72,7 +72,6 @@ class DecodeGraphPool:
         self.context_lens = torch.zeros(self.max_batch, dtype=torch.int32, device=device)  # [B]
         self.query_start_loc = torch.arange(self.max_batch + 1, dtype=torch.int32, device=device)  # [B + 1]
         self.graphs: dict[tuple, _Graph] = {}
-        self.memory_pool = torch.cuda.graph_pool_handle()
         self.num_captures = 0
         self.capture_seconds = 0.0
         registry.on_swap(self._forget_swapped)
@@ -86,7 +85,7 @@ class DecodeGraphPool:
 
     def capture_all(self, precision: str, context_len: int) -> None:
         """Capture every batch bucket for contexts around `context_len` (at start)."""
-        for size in reversed(self.sizes):  # largest first: later graphs reuse its memory pool
+        for size in reversed(self.sizes):
             self._graph(size, precision, context_len)
 
     def run(self, batch: HostBatch, precision: str) -> torch.Tensor:
@@ -153,8 +152,9 @@ class DecodeGraphPool:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         # thread_local: the server builds the engine off the event-loop thread, whose own CUDA calls
-        # must not invalidate the capture
-        with torch.cuda.graph(graph, pool=self.memory_pool, capture_error_mode="thread_local"):
+        # must not invalidate the capture. Each graph keeps its own memory pool: a shared pool hit an
+        # allocator assertion (use_count > 0) when captures ran on the server's loader thread.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             hidden = forward()  # [size, hidden]
         torch.cuda.synchronize(self.device)
         self.num_captures += 1
