@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from adaptserve.kernels.launch_resources import record_resources
+
 KERNEL_VERSION = 1
 
 # launch variants worth timing on an H100; each dict is keyword arguments of `rms_norm`
@@ -133,10 +135,4 @@ def _launch(x, weight, eps, residual, out, num_warps, rows_per_program, resource
         BLOCK=triton.next_power_of_2(hidden),
         num_warps=num_warps,
     )
-    if resources is not None and hasattr(compiled, "n_regs"):
-        resources.update(
-            regs=compiled.n_regs,
-            spills=compiled.n_spills,
-            shared=compiled.metadata.shared,
-            num_warps=num_warps,
-        )
+    record_resources(compiled, resources, num_warps)

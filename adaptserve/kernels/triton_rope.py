@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from adaptserve.kernels.launch_resources import record_resources
 from adaptserve.kernels.triton_norm import round_to_dtype
 
 KERNEL_VERSION = 1
@@ -225,13 +226,7 @@ def rope_and_write_kv(
         # into half-precision fma.rn.f16 otherwise)
         enable_fp_fusion=False,
     )
-    if resources is not None and hasattr(compiled, "n_regs"):
-        resources.update(
-            regs=compiled.n_regs,
-            spills=compiled.n_spills,
-            shared=compiled.metadata.shared,
-            num_warps=num_warps,
-        )
+    record_resources(compiled, resources, num_warps)
 
 
 def _check_shapes(q, k, v, cos_table, sin_table, k_cache, v_cache) -> None:

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from adaptserve.kernels.launch_resources import record_resources
+
 KERNEL_VERSION = 1
 
 # Launch variants worth trying on an H100 (num_splits is not here: choose_num_splits picks it per
@@ -247,13 +249,7 @@ def paged_decode_attention(
         num_warps=num_warps,
         num_stages=num_stages,
     )
-    if resources is not None and hasattr(compiled, "n_regs"):
-        resources.update(
-            regs=compiled.n_regs,
-            spills=compiled.n_spills,
-            shared=compiled.metadata.shared,
-            num_warps=num_warps,
-        )
+    record_resources(compiled, resources, num_warps)
     if num_splits > 1:
         _merge_kernel[(num_seqs, num_heads)](
             part_out,

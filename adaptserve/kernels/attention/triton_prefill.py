@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from adaptserve.kernels.launch_resources import record_resources
+
 KERNEL_VERSION = 1
 
 # Launch variants worth trying on an H100, best first for head_dim 128, bf16, 32/8 heads, page 16.
@@ -267,13 +269,7 @@ def paged_prefill_attention(
         num_warps=num_warps,
         num_stages=num_stages,
     )  # fmt: skip
-    if resources is not None and hasattr(compiled, "n_regs"):
-        resources.update(
-            regs=compiled.n_regs,
-            spills=compiled.n_spills,
-            shared=compiled.metadata.shared,
-            num_warps=num_warps,
-        )
+    record_resources(compiled, resources, num_warps)
     return out
 
 
