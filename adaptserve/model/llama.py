@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adaptserve.kernels.attention.backend import AttentionBackend
 from adaptserve.kernels.attention.metadata import AttentionMetadata
-from adaptserve.kernels.attention.registry import AttentionBackend
 from adaptserve.kernels.linear import linear
 from adaptserve.kernels.norm import rms_norm
 from adaptserve.model.config import ModelArchConfig

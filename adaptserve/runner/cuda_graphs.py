@@ -83,10 +83,21 @@ class DecodeGraphPool:
                 return size
         return None
 
+    def can_replay(self, batch: HostBatch) -> bool:
+        """A decode-only batch that fits a bucket, whose chosen variant may be captured."""
+        size = self.bucket(len(batch.sequences))
+        return (
+            batch.is_decode_only
+            and size is not None
+            and batch.block_table.shape[1] <= self.max_blocks
+            and self._variant(size, int(batch.context_lens.max())).graph_safe
+        )
+
     def capture_all(self, precision: str, context_len: int) -> None:
         """Capture every batch bucket for contexts around `context_len` (at start)."""
         for size in reversed(self.sizes):
-            self._graph(size, precision, context_len)
+            if self._variant(size, context_len).graph_safe:
+                self._graph(size, precision, context_len)
 
     def run(self, batch: HostBatch, precision: str) -> torch.Tensor:
         """Replay the graph for this decode-only batch -> hidden states [N, hidden]."""
@@ -112,8 +123,14 @@ class DecodeGraphPool:
             torch.from_numpy(np.ascontiguousarray(batch.block_table)), non_blocking=True
         )
 
+    def _bucket(self, size: int, context_len: int) -> ShapeBucket:
+        return ShapeBucket.of(DECODE_ATTENTION, size, context_len, *self.attention.layout)
+
+    def _variant(self, size: int, context_len: int) -> KernelVariant:
+        return self.registry.choose(self._bucket(size, context_len))
+
     def _graph(self, size: int, precision: str, context_len: int) -> _Graph:
-        bucket = ShapeBucket.of(DECODE_ATTENTION, size, context_len, *self.attention.layout)
+        bucket = self._bucket(size, context_len)
         variant = self.registry.choose(bucket)
         key = (size, bucket.context, precision, variant.name)
         graph = self.graphs.get(key)

@@ -13,7 +13,8 @@ from adaptserve.engine.outputs import RunnerOutput, ScheduledSequence, Scheduler
 from adaptserve.kernels.attention.dispatch import TunedAttention
 from adaptserve.kernels.attention.metadata import AttentionMetadata
 from adaptserve.kernels.attention.variants import build_registry, triton_available
-from adaptserve.kernels.autotune import Autotuner, ChoiceCache
+from adaptserve.kernels.autotune import Autotuner
+from adaptserve.kernels.choice_cache import ChoiceCache
 from adaptserve.kernels.registry import OPS
 from adaptserve.model.config import ModelArchConfig
 from adaptserve.model.llama import LlamaForCausalLM
@@ -129,7 +130,7 @@ class ModelRunner:
     def warm_up(self, context_len: int = 1024) -> None:
         """Capture the decode graphs (in the precision every step starts in) before serving."""
         if self.graphs is not None:
-            precision, _ = self.precision.peek()
+            precision = self.precision.peek()
             try:
                 with self._phase("cuda_graphs"):
                     self.graphs.capture_all(precision, context_len)
@@ -191,19 +192,16 @@ class ModelRunner:
         return RunnerOutput([s.request_id for s in seqs], sampled.token_ids, sampled.logprobs)
 
     def _can_replay(self, batch: HostBatch) -> bool:
-        return (
-            self.graphs is not None
-            and batch.is_decode_only
-            and self.graphs.bucket(len(batch.sequences)) is not None
-            and batch.block_table.shape[1] <= self.graphs.max_blocks
-        )
+        return self.graphs is not None and self.graphs.can_replay(batch)
 
     def _graph_logits(self, batch: HostBatch):
-        sample_rows = torch.from_numpy(batch.sample_rows).to(self.device, non_blocking=True)
+        # a decode step samples every row unless a sequence is mid-way through something else
+        every_row = len(batch.sample_rows) == batch.num_tokens
+        sample_rows = None if every_row else torch.from_numpy(batch.sample_rows).to(self.device)
 
         def logits_in(step_precision: str) -> torch.Tensor:
             hidden = self.graphs.run(batch, step_precision)  # [N, H]
-            return self.model.compute_logits(hidden[sample_rows])  # [N, V] float32
+            return self.model.compute_logits(hidden if every_row else hidden[sample_rows])  # [N, V]
 
         return logits_in
 

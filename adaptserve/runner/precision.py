@@ -37,9 +37,9 @@ class StepPrecision:
         self.steps_by_precision: Counter[str] = Counter()
         self.last_score: float | None = None
 
-    def peek(self) -> tuple[str, None]:
+    def peek(self) -> str:
         """The format the next decode step would be served in (nothing counted or sampled)."""
-        return (self.controller.precision if self.adaptive else self.fixed), None
+        return self.controller.precision if self.adaptive else self.fixed
 
     def choose(self, decode_only: bool) -> tuple[str, str | None]:
         """(the format this step is served in, the format to shadow it with or None)."""

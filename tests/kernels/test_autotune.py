@@ -10,7 +10,8 @@ import torch
 
 from adaptserve.kernels.attention.metadata import AttentionMetadata
 from adaptserve.kernels.attention.variants import reference_variants
-from adaptserve.kernels.autotune import AutotuneConfig, Autotuner, ChoiceCache
+from adaptserve.kernels.autotune import AutotuneConfig, Autotuner
+from adaptserve.kernels.choice_cache import ChoiceCache
 from adaptserve.kernels.registry import DECODE_ATTENTION, KernelRegistry, KernelVariant, ShapeBucket
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 4, 2, 16, 4

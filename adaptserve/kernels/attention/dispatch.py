@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from adaptserve.kernels.attention.metadata import AttentionMetadata
+from adaptserve.kernels.attention.torch_ref import TorchReferenceAttention
 from adaptserve.kernels.registry import (
     DECODE_ATTENTION,
     PREFILL_ATTENTION,
@@ -17,7 +18,9 @@ from adaptserve.kernels.registry import (
     KernelVariant,
     ShapeBucket,
 )
-from adaptserve.model.rope import RopeContext, apply_rope
+from adaptserve.model.rope import RopeContext
+
+_REFERENCE = TorchReferenceAttention()
 
 
 class TunedAttention:
@@ -61,13 +64,7 @@ class TunedAttention:
                 q, k, v, rope.cos_table, rope.sin_table, rope.positions, k_cache, v_cache, meta.slot_mapping
             )
             return q, k
-        q, k = apply_rope(q, *rope.lookup()), apply_rope(k, *rope.lookup())
-        self.write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
-        return q, k
-
-    def write_kv(self, k_cache, v_cache, k, v, slot_mapping) -> None:
-        k_cache.view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
-        v_cache.view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
+        return _REFERENCE.rope_and_write_kv(q, k, v, rope, k_cache, v_cache, meta)
 
     def attend(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """q: [T, H, D]; k, v: this step's [T, KVH, D] (already in the cache) -> [T, H, D]."""

@@ -36,45 +36,31 @@ def triton_variants(slowed: bool = True) -> list[KernelVariant]:
     from adaptserve.kernels.attention import triton_decode, triton_prefill
 
     variants = [
-        KernelVariant(
-            DECODE_ATTENTION,
-            "triton",
-            partial(_triton_decode, params),
-            params=tuple(params.items()),
-            version=triton_decode.KERNEL_VERSION,
-            graph_safe=True,
-        )
-        for params in triton_decode.CONFIGS
+        _triton(DECODE_ATTENTION, "triton", _triton_decode, p, triton_decode) for p in triton_decode.CONFIGS
     ]
     variants += [
-        KernelVariant(
-            PREFILL_ATTENTION,
-            "triton",
-            partial(_triton_prefill, params),
-            params=tuple(params.items()),
-            version=triton_prefill.KERNEL_VERSION,
-            graph_safe=True,
-        )
-        for params in triton_prefill.CONFIGS
+        _triton(PREFILL_ATTENTION, "triton", _triton_prefill, p, triton_prefill)
+        for p in triton_prefill.CONFIGS
     ]
     if slowed:
         params = {**DEFAULT_DECODE_CONFIG, "repeat": 8}
-        variants.append(
-            KernelVariant(
-                DECODE_ATTENTION,
-                "triton_slowed",
-                partial(_triton_decode, params),
-                params=tuple(params.items()),
-                version=triton_decode.KERNEL_VERSION,
-                graph_safe=True,
-            )
-        )
+        variants.append(_triton(DECODE_ATTENTION, "triton_slowed", _triton_decode, params, triton_decode))
     return variants
 
 
 DEFAULT_DECODE_CONFIG = {"tile_n": 64, "num_warps": 4, "num_stages": 2}
 DEFAULT_PREFILL_CONFIG = {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3}
-TUNABLE_FAMILIES = ("torch_ref", "triton", "flex")  # the autotuner never picks other families itself
+
+
+def _triton(op: str, family: str, run, params: dict, module) -> KernelVariant:
+    return KernelVariant(
+        op,
+        family,
+        partial(run, params),
+        params=tuple(params.items()),
+        version=module.KERNEL_VERSION,
+        graph_safe=True,  # the launch wrappers read no device values
+    )
 
 
 def build_registry(
