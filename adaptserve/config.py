@@ -39,6 +39,7 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048  # token budget of one step (prefill + decode)
     long_prefill_token_threshold: int = 0  # cap on one request's prefill chunk; 0 = token budget
     policy: str = "fcfs"  # fcfs | priority
+    async_scheduling: bool | None = None  # schedule step n+1 while step n runs; None = on for CUDA
 
 
 WEIGHT_FORMATS = ("bf16", "fp8", "int4")  # weight formats a model may hold besides its own, high to low
@@ -152,6 +153,12 @@ class EngineConfig:
             ">= 0",
         )
         _require(s.policy in ("fcfs", "priority"), "scheduler.policy", s.policy, "'fcfs' or 'priority'")
+        _require(
+            s.async_scheduling in (None, True, False),
+            "scheduler.async_scheduling",
+            s.async_scheduling,
+            "true, false or null (on for CUDA)",
+        )
         _require(
             m.dtype in ("auto", "float32", "bfloat16", "float16"),
             "model.dtype",

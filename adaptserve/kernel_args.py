@@ -1,11 +1,13 @@
-"""Command-line flags of the kernel layer (attention backend, CUDA graphs, autotuning, pins), shared by
-`serve`, `generate` and the benchmarks."""
+"""Command-line flags of the GPU fast path (attention backend, CUDA graphs, autotuning, pins, async
+scheduling), shared by `serve`, `generate` and the benchmarks."""
 
 from __future__ import annotations
 
 import argparse
 
 from adaptserve.config import ATTENTION_BACKENDS, AUTOTUNE_MODES
+
+ASYNC_SCHEDULING = {"auto": None, "on": True, "off": False}  # flag value -> SchedulerConfig value
 
 
 def add_kernel_args(parser: argparse.ArgumentParser) -> None:
@@ -33,6 +35,12 @@ def add_kernel_args(parser: argparse.ArgumentParser) -> None:
         help="force a kernel variant, e.g. decode_attention=torch_ref (repeatable; "
         "`adaptserve kernels` lists them)",
     )
+    group.add_argument(
+        "--async-scheduling",
+        default="auto",
+        choices=ASYNC_SCHEDULING,
+        help="schedule and launch step n+1 before step n's tokens reach the host (auto: on CUDA)",
+    )
 
 
 def kernel_options(args: argparse.Namespace) -> dict:
@@ -44,4 +52,5 @@ def kernel_options(args: argparse.Namespace) -> dict:
         "autotune": getattr(args, "autotune", "cache"),
         "kernel_cache": getattr(args, "kernel_cache", None),
         "pins": tuple(getattr(args, "pin_kernel", None) or ()),
+        "async_scheduling": ASYNC_SCHEDULING[getattr(args, "async_scheduling", "auto")],
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import time
+from dataclasses import dataclass
 
 from adaptserve.config import EngineConfig
 from adaptserve.engine.detokenizer import IncrementalDetokenizer
@@ -22,6 +23,7 @@ from adaptserve.engine.scheduler import Scheduler
 from adaptserve.engine.stats import StatLogger, StepStats
 from adaptserve.model.config import ModelArchConfig
 from adaptserve.model.loaders import LoadedCheckpoint, load_checkpoint
+from adaptserve.runner.launched_step import LaunchedStep
 from adaptserve.runner.model_runner import ModelRunner
 
 
@@ -54,6 +56,10 @@ class LLMEngine:
         self.source = checkpoint.source
         self.stat_loggers: list[StatLogger] = []  # each gets every step's StepStats
         self._prefix_cache_counts = (0, 0)  # (queries, hits) at the last stats
+        async_scheduling = config.scheduler.async_scheduling
+        on_cuda = self.runner.device.type == "cuda"  # a CPU computes as it is called: nothing to overlap
+        self.async_scheduling = on_cuda if async_scheduling is None else async_scheduling
+        self._in_flight: _InFlight | None = None  # the launched step whose tokens are not read yet
 
     # ---- requests ------------------------------------------------------------------------------------
 
@@ -150,19 +156,45 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one step; return the outputs of user requests that finished in it, and for streamed
-        requests a delta output whenever they have something new."""
+        requests a delta output whenever they have something new.
+
+        With async scheduling the step is launched on the device, then the previous step's tokens
+        are read and processed while it runs: outputs come one step later, the device never waits
+        for the host's bookkeeping."""
         start = time.monotonic()
         scheduler_output = self.scheduler.schedule()
         for seq in scheduler_output.sequences:
             request = self.scheduler.requests[seq.request_id]
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = start
+        try:
+            return self._launch_and_finish(scheduler_output, start)
+        except BaseException:
+            self._in_flight = None  # its requests are aborted by the caller (LLM, AsyncEngine)
+            raise
+
+    def _launch_and_finish(self, scheduler_output: SchedulerOutput, start: float) -> list[RequestOutput]:
+        outputs: list[RequestOutput] = []
+        if self._in_flight is not None and _needs_token_history(scheduler_output):
+            outputs += self._finish(self._in_flight)  # penalties read every earlier token on the host
+            self._in_flight = None
         # memory pressure for the precision policy: the share of KV blocks in use after scheduling
         self.runner.precision.memory_pressure = self.kv_cache.usage
-        runner_output = self.runner.execute(scheduler_output)
-        updated = self.scheduler.update_from_output(scheduler_output, runner_output)
+        launched = self.runner.launch(scheduler_output)
+        step = _InFlight(scheduler_output, self.scheduler.advance(scheduler_output), launched, start)
+        previous, self._in_flight = self._in_flight, step
+        if previous is not None:
+            outputs += self._finish(previous)
+        if not self.async_scheduling:
+            self._in_flight = None
+            outputs += self._finish(step)
+        return outputs
+
+    def _finish(self, step: _InFlight) -> list[RequestOutput]:
+        """Read a launched step's tokens, append them, and build the outputs they complete."""
+        updated = self.scheduler.resolve(step.sampled, step.launched.result())
         now = time.monotonic()
-        stats = self._step_stats(start, now, scheduler_output, len(updated))
+        stats = self._step_stats(step.start, now, step.scheduled, len(updated))
         touched: dict[str, ParentRequest] = {}  # parents with a child that got a token this step
         for request in updated:
             parent_id = self._child_to_parent[request.request_id]
@@ -234,6 +266,24 @@ class LLMEngine:
         self._parents.pop(parent.request_id, None)
         for child_id in parent.child_ids:
             self._child_to_parent.pop(child_id, None)
+
+
+@dataclass
+class _InFlight:
+    """A launched step whose sampled tokens the host has not read yet."""
+
+    scheduled: SchedulerOutput
+    sampled: dict[str, Request]  # the requests it samples for, by id (from Scheduler.advance)
+    launched: LaunchedStep
+    start: float  # time.monotonic() when it was scheduled
+
+
+def _needs_token_history(scheduled: SchedulerOutput) -> bool:
+    """A sequence with a penalty needs every earlier token on the host, the pending one included."""
+    return any(
+        p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+        for p in (seq.sampling_params for seq in scheduled.sequences)
+    )
 
 
 def _stamp_token_time(request: Request, parent_id: str, now: float, stats: StepStats) -> None:

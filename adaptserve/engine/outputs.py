@@ -6,13 +6,17 @@ from dataclasses import dataclass, field
 
 from adaptserve.engine.request import SamplingParams
 
+# A token the previous step sampled that the host does not know yet: the runner takes it from that
+# step's sampled ids on the device (async scheduling).
+PENDING_TOKEN_ID = -1
+
 
 @dataclass(slots=True)
 class ScheduledSequence:
     """One request's share of a step: compute `token_ids`, which start at `num_computed_tokens`."""
 
     request_id: str
-    token_ids: list[int]  # tokens whose K/V (and maybe logits) are computed this step
+    token_ids: list[int]  # tokens computed this step (K/V, maybe logits); may end in PENDING_TOKEN_ID
     num_computed_tokens: int  # position of token_ids[0]; tokens before it are in the cache
     block_ids: list[int]  # the request's whole block table
     sample: bool  # this step reaches its last known token: sample the next one

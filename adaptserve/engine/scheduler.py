@@ -15,7 +15,7 @@ from collections.abc import Iterable
 
 from adaptserve.config import SchedulerConfig
 from adaptserve.engine.kv_cache import KVCacheManager
-from adaptserve.engine.outputs import RunnerOutput, ScheduledSequence, SchedulerOutput
+from adaptserve.engine.outputs import PENDING_TOKEN_ID, RunnerOutput, ScheduledSequence, SchedulerOutput
 from adaptserve.engine.request import Request, RequestStatus
 
 
@@ -118,6 +118,9 @@ class Scheduler:
         while index < len(self.running) and budget > 0:
             request = self.running[index]
             num_new = self._num_new_tokens(request, request.num_computed_tokens, budget)
+            if num_new <= 0 or self._ends_with_pending(request):
+                index += 1  # its pending token is its last: it finishes when that token arrives
+                continue
             if self._allocate_or_preempt(request, num_new, preempted):
                 scheduled.append(self._scheduled(request, num_new))
                 budget -= num_new
@@ -168,7 +171,7 @@ class Scheduler:
             preempted.append(victim.request_id)
 
     def _num_new_tokens(self, request: Request, num_computed: int, budget: int) -> int:
-        num_new = min(request.num_tokens - num_computed, budget)
+        num_new = min(request.num_tokens + request.num_pending_tokens - num_computed, budget)
         if self.config.long_prefill_token_threshold:
             num_new = min(num_new, self.config.long_prefill_token_threshold)
         return num_new
@@ -193,15 +196,22 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.add(request, front=True)
 
+    @staticmethod
+    def _ends_with_pending(request: Request) -> bool:
+        """The token still on the device is the request's last (max_tokens or the context window)."""
+        num_outputs = request.num_output_tokens + request.num_pending_tokens
+        return request.num_pending_tokens > 0 and num_outputs >= request.max_output_tokens
+
     def _scheduled(self, request: Request, num_new: int) -> ScheduledSequence:
         start = request.num_computed_tokens
         tokens = request.all_token_ids[start : start + num_new]
+        tokens += [PENDING_TOKEN_ID] * (start + num_new - request.num_tokens)  # known on the device only
         return ScheduledSequence(
             request_id=request.request_id,
             token_ids=tokens,
             num_computed_tokens=start,
             block_ids=self.kv_cache.get_block_ids(request.request_id),
-            sample=start + num_new == request.num_tokens,
+            sample=start + num_new == request.num_tokens + request.num_pending_tokens,
             sampling_params=request.sampling_params,
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=request.output_token_ids,
@@ -214,17 +224,34 @@ class Scheduler:
     ) -> list[Request]:
         """Advance computed counters, append sampled tokens, finish requests that hit a stop condition.
         Returns the requests that received a token this step (finished ones included)."""
+        return self.resolve(self.advance(scheduler_output), runner_output)
+
+    def advance(self, scheduler_output: SchedulerOutput) -> dict[str, Request]:
+        """Right after a step is launched: its tokens count as computed, and each sequence it samples
+        has a pending token, so the next step can be scheduled before this one's tokens are known.
+        Returns the step's sampled requests by id, for `resolve`."""
+        sampled: dict[str, Request] = {}
         for seq in scheduler_output.sequences:
             request = self.requests.get(seq.request_id)
-            if request is not None and request.status == RequestStatus.RUNNING:
-                request.num_computed_tokens += len(seq.token_ids)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue  # aborted or finished since it was scheduled
+            request.num_computed_tokens += len(seq.token_ids)
+            if seq.sample:
+                request.num_pending_tokens += 1
+                sampled[seq.request_id] = request
+        return sampled
+
+    def resolve(self, sampled: dict[str, Request], runner_output: RunnerOutput) -> list[Request]:
+        """The step's tokens have reached the host: append them and finish requests that stop.
+        Requests are matched by identity, so a finished request's id reused by a new one is safe."""
         updated = []
         for request_id, token_id, logprobs in zip(
             runner_output.request_ids, runner_output.sampled_token_ids, runner_output.logprobs, strict=True
         ):
-            request = self.requests.get(request_id)
-            if request is None or request.status != RequestStatus.RUNNING:
-                continue  # aborted while the step ran
+            request = sampled.get(request_id)
+            if request is None or self.requests.get(request_id) is not request:
+                continue  # aborted or finished while the step ran: its token is dropped
+            request.num_pending_tokens -= 1
             request.output_token_ids.append(token_id)
             if logprobs is not None:
                 request.output_logprobs.append(logprobs)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from adaptserve.kernels.attention.dispatch import TunedAttention
@@ -26,7 +25,7 @@ from adaptserve.kernels.registry import (
     ShapeBucket,
     SwapEvent,
 )
-from adaptserve.runner.inputs import HostBatch
+from adaptserve.runner.inputs import HostBatch, host_tensor
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -99,8 +98,11 @@ class DecodeGraphPool:
             if self._variant(size, context_len).graph_safe:
                 self._graph(size, precision, context_len)
 
-    def run(self, batch: HostBatch, precision: str) -> torch.Tensor:
-        """Replay the graph for this decode-only batch -> hidden states [N, hidden]."""
+    def run(
+        self, batch: HostBatch, precision: str, pending: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Replay the graph for this decode-only batch -> hidden states [N, hidden]. `pending`:
+        (rows [P], ids [P]) on the device, input ids that only the device knows yet."""
         num_seqs = len(batch.sequences)
         size = self.bucket(num_seqs)
         width = batch.block_table.shape[1]
@@ -108,20 +110,21 @@ class DecodeGraphPool:
             raise ValueError(f"block table of {width} blocks exceeds the graph pool's {self.max_blocks}")
         graph = self._graph(size, precision, int(batch.context_lens.max()))
         self._fill(batch, num_seqs, size, width)
+        if pending is not None:
+            self.input_ids.index_copy_(0, *pending)
         graph.graph.replay()
         return graph.hidden[:num_seqs]
 
     def _fill(self, batch: HostBatch, num_seqs: int, size: int, width: int) -> None:
         """Copy this step's inputs into the static buffers; padded rows attend to nothing."""
-        self.input_ids[:num_seqs].copy_(torch.from_numpy(batch.input_ids), non_blocking=True)
-        self.positions[:num_seqs].copy_(torch.from_numpy(batch.positions), non_blocking=True)
-        self.slot_mapping[:num_seqs].copy_(torch.from_numpy(batch.slot_mapping), non_blocking=True)
+        device = self.device
+        self.input_ids[:num_seqs].copy_(host_tensor(batch.input_ids, device), non_blocking=True)
+        self.positions[:num_seqs].copy_(host_tensor(batch.positions, device), non_blocking=True)
+        self.slot_mapping[:num_seqs].copy_(host_tensor(batch.slot_mapping, device), non_blocking=True)
         self.slot_mapping[num_seqs:size].fill_(self.pad_slot)
-        self.context_lens[:num_seqs].copy_(torch.from_numpy(batch.context_lens), non_blocking=True)
+        self.context_lens[:num_seqs].copy_(host_tensor(batch.context_lens, device), non_blocking=True)
         self.context_lens[num_seqs:size].zero_()
-        self.block_table[:num_seqs, :width].copy_(
-            torch.from_numpy(np.ascontiguousarray(batch.block_table)), non_blocking=True
-        )
+        self.block_table[:num_seqs, :width].copy_(host_tensor(batch.block_table, device), non_blocking=True)
 
     def _bucket(self, size: int, context_len: int) -> ShapeBucket:
         return ShapeBucket.of(DECODE_ATTENTION, size, context_len, *self.attention.layout)

@@ -124,5 +124,12 @@ def _block_table(sequences: list[ScheduledSequence]) -> np.ndarray:
     return table
 
 
+def host_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """`array` as a CPU tensor to copy to `device`: in pinned memory for CUDA, because a copy from
+    pageable memory may wait for the device's queue, which would stall async scheduling."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    return tensor.pin_memory() if device.type == "cuda" else tensor
+
+
 def _to(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(array)).to(device, non_blocking=True)
+    return host_tensor(array, device).to(device, non_blocking=True)

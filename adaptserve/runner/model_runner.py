@@ -6,10 +6,11 @@ import contextlib
 import logging
 import time
 
+import numpy as np
 import torch
 
 from adaptserve.config import EngineConfig
-from adaptserve.engine.outputs import RunnerOutput, ScheduledSequence, SchedulerOutput
+from adaptserve.engine.outputs import PENDING_TOKEN_ID, RunnerOutput, ScheduledSequence, SchedulerOutput
 from adaptserve.kernels.attention.dispatch import TunedAttention
 from adaptserve.kernels.attention.metadata import AttentionMetadata
 from adaptserve.kernels.attention.variants import build_registry, triton_available
@@ -22,7 +23,8 @@ from adaptserve.model.loaders import LoadedCheckpoint
 from adaptserve.model.projection import quantize_model
 from adaptserve.runner.cuda_graphs import DecodeGraphPool
 from adaptserve.runner.device import resolve_device, resolve_dtype
-from adaptserve.runner.inputs import HostBatch, ModelInputs, build_host_batch, to_device
+from adaptserve.runner.inputs import HostBatch, ModelInputs, build_host_batch, host_tensor, to_device
+from adaptserve.runner.launched_step import LaunchedStep
 from adaptserve.runner.memory import num_kv_blocks, profile_activation_bytes
 from adaptserve.runner.precision import StepPrecision
 from adaptserve.runner.sampler import Sampler, SamplingMetadata
@@ -68,6 +70,8 @@ class ModelRunner:
         self.autotuner = self._build_autotuner(config.kernels)
         self.sampler = Sampler()
         self._generators: dict[str, torch.Generator] = {}  # per seeded request
+        # the last step's sampled ids [N] on the device and each request's row in them
+        self._last_sampled: tuple[torch.Tensor | None, dict[str, int]] = (None, {})
 
     def _build_attention(self, kernels) -> tuple:
         backend = kernels.attention_backend
@@ -158,27 +162,35 @@ class ModelRunner:
             for _ in range(self.arch.num_layers)
         ]
 
-    @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+        """Run one step and wait for its sampled tokens."""
+        return self.launch(scheduler_output).result()
+
+    @torch.inference_mode()
+    def launch(self, scheduler_output: SchedulerOutput) -> LaunchedStep:
+        """Run one step on the device and start copying its sampled tokens to the host; nothing here
+        waits on the device unless a row asks for logprobs or the precision policy is adaptive."""
         for request_id in scheduler_output.finished_request_ids:
             self._generators.pop(request_id, None)
         if scheduler_output.is_empty:
-            return RunnerOutput([], [], [])
+            return LaunchedStep.done(RunnerOutput([], [], []))
         batch = build_host_batch(scheduler_output.sequences, self.block_size)
+        pending = self._pending_inputs(batch)
         precision, shadow = self.precision.choose(batch.is_decode_only)
         inputs = None
         if self._can_replay(batch):
-            logits_in = self._graph_logits(batch)
+            logits_in = self._graph_logits(batch, pending)
         else:
             inputs = to_device(batch, self.device)
+            if pending is not None:
+                inputs.input_ids.index_copy_(0, *pending)
             logits_in = self._eager_logits(inputs)
         shadow_logits = None if shadow is None else logits_in(shadow)  # first: the served run's KV stays
         logits = logits_in(precision)
-        sampled_sequences = [s for s in batch.sequences if s.sample]
-        if not sampled_sequences:
-            return RunnerOutput([], [], [])
+        seqs = [s for s in batch.sequences if s.sample]
+        if not seqs:
+            return LaunchedStep.done(RunnerOutput([], [], []))
         self.precision.observe(logits, precision, shadow_logits)
-        seqs = sampled_sequences
         metadata = SamplingMetadata(
             params=[s.sampling_params for s in seqs],
             prompt_token_ids=[s.prompt_token_ids for s in seqs],
@@ -186,21 +198,46 @@ class ModelRunner:
             generators=[self._generator(s.request_id, s.sampling_params.seed) for s in seqs],
             blocked_token_ids=[self._blocked_token_ids(s) for s in seqs],
         )
-        sampled = self.sampler(logits, metadata)
+        request_ids = [s.request_id for s in seqs]
+        if metadata.needs_logprobs:  # the logprobs are gathered on the host now
+            sampled = self.sampler(logits, metadata)
+            token_ids = torch.tensor(sampled.token_ids, device=self.device)  # [N]
+            step = LaunchedStep.done(RunnerOutput(request_ids, sampled.token_ids, sampled.logprobs))
+        else:
+            token_ids = self.sampler.sample_ids(logits, metadata)  # [N] on the device
+            step = LaunchedStep.copying(request_ids, token_ids)
+        self._last_sampled = token_ids, {request_id: row for row, request_id in enumerate(request_ids)}
         if self.autotuner is not None:
             self._tune_after(batch, None if inputs is None else inputs.attn)
-        return RunnerOutput([s.request_id for s in seqs], sampled.token_ids, sampled.logprobs)
+        return step
+
+    def _pending_inputs(self, batch: HostBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rows [P], ids [P]) on the device: the input tokens that the previous step sampled and
+        the host has not read yet, taken from that step's sampled ids."""
+        rows = np.flatnonzero(batch.input_ids == PENDING_TOKEN_ID)  # [P]
+        if len(rows) == 0:
+            return None
+        sequence_index = np.searchsorted(batch.query_start_loc, rows, side="right") - 1  # [P]
+        last_token_ids, last_rows = self._last_sampled
+        request_ids = [batch.sequences[i].request_id for i in sequence_index]
+        missing = [r for r in request_ids if r not in last_rows]
+        if missing:
+            raise RuntimeError(f"requests {missing} wait for tokens the previous step did not sample")
+        source = np.fromiter((last_rows[r] for r in request_ids), np.int64, len(request_ids))  # [P]
+        source_rows = host_tensor(source, self.device).to(self.device, non_blocking=True)
+        ids = last_token_ids.index_select(0, source_rows)  # [P]
+        return host_tensor(rows, self.device).to(self.device, non_blocking=True), ids
 
     def _can_replay(self, batch: HostBatch) -> bool:
         return self.graphs is not None and self.graphs.can_replay(batch)
 
-    def _graph_logits(self, batch: HostBatch):
+    def _graph_logits(self, batch: HostBatch, pending: tuple[torch.Tensor, torch.Tensor] | None):
         # a decode step samples every row unless a sequence is mid-way through something else
         every_row = len(batch.sample_rows) == batch.num_tokens
-        sample_rows = None if every_row else torch.from_numpy(batch.sample_rows).to(self.device)
+        sample_rows = None if every_row else host_tensor(batch.sample_rows, self.device).to(self.device)
 
         def logits_in(step_precision: str) -> torch.Tensor:
-            hidden = self.graphs.run(batch, step_precision)  # [N, H]
+            hidden = self.graphs.run(batch, step_precision, pending)  # [N, H]
             return self.model.compute_logits(hidden if every_row else hidden[sample_rows])  # [N, V]
 
         return logits_in
@@ -224,7 +261,8 @@ class ModelRunner:
     def _blocked_token_ids(self, seq: ScheduledSequence) -> list[int]:
         """Stop token ids (EOS unless ignored) may not be sampled before min_tokens, as in vLLM."""
         params = seq.sampling_params
-        if len(seq.output_token_ids) >= params.min_tokens:
+        num_outputs = len(seq.output_token_ids) + (seq.token_ids[-1] == PENDING_TOKEN_ID)
+        if num_outputs >= params.min_tokens:
             return []
         eos = [] if params.ignore_eos else sorted(self.eos_token_ids)
         return eos + [t for t in params.stop_token_ids if t not in self.eos_token_ids]

@@ -39,17 +39,20 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
         """`logits` is float32 [N, V] on CPU or CUDA; row i follows `metadata.params[i]`."""
+        if not metadata.needs_logprobs:
+            return SamplerOutput(self.sample_ids(logits, metadata).tolist(), [None] * metadata.num_rows)
+        logprob_rows, raw_logprobs = _raw_logprobs(logits, metadata.params)
+        token_ids = self.sample_ids(logits, metadata)  # [N]
+        return _build_output(token_ids, logprob_rows, raw_logprobs, metadata.params)
+
+    def sample_ids(self, logits: torch.Tensor, metadata: SamplingMetadata) -> torch.Tensor:
+        """The sampled ids [N] (int64, on the logits' device), without waiting on the device."""
         _check_shapes(logits, metadata)
-        raw_logits = logits
         if metadata.has_blocked_tokens:
             logits = _block_tokens(logits, metadata.blocked_token_ids)
-        if metadata.is_plain_greedy:
-            return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * metadata.num_rows)
-        logprob_rows, raw_logprobs = _raw_logprobs(raw_logits, metadata.params)
         if metadata.needs_penalties:
             logits = apply_penalties(logits, metadata)
-        token_ids = _sample(logits, metadata)  # [N]
-        return _build_output(token_ids, logprob_rows, raw_logprobs, metadata.params)
+        return _sample(logits, metadata)  # [N]
 
 
 def _check_shapes(logits: torch.Tensor, metadata: SamplingMetadata) -> None:

@@ -52,8 +52,3 @@ class SamplingMetadata:
     @property
     def needs_logprobs(self) -> bool:
         return any(p.logprobs is not None for p in self.params)
-
-    @property
-    def is_plain_greedy(self) -> bool:
-        """Every row is greedy with no penalties and no logprobs: a bare argmax is enough."""
-        return self.all_greedy and not self.needs_penalties and not self.needs_logprobs

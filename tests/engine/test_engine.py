@@ -25,11 +25,11 @@ def test_an_error_inside_a_step_frees_the_batch_and_the_engine_still_works(monke
     params = SamplingParams(temperature=0.0, max_tokens=4)
     expected = llm.generate([[5, 6, 7]], params, use_tqdm=False)[0].outputs[0].token_ids
     runner = llm.engine.runner
-    real_execute = runner.execute
-    monkeypatch.setattr(runner, "execute", lambda out: (_ for _ in ()).throw(RuntimeError("device lost")))
+    real_launch = runner.launch
+    monkeypatch.setattr(runner, "launch", lambda out: (_ for _ in ()).throw(RuntimeError("device lost")))
     with pytest.raises(RuntimeError, match="device lost"):
         llm.generate([[5, 6, 7], [8, 9]], params, use_tqdm=False)
     assert not llm.engine.has_unfinished_requests()
     assert llm.engine.kv_cache.num_free_blocks == 32
-    monkeypatch.setattr(runner, "execute", real_execute)
+    monkeypatch.setattr(runner, "launch", real_launch)
     assert llm.generate([[5, 6, 7]], params, use_tqdm=False)[0].outputs[0].token_ids == expected
