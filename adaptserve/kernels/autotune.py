@@ -1,14 +1,16 @@
 """Runtime autotuner: times kernel variants on live shapes, swaps in the fastest, rolls back regressions.
 
 Signal: the shapes the engine actually runs. After each step the runner hands over that step's
-attention metadata and layer-0 KV cache (`observe`); between steps `run_slot` spends a bounded
-amount of work on one bucket:
+attention metadata and layer-0 KV cache (`observe`); between steps `run_slot` does pieces of work
+until its time budget (`slot_budget_ms`) is spent:
 
-- **tuning** a bucket with no saved choice: each tunable variant is launched once (compiling it) and
-  pruned if its compiled launch cannot reach a useful occupancy (registers and shared memory per block
-  against the SM's limits) or spills; it is checked against the reference on the live shapes (random
-  queries over the live cache), then timed; after the last candidate the fastest correct one is swapped
-  in when it beats the current one by `min_gain`;
+- **tuning** a bucket with no saved choice: a candidate with a JIT step (Triton) is first compiled on a
+  background thread, one at a time, and slots pass it over until that is done (a compile takes about a
+  second, which the engine thread must not wait for); then each tunable variant is launched once (for
+  compiled ones a cache hit) and pruned if its compiled launch cannot reach a useful occupancy
+  (registers and shared memory per block against the SM's limits) or spills; it is checked against the
+  reference on the live shapes (random queries over the live cache), then timed; after the last
+  candidate the fastest correct one is swapped in when it beats the current one by `min_gain`;
 - **probation** after every swap (tuned or offered by a person): the new and the previous variant are
   re-timed, interleaved, on fresh live samples; a variant that is slower by more than
   `max_regression`, or whose error leaves the tolerance, is rolled back and barred from that bucket.
@@ -19,12 +21,14 @@ Guardrail: a swap never happens without a reference check, and every swap can be
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import statistics
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -43,6 +47,7 @@ class AutotuneConfig:
     max_regression: float = 0.10  # probation: slower than the previous variant by more -> rollback
     probation_samples: int = 3  # live samples a swapped variant must pass
     atol: float = 2e-2  # reference check: max |variant - reference| (bf16 attention outputs)
+    slot_budget_ms: float = 5.0  # host time per slot: no new piece of work starts once it is spent
 
 
 @dataclass
@@ -71,7 +76,17 @@ class _Probation:
     ratios: list[float] = field(default_factory=list)  # new time / old time per sample
 
 
+# compiler(variant, args): compiles what `variant.run(*args)` would launch, without launching it; runs
+# on the tuner's worker thread. args = (q, k, v, k_cache, v_cache, meta, scale, out).
+Compiler = Callable[[KernelVariant, tuple], None]
+
+
 class Autotuner:
+    """See the module docstring. `compiler` compiles candidates that have a `warmup` off the engine
+    thread: "auto" is Triton's warmup where CUDA is available and none elsewhere (under Triton's CPU
+    interpreter nothing compiles, and candidates are launched directly as they come); tests pass fakes.
+    Call `close()` to stop its worker thread."""
+
     def __init__(
         self,
         registry: KernelRegistry,
@@ -80,12 +95,18 @@ class Autotuner:
         cache: ChoiceCache | None = None,
         online: bool = True,
         clock: Callable[[], float] = time.perf_counter,
+        compiler: Compiler | Literal["auto"] | None = "auto",
     ):
         self.registry, self.reference = registry, reference
         self.config = config or AutotuneConfig()
         self.cache = cache
         self.online = online  # tune untuned buckets while serving (else only probation and the cache)
         self.clock = clock
+        if compiler == "auto":
+            compiler = compile_ahead if torch.cuda.is_available() else None
+        self.compiler = compiler
+        self._compile_pool: ThreadPoolExecutor | None = None  # one worker, started on first use
+        self._compiling: tuple[ShapeBucket, str, Future] | None = None  # the one compile submitted
         self._samples: dict[ShapeBucket, Sample] = {}
         self._tuning: dict[ShapeBucket, _Tuning] = {}
         self._probation: dict[ShapeBucket, _Probation] = {}
@@ -125,22 +146,41 @@ class Autotuner:
     # ---- the slot between steps ----------------------------------------------------------------------
 
     def run_slot(self) -> None:
-        """Do one bounded piece of work: a probation measurement, or one tuning candidate."""
+        """Do pieces of work (a probation measurement, a tuning candidate, a bucket's decision) until
+        none is ready or the slot's budget is spent; the first ready piece always runs. A candidate
+        whose kernels are still compiling in the background is passed over, never waited for."""
+        start = self.clock()
+        while self._work_once():
+            if self.clock() - start >= self.config.slot_budget_ms / 1e3:
+                return
+
+    def close(self) -> None:
+        """Stop the background compiler (waits for the compile in flight, at most one)."""
+        if self._compile_pool is not None:
+            self._compile_pool.shutdown(wait=True, cancel_futures=True)
+            self._compile_pool = None
+        self._compiling = None
+
+    def _work_once(self) -> bool:
+        """One piece of work; False when none is ready."""
         for bucket, probation in list(self._probation.items()):
             sample = self._samples.pop(bucket, None)
             if sample is not None:
                 self._probe(bucket, probation, sample)
-                return
+                return True
         if not self.online:
-            return
+            return False
         for bucket, sample in list(self._samples.items()):
             if self.registry.is_tuned(bucket) and bucket not in self._tuning:
                 del self._samples[bucket]
                 continue
-            self._tune_one(bucket, sample)
-            return
+            if self._tune_one(bucket, sample):
+                return True
+        return False
 
-    def _tune_one(self, bucket: ShapeBucket, sample: Sample) -> None:
+    def _tune_one(self, bucket: ShapeBucket, sample: Sample) -> bool:
+        """Evaluate the bucket's next candidate, or decide when none is left. False while the next
+        candidate is not compiled yet."""
         tuning = self._tuning.get(bucket)
         if tuning is None:
             barred = self._barred.get(bucket, set())
@@ -150,12 +190,39 @@ class Autotuner:
                 if v.family in self.config.tunable_families and v.name not in barred and _runs_on(v, sample)
             ]
             tuning = self._tuning[bucket] = _Tuning(candidates)
-        if tuning.candidates:
-            self._evaluate(bucket, tuning, tuning.candidates.pop(0), sample)
-            return
-        del self._tuning[bucket]
-        del self._samples[bucket]
-        self._finish(bucket, tuning)
+        if not tuning.candidates:
+            del self._tuning[bucket]
+            del self._samples[bucket]
+            self._finish(bucket, tuning)
+            return True
+        variant = tuning.candidates[0]
+        compile_error = None
+        if self.compiler is not None and variant.warmup is not None:
+            compiled = self._compiled(bucket, variant, sample)
+            if compiled is None:
+                return False
+            compile_error = compiled.exception()
+        tuning.candidates.pop(0)
+        if compile_error is not None:
+            tuning.rejected[variant.name] = f"compile failed: {compile_error}"
+        else:
+            self._evaluate(bucket, tuning, variant, sample)
+        return True
+
+    def _compiled(self, bucket: ShapeBucket, variant: KernelVariant, sample: Sample) -> Future | None:
+        """The finished background compile of `variant` on this bucket's sample, or None while it is
+        pending. One compile at a time: it is submitted once the worker has nothing else submitted."""
+        if self._compiling is None:
+            inputs = _inputs(sample)  # built here: the worker allocates and launches nothing
+            args = _run_args(inputs, torch.empty_like(inputs["q"]))
+            if self._compile_pool is None:
+                self._compile_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="autotune-compile")
+            self._compiling = (bucket, variant.name, self._compile_pool.submit(self.compiler, variant, args))
+        pending_bucket, pending_name, future = self._compiling
+        if (pending_bucket, pending_name) != (bucket, variant.name) or not future.done():
+            return None
+        self._compiling = None
+        return future
 
     def _evaluate(self, bucket: ShapeBucket, tuning: _Tuning, variant: KernelVariant, sample: Sample) -> None:
         inputs = _inputs(sample)
@@ -292,8 +359,10 @@ class Autotuner:
         self.events = self.events[-200:]
 
     def snapshot(self) -> dict[str, Any]:
+        compiling = None if self._compiling is None else f"{self._compiling[0].key()} {self._compiling[1]}"
         return {
             "online": self.online,
+            "compiling": compiling,
             "tuning": {b.key(): len(t.candidates) for b, t in self._tuning.items()},
             "probation": {b.key(): vars(p) for b, p in self._probation.items()},
             "barred": {b.key(): sorted(v) for b, v in self._barred.items()},
@@ -327,21 +396,26 @@ def _inputs(sample: Sample) -> dict[str, Any]:
     }
 
 
+def compile_ahead(variant: KernelVariant, args: tuple) -> None:
+    """The compiler on CUDA: Triton's JIT warmup of what `variant.run(*args)` would launch, on the
+    arguments' device. It compiles into Triton's in-memory cache and launches nothing, so it does not
+    touch the engine's streams."""
+    device = args[0].device
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        variant.warmup(*args)
+
+
+def _run_args(inputs: dict[str, Any], out: torch.Tensor) -> tuple:
+    """A variant's run (and warmup) arguments, less `resources`."""
+    keys = ("q", "k", "v", "k_cache", "v_cache", "meta", "scale")
+    return (*(inputs[key] for key in keys), out)
+
+
 def _launch(variant: KernelVariant, inputs: dict[str, Any], resources: dict | None = None) -> torch.Tensor:
     """Run one variant -> the rows of its op (decode rows, or the prefill rows)."""
     meta: AttentionMetadata = inputs["meta"]
-    out = torch.zeros_like(inputs["q"])
-    variant.run(
-        inputs["q"],
-        inputs["k"],
-        inputs["v"],
-        inputs["k_cache"],
-        inputs["v_cache"],
-        meta,
-        inputs["scale"],
-        out,
-        resources,
-    )
+    out = torch.zeros_like(inputs["q"])  # [T, H, D]
+    variant.run(*_run_args(inputs, out), resources)
     if variant.op == "decode_attention":
         return out[: meta.num_decode_tokens]
     return out[meta.num_decode_tokens :]

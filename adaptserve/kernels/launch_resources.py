@@ -1,8 +1,17 @@
-"""What a compiled Triton launch costs an SM, for the autotuner's occupancy pruning."""
+"""What a compiled Triton launch costs an SM, for the autotuner's occupancy pruning; and launching a
+kernel, or only compiling it, through one call so both see the same arguments."""
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
+
+
+def launcher(kernel: Any, grid: tuple[int, ...], compile_only: bool = False) -> Any:
+    """`kernel[grid]`; with `compile_only`, a callable taking the same arguments that compiles the
+    specialization the launch would run (Triton's JIT warmup: into its in-memory cache) and launches
+    nothing. A dtype may stand for a tensor there (a scratch buffer that need not be allocated)."""
+    return partial(kernel.warmup, grid=grid) if compile_only else kernel[grid]
 
 
 def record_resources(compiled: Any, resources: dict | None, num_warps: int) -> None:

@@ -45,7 +45,9 @@ class ShapeBucket:
 @dataclass(frozen=True)
 class KernelVariant:
     """One runnable implementation of an op. `run(q, k, v, k_cache, v_cache, meta, scale, out,
-    resources)` fills `out` (the decode op its first num_decode_tokens rows, the prefill op the rest)."""
+    resources)` fills `out` (the decode op its first num_decode_tokens rows, the prefill op the rest);
+    `warmup(q, k, v, k_cache, v_cache, meta, scale, out)`, where given, compiles what that run would
+    launch and launches nothing (the autotuner calls it off the engine thread)."""
 
     op: str
     family: str  # torch_ref | triton | flex | ...
@@ -54,6 +56,7 @@ class KernelVariant:
     version: int = 1  # bumps when the kernel's code changes: cached choices of older versions are void
     graph_safe: bool = False  # may be captured in a CUDA graph (no host syncs, static shapes)
     devices: tuple[str, ...] = ("cpu", "cuda")
+    warmup: Callable[..., None] | None = field(default=None, compare=False, repr=False)  # None: no JIT
 
     @property
     def name(self) -> str:

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from adaptserve.kernels.launch_resources import record_resources
+from adaptserve.kernels.launch_resources import launcher, record_resources
 
 KERNEL_VERSION = 1
 
@@ -200,12 +200,15 @@ def paged_decode_attention(
     num_stages: int = 2,
     out: torch.Tensor | None = None,
     resources: dict | None = None,
+    compile_only: bool = False,
 ) -> torch.Tensor:
     """Attention of one query token per sequence over its paged context.
 
     q: [N, H, D]; k_cache, v_cache: [num_blocks, block_size, KVH, D] contiguous; block_table: [N, MB]
     int32; context_lens: [N] int32 (0 = padded row, output zeros). Returns out: [N, H, D] in q's dtype.
     Nothing here reads device values, so the launch can be captured in a CUDA graph.
+    `compile_only` compiles the kernels this call would launch (Triton's JIT warmup) and launches
+    nothing; given `out`, it allocates nothing either (safe off the engine thread).
     """
     _check_inputs(q, k_cache, v_cache, block_table, context_lens, tile_n, num_splits)
     num_seqs, num_heads, head_dim = q.shape
@@ -215,15 +218,16 @@ def paged_decode_attention(
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [N, H, D]
     elif out.shape != q.shape or out.dtype != q.dtype or out.stride(2) != 1:
         raise ValueError(f"out must be {tuple(q.shape)} {q.dtype} with a contiguous last dimension")
-    if num_splits > 1:
-        part_out = torch.empty(
-            num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device
-        )
-        part_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=q.device)
-    else:
+    if num_splits == 1:
         part_out = part_lse = out  # unused: the kernel writes the output directly
+    elif compile_only:
+        part_out = part_lse = torch.float32  # warmup takes a dtype for a tensor: no scratch to allocate
+    else:
+        rows = (num_seqs, num_heads, num_splits)
+        part_out = torch.empty(*rows, head_dim, dtype=torch.float32, device=q.device)  # [N, H, S, D]
+        part_lse = torch.empty(rows, dtype=torch.float32, device=q.device)  # [N, H, S]
 
-    compiled = _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+    compiled = launcher(_decode_kernel, (num_seqs, num_kv_heads, num_splits), compile_only)(
         q,
         k_cache,
         v_cache,
@@ -251,7 +255,7 @@ def paged_decode_attention(
     )
     record_resources(compiled, resources, num_warps)
     if num_splits > 1:
-        _merge_kernel[(num_seqs, num_heads)](
+        launcher(_merge_kernel, (num_seqs, num_heads), compile_only)(
             part_out,
             part_lse,
             out,

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from adaptserve.kernels.launch_resources import record_resources
+from adaptserve.kernels.launch_resources import launcher, record_resources
 
 KERNEL_VERSION = 1
 
@@ -232,6 +232,7 @@ def paged_prefill_attention(
     num_stages: int = 2,
     out: torch.Tensor | None = None,
     resources: dict | None = None,
+    compile_only: bool = False,
 ) -> torch.Tensor:
     """Causal attention of each sequence's query rows over its paged K/V -> [T, H, D] in q's dtype.
 
@@ -241,7 +242,9 @@ def paged_prefill_attention(
     Query row i of sequence s sits at position context_lens[s] - query_len + i and sees keys up to it.
     max_query_len (host int) sizes the grid; rows of no sequence are left unwritten.
     No host syncs, so it can be captured in a CUDA graph. `resources`, when given, receives the
-    compiled kernel's registers, spills, shared memory and warps (GPU only).
+    compiled kernel's registers, spills, shared memory and warps (GPU only). `compile_only` compiles
+    the kernel this call would launch (Triton's JIT warmup) and launches nothing; given `out`, it
+    allocates nothing either (safe off the engine thread).
     """
     num_tokens, num_heads, head_dim = q.shape
     _, page_size, num_kv_heads, _ = k_cache.shape
@@ -252,7 +255,7 @@ def paged_prefill_attention(
     if max_query_len <= 0 or num_seqs == 0 or num_tokens == 0:
         return out
     grid = (num_kv_heads, num_seqs, triton.cdiv(max_query_len, block_m // group))
-    compiled = _paged_prefill_kernel[grid](
+    compiled = launcher(_paged_prefill_kernel, grid, compile_only)(
         q, k_cache, v_cache, out, block_table, query_start_loc, context_lens,
         scale * _LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),

@@ -1,8 +1,9 @@
 """The attention variants the registry can choose from, one KernelVariant per (family, launch params).
 
 Each `run(q, k, v, k_cache, v_cache, meta, scale, out, resources)` fills its rows of `out`: the decode
-op the first `meta.num_decode_tokens` rows, the prefill op the rest. Triton families are registered
-only where Triton imports (CUDA machines, or the interpreter in tests).
+op the first `meta.num_decode_tokens` rows, the prefill op the rest. Triton variants also have a
+`warmup` with run's arguments (no resources) that only compiles what run would launch. Triton families
+are registered only where Triton imports (CUDA machines, or the interpreter in tests).
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def _triton(op: str, family: str, run, params: dict, module) -> KernelVariant:
         family,
         partial(run, params),
         params=tuple(params.items()),
+        warmup=partial(run, params, compile_only=True),
         version=module.KERNEL_VERSION,
         graph_safe=True,  # the launch wrappers read no device values
     )
@@ -112,7 +114,9 @@ def _ref_prefill(q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale, out,
     _REFERENCE.prefill(q, k, v, k_cache, v_cache, meta, scale, out)
 
 
-def _triton_decode(params, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale, out, resources=None):
+def _triton_decode(
+    params, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale, out, resources=None, compile_only=False
+):
     from adaptserve.kernels.attention.triton_decode import choose_num_splits, paged_decode_attention
 
     num_decode = meta.num_decode_tokens
@@ -132,11 +136,14 @@ def _triton_decode(params, q, k, v, k_cache, v_cache, meta: AttentionMetadata, s
             num_splits=num_splits,
             out=out[:num_decode],
             resources=resources,
+            compile_only=compile_only,
             **params,
         )
 
 
-def _triton_prefill(params, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale, out, resources=None):
+def _triton_prefill(
+    params, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale, out, resources=None, compile_only=False
+):
     from adaptserve.kernels.attention.triton_prefill import paged_prefill_attention
 
     first = meta.num_decode_tokens  # prefill sequences follow the decodes, one per decode token
@@ -151,6 +158,7 @@ def _triton_prefill(params, q, k, v, k_cache, v_cache, meta: AttentionMetadata, 
         meta.max_query_len,
         out=out,
         resources=resources,
+        compile_only=compile_only,
         **params,
     )
 
