@@ -8,9 +8,9 @@ gate/up matmul per layer.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from adaptserve.kernels.activation import silu_and_mul
 from adaptserve.kernels.attention.backend import AttentionBackend
 from adaptserve.kernels.attention.metadata import AttentionMetadata
 from adaptserve.kernels.linear import linear
@@ -77,8 +77,8 @@ class MLP(nn.Module):
         self.down_proj = Projection(arch.intermediate_size, arch.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, precision: str = NATIVE) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x, precision).split(self.intermediate_size, dim=-1)  # [T, I] each
-        return self.down_proj(F.silu(gate) * up, precision)
+        gate_up = self.gate_up_proj(x, precision)  # [T, 2I]: gate then up
+        return self.down_proj(silu_and_mul(gate_up), precision)  # silu(gate) * up: [T, I]
 
 
 class DecoderLayer(nn.Module):

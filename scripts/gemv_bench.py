@@ -1,0 +1,187 @@
+"""Small-M projections on CUDA: F.linear (cuBLAS) against every Triton GEMV config, Llama-3.1-8B shapes.
+
+For each projection (K -> N) and row count M, every implementation is first checked against a float32
+F.linear, then timed: a CUDA graph of back-to-back calls (so Python launch overhead is not timed, as
+in CUDA-graph decoding) rotating over copies of the weight that together exceed 200 MB, so that no
+call finds its weight in the 50 MB L2 (x stays there, as in decoding). The time per call is the
+median over graph replays divided by the calls in the graph; TB/s is weight bytes / time.
+
+Usage (from the repository root, on a CUDA machine; well under two minutes, mostly compiling):
+    PYTHONPATH=. python3 scripts/gemv_bench.py --out gemv_bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from adaptserve.kernels.triton_gemv import CONFIGS, configs_for, gemv, pick_config
+
+SHAPES = {  # name: (K, N) of Llama-3.1-8B
+    "qkv": (4096, 6144),
+    "o_proj": (4096, 4096),
+    "gate_up": (4096, 28672),
+    "down": (14336, 4096),
+    "lm_head": (4096, 128256),
+}
+ROWS = (1, 2, 4, 8, 16)
+ROTATION_BYTES = 200e6  # distinct weight copies per shape add up to more than this (L2 is 50 MB)
+GRAPH_BYTES = 2e9  # weight bytes one timed graph replay reads (sets the calls per graph)
+MIN_CALLS = 10
+REPLAYS = 10
+RTOL, ATOL = 2.0**-7, 1e-2  # bf16 output vs float32 reference; outputs are of order 1
+
+
+def config_name(config: dict) -> str:
+    kind = "dot" if config["use_dot"] else "fma"
+    return (
+        f"{kind} n{config['block_n']} k{config['block_k']} s{config['split_k']} "
+        f"w{config['num_warps']} st{config['num_stages']}"
+    )
+
+
+def make_weights(in_features: int, out_features: int) -> list[torch.Tensor]:
+    weight_bytes = in_features * out_features * 2
+    copies = int(ROTATION_BYTES // weight_bytes) + 1
+    return [
+        torch.randn(out_features, in_features, device="cuda", dtype=torch.bfloat16) / in_features**0.5
+        for _ in range(copies)
+    ]  # copies x [N, K]
+
+
+def check(fn, x: torch.Tensor, weight: torch.Tensor) -> tuple[bool, float]:
+    """fn(x, weight) against float32 F.linear: (within tolerance, max abs error)."""
+    expected = F.linear(x.float(), weight.float())  # [M, N]
+    actual = fn(x, weight).float()
+    error = (actual - expected).abs()
+    return bool((error <= ATOL + RTOL * expected.abs()).all()), error.max().item()
+
+
+def time_per_call_us(fn, x: torch.Tensor, weights: list[torch.Tensor]) -> float:
+    weight_bytes = weights[0].numel() * weights[0].element_size()
+    calls = max(MIN_CALLS, triton.cdiv(int(GRAPH_BYTES), weight_bytes))
+    calls = triton.cdiv(calls, len(weights)) * len(weights)
+    for weight in weights:
+        fn(x, weight)  # warm (and compiled) outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            fn(x, weights[i % len(weights)])
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times_ms = []
+    for _ in range(REPLAYS):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times_ms.append(start.elapsed_time(end))
+    del graph
+    return statistics.median(times_ms) * 1e3 / calls
+
+
+def bench_shape(name: str, in_features: int, out_features: int, rows: tuple[int, ...]) -> list[dict]:
+    weights = make_weights(in_features, out_features)
+    weight_bytes = in_features * out_features * 2
+    records = []
+    for num_rows in rows:
+        x = torch.randn(num_rows, in_features, device="cuda", dtype=torch.bfloat16)  # [M, K]
+        picked = pick_config(num_rows, out_features, in_features)
+        impls = [("cublas", None, F.linear)] + [
+            (config_name(c), c, lambda x, w, c=c: gemv(x, w, config=c)) for c in configs_for(num_rows)
+        ]
+        for impl, config, fn in impls:
+            record = {"shape": name, "K": in_features, "N": out_features, "M": num_rows, "impl": impl}
+            record |= {"config": config, "picked": config == picked}
+            if config is not None:
+                resources: dict = {}
+                gemv(x, weights[0], config=config, resources=resources)
+                record["resources"] = resources
+            record["ok"], record["max_abs_error"] = check(fn, x, weights[0])
+            if record["ok"]:
+                record["us"] = time_per_call_us(fn, x, weights)
+                record["tbps"] = weight_bytes / record["us"] / 1e6
+            records.append(record)
+    del weights
+    torch.cuda.empty_cache()
+    return records
+
+
+def print_tables(records: list[dict]) -> None:
+    names = [config_name(c) for c in CONFIGS]
+    print("\nconfigs:", *(f"  c{i}: {n}" for i, n in enumerate(names)), sep="\n")
+    print("\nµs per call (cuBLAS, then each config; - not run, FAIL wrong result)")
+    print(f"{'shape':>8} {'M':>3} {'cublas':>8}" + "".join(f"{'c' + str(i):>8}" for i in range(len(names))))
+    for (shape, num_rows), group in _groups(records):
+        cells = {r["impl"]: ("FAIL" if not r["ok"] else f"{r['us']:.1f}") for r in group}
+        line = f"{shape:>8} {num_rows:>3} {cells['cublas']:>8}"
+        print(line + "".join(f"{cells.get(n, '-'):>8}" for n in names))
+    print("\nachieved weight bandwidth, TB/s")
+    print(f"{'shape':>8} {'M':>3} {'cublas':>8} {'best':>8} {'picked':>8} {'best/cublas':>11}  best config")
+    for (shape, num_rows), group in _groups(records):
+        cublas = next(r for r in group if r["impl"] == "cublas")
+        triton_runs = [r for r in group if r["impl"] != "cublas" and r["ok"]]
+        if not triton_runs or not cublas["ok"]:
+            print(f"{shape:>8} {num_rows:>3}  (no valid runs)")
+            continue
+        best = min(triton_runs, key=lambda r: r["us"])
+        picked = next((r for r in triton_runs if r["picked"]), None)
+        picked_tbps = f"{picked['tbps']:.2f}" if picked else "FAIL"
+        print(
+            f"{shape:>8} {num_rows:>3} {cublas['tbps']:>8.2f} {best['tbps']:>8.2f} {picked_tbps:>8} "
+            f"{cublas['us'] / best['us']:>11.2f}  {best['impl']}"
+        )
+
+
+def _groups(records: list[dict]):
+    keys = list(dict.fromkeys((r["shape"], r["M"]) for r in records))
+    return [(key, [r for r in records if (r["shape"], r["M"]) == key]) for key in keys]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default="gemv_bench.json", help="where to write the JSON results")
+    parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of the shapes")
+    parser.add_argument("--rows", default=",".join(map(str, ROWS)), help="comma-separated row counts M")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("gemv_bench needs a CUDA device", file=sys.stderr)
+        return 2
+    rows = tuple(int(m) for m in args.rows.split(","))
+    started = time.monotonic()
+    records = []
+    for name in args.shapes.split(","):
+        in_features, out_features = SHAPES[name]
+        records += bench_shape(name, in_features, out_features, rows)
+        print(f"{name}: done at {time.monotonic() - started:.0f} s", flush=True)
+    print_tables(records)
+    result = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "rotation_bytes": ROTATION_BYTES,
+        "graph_bytes": GRAPH_BYTES,
+        "seconds": round(time.monotonic() - started, 1),
+        "records": records,
+    }
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(f"\nwrote {args.out} ({result['seconds']} s)")
+    failures = [r for r in records if not r["ok"]]
+    for r in failures:
+        print(f"FAIL {r['shape']} M={r['M']} {r['impl']}: max abs error {r['max_abs_error']:.3g}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
