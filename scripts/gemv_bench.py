@@ -13,7 +13,9 @@ Usage (from the repository root, on a CUDA machine; well under two minutes, most
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import shlex
 import statistics
 import sys
 import time
@@ -22,6 +24,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from adaptserve.bench.results import git_commit
 from adaptserve.kernels.triton_gemv import CONFIGS, configs_for, gemv, pick_config
 
 SHAPES = {  # name: (K, N) of Llama-3.1-8B
@@ -166,6 +169,10 @@ def main() -> int:
         print(f"{name}: done at {time.monotonic() - started:.0f} s", flush=True)
     print_tables(records)
     result = {
+        "benchmark": "gemv",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "command": "python3 scripts/gemv_bench.py " + shlex.join(sys.argv[1:]),
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "triton": triton.__version__,

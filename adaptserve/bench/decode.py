@@ -61,6 +61,7 @@ def add_decode_args(parser: argparse.ArgumentParser) -> None:
         "--hf-repeats", type=int, default=3, help="measurements per transformers batch size; median reported"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--result-dir", default=None, help="default: docs/benchmarks")
     parser.add_argument(
         "--profile-batch-sizes", default="", help="also profile one decode step at these batch sizes (CUDA)"
     )

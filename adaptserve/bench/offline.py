@@ -35,6 +35,7 @@ class OfflineResult:
     throughput_total_tok_s: float  # (prompt + requested output tokens) / median wall time
     elapsed_s: float  # median wall time of a run over the whole workload
     elapsed_samples: list[float] = field(default_factory=list)  # every round, in order
+    num_prompts: int = 0  # prompts this engine ran: the workload's first ones (see --hf-num-prompts)
 
 
 def add_offline_args(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +46,13 @@ def add_offline_args(parser: argparse.ArgumentParser) -> None:
         "--baselines", default="eager,static", help="transformers variants: eager, static; 'none' for none"
     )
     parser.add_argument("--hf-max-batch-size", type=int, default=64, help="transformers' batch size")
+    parser.add_argument(
+        "--hf-num-prompts",
+        type=int,
+        default=None,
+        help="transformers runs only the workload's first N prompts (its rates stay comparable; a "
+        "1,000-prompt run of an 8B model in transformers takes longer than a benchmark should)",
+    )
     parser.add_argument("--result-dir", default="docs/benchmarks")
 
 
@@ -158,18 +166,22 @@ def run_offline_benchmark(args: argparse.Namespace) -> list[OfflineResult]:
     del llm, ours
     free_memory(device)  # our weights and KV cache leave before transformers' arrive
     variants = parse_baselines(args.baselines)
+    hf_requests = requests[: args.hf_num_prompts]
     if variants:
         model = transformers_model(checkpoint, dtype, device)
         for variant in variants:
             runner = TransformersRunner(
-                TransformersGenerator(model, variant), requests, args.hf_max_batch_size
+                TransformersGenerator(model, variant), hf_requests, args.hf_max_batch_size
             )
-            runner.warm_up(requests)
+            runner.warm_up(hf_requests)
             name = f"transformers-{variant}"
-            elapsed[name] = [runner.run(requests) for _ in tqdm(range(args.rounds), desc=name)]
+            elapsed[name] = [runner.run(hf_requests) for _ in tqdm(range(args.rounds), desc=name)]
         del model
         free_memory(device)
-    results = [_result(name, dtype_name, samples, requests) for name, samples in elapsed.items()]
+    results = [
+        _result(name, dtype_name, samples, requests if name == "adaptserve" else hf_requests)
+        for name, samples in elapsed.items()
+    ]
     for r in results:
         print(_row(r))
     payload = {
@@ -207,21 +219,25 @@ def _result(engine: str, dtype: str, samples: list[float], requests: list[BenchR
         round(num_total / elapsed, 2),
         round(elapsed, 6),
         [round(s, 6) for s in samples],
+        len(requests),
     )
 
 
 def _row(r: OfflineResult) -> str:
     return (
         f"{r.engine:>20} {r.dtype:>9}: {r.throughput_output_tok_s:9.1f} output tok/s, "
-        f"{r.request_throughput:7.2f} req/s ({r.elapsed_s:.1f} s)"
+        f"{r.request_throughput:7.2f} req/s ({r.elapsed_s:.1f} s, {r.num_prompts} prompts)"
     )
 
 
 def markdown_table(results: list[OfflineResult]) -> str:
-    lines = ["| engine | dtype | output tok/s | total tok/s | req/s |", "|---|---|---:|---:|---:|"]
+    lines = [
+        "| engine | dtype | prompts | output tok/s | total tok/s | req/s |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
     lines += [
-        f"| {r.engine} | {r.dtype} | {r.throughput_output_tok_s:.1f} | {r.throughput_total_tok_s:.1f} | "
-        f"{r.request_throughput:.2f} |"
+        f"| {r.engine} | {r.dtype} | {r.num_prompts} | {r.throughput_output_tok_s:.1f} | "
+        f"{r.throughput_total_tok_s:.1f} | {r.request_throughput:.2f} |"
         for r in results
     ]
     return "\n".join(lines)
