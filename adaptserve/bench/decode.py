@@ -235,7 +235,8 @@ def _max_tokens(args, batch_size: int, token_budget: int) -> int:
 def _engine_step_samples(
     llm, prompts: list[list[int]], steps: int, device: torch.device, profile: bool = False
 ) -> tuple[list[float], dict | None]:
-    """Seconds of each of `steps` engine steps in which every request of the batch decodes one token.
+    """Seconds of each of `steps` engine steps in which every request of the batch decodes one token,
+    run back to back (each sample is the time between two steps' returns; their sum is the wall time).
 
     The prompts run once with max_tokens=1 first, which leaves their KV in the prefix cache; so when
     they run again, their prefill is one block each and all requests start decoding within a step or
@@ -257,13 +258,16 @@ def _engine_step_samples(
             engine.step()
         for _ in range(WARMUP_STEPS):  # the first steps at a new batch shape pay for kernel choice
             engine.step()
-        samples = []
+        # back to back, as served: with async scheduling the host prepares step n+1 while the device
+        # runs step n, so a sync around each step would time host and device in series
+        sync(device)
+        stamps = [time.perf_counter()]
         for _ in range(steps):
-            sync(device)
-            start = time.perf_counter()
             engine.step()
-            sync(device)
-            samples.append(time.perf_counter() - start)
+            stamps.append(time.perf_counter())
+        sync(device)
+        stamps[-1] = time.perf_counter()  # the last step's device work is done too
+        samples = [b - a for a, b in zip(stamps[:-1], stamps[1:], strict=True)]
         summary = None
         if profile:
             from adaptserve.bench.step_profile import profile_steps

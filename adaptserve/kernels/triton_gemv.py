@@ -53,6 +53,13 @@ CONFIGS: list[dict] = [
     {"block_n": 64, "block_k": 128, "split_k": 1, "num_warps": 4, "num_stages": 4, "use_dot": True},
     {"block_n": 32, "block_k": 256, "split_k": 4, "num_warps": 4, "num_stages": 3, "use_dot": True},
     {"block_n": 64, "block_k": 256, "split_k": 4, "num_warps": 4, "num_stages": 3, "use_dot": True},
+    # more CUDA-core shapes for one or two rows (after the first measurement: narrow, long tiles win)
+    {"block_n": 2, "block_k": 2048, "split_k": 1, "num_warps": 4, "num_stages": 1, "use_dot": False},
+    {"block_n": 4, "block_k": 2048, "split_k": 1, "num_warps": 8, "num_stages": 1, "use_dot": False},
+    {"block_n": 8, "block_k": 1024, "split_k": 1, "num_warps": 8, "num_stages": 1, "use_dot": False},
+    {"block_n": 4, "block_k": 512, "split_k": 1, "num_warps": 2, "num_stages": 1, "use_dot": False},
+    {"block_n": 4, "block_k": 1024, "split_k": 1, "num_warps": 4, "num_stages": 2, "use_dot": False},
+    {"block_n": 2, "block_k": 1024, "split_k": 1, "num_warps": 2, "num_stages": 1, "use_dot": False},
 ]
 
 
