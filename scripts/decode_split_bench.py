@@ -7,12 +7,15 @@ bf16, pages of 16, 1k-token contexts; each launch checked against the torch refe
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import shlex
 import sys
 
 import torch
 import triton.testing
 
+from adaptserve.bench.results import git_commit
 from adaptserve.kernels.attention.triton_decode import CONFIGS, paged_decode_attention
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 32, 8, 128, 16
@@ -80,7 +83,14 @@ def main() -> int:
     print(f"{len(records)} launches checked, {len(bad)} over 2e-2 error")
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"context_len": args.context_len, "records": records}, f, indent=1)
+            meta = {
+                "benchmark": "decode_split",
+                "device": torch.cuda.get_device_name(),
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "git_commit": git_commit(),
+                "command": "python3 scripts/decode_split_bench.py " + shlex.join(sys.argv[1:]),
+            }
+            json.dump({**meta, "context_len": args.context_len, "records": records}, f, indent=1)
     return 1 if bad else 0
 
 

@@ -74,16 +74,17 @@ def num_programs(config: dict, num_rows: int, out_features: int) -> int:
     return triton.cdiv(out_features, config["block_n"]) * config["split_k"] * triton.cdiv(num_rows, block_m)
 
 
-MEASURED_SINGLE_ROW_CONFIG = CONFIGS[2]  # fastest at M = 1 on the H100 (docs/benchmarks/gemv-h100.json)
+# fastest or within 0.5% of it at M = 1 on every Llama-8B projection on the H100 (gemv-h100.json)
+MEASURED_SINGLE_ROW_CONFIG = CONFIGS[10]
 
 
 def pick_config(num_rows: int, out_features: int, in_features: int, num_sms: int = H100_SMS) -> dict:
     """A config for x [num_rows, in_features] @ weight [out_features, in_features]^T.
 
-    One and two rows take the measured best (block_n 4, block_k 1024: 1.02-1.11x cuBLAS on every
-    Llama-8B projection on the H100). Otherwise the first suitable config, in CONFIGS order, whose grid
-    gives every SM at least two programs (so that enough weight loads are in flight to saturate
-    memory); when none does, the one with the most programs.
+    One and two rows take the measured best (block_n 2, block_k 2048: 1.07-1.19x cuBLAS's bandwidth
+    at one row on every Llama-8B projection on the H100). Otherwise the first suitable config, in
+    CONFIGS order, whose grid gives every SM at least two programs (so that enough weight loads are in
+    flight to saturate memory); when none does, the one with the most programs.
     """
     if num_rows <= 2:
         return MEASURED_SINGLE_ROW_CONFIG

@@ -45,7 +45,7 @@ CONFIGS: list[dict] = [
 ]
 
 MAX_SPLITS = 32  # H100, one 8k sequence, 8 KV heads: 16 splits 21 us, 32 splits 19 us, 64 splits 18 us
-_MIN_TOKENS_PER_SPLIT = 256  # below this a split's fixed cost (q load, partial write, merge) dominates
+_MIN_TOKENS_PER_SPLIT = 64  # H100 at 1k tokens (decode_split-h100.json): batch 1 best at 16 splits
 _MIN_GROUP_ROWS = 16  # tl.dot needs every dimension >= 16
 
 
