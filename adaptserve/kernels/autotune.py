@@ -46,6 +46,7 @@ class AutotuneConfig:
     min_gain: float = 0.03  # a tuned variant must be this much faster than the current one to swap
     max_regression: float = 0.10  # probation: slower than the previous variant by more -> rollback
     probation_samples: int = 3  # live samples a swapped variant must pass
+    hard_regression: float = 2.0  # probation: one sample this many times slower rolls back at once
     atol: float = 2e-2  # reference check: max |variant - reference| (bf16 attention outputs)
     slot_budget_ms: float = 5.0  # host time per slot: no new piece of work starts once it is spent
 
@@ -271,10 +272,13 @@ class Autotuner:
         if why is None:
             times = self._time_pair(new, old, inputs)
             probation.ratios.append(times[0] / times[1])
-            if statistics.median(probation.ratios) > 1 + self.config.max_regression and len(
-                probation.ratios
-            ) >= min(2, self.config.probation_samples):
-                why = f"{statistics.median(probation.ratios):.2f}x slower than {old.name}"
+            median = statistics.median(probation.ratios)
+            # a bucket may see no more live steps: a gross regression does not wait for more samples
+            enough = len(probation.ratios) >= min(2, self.config.probation_samples)
+            if probation.ratios[-1] > self.config.hard_regression or (
+                enough and median > 1 + self.config.max_regression
+            ):
+                why = f"{max(median, probation.ratios[-1]):.2f}x slower than {old.name}"
         if why is not None:
             self._rollback(bucket, probation, why)
         elif len(probation.ratios) >= self.config.probation_samples:

@@ -135,6 +135,19 @@ def test_an_offered_slow_variant_is_rolled_back_on_live_samples_and_barred():
     assert "slowed[delay=0.004]" in tuner.snapshot()["barred"][bucket.key()]
 
 
+def test_a_grossly_slower_variant_is_rolled_back_on_its_first_sample():
+    """A bucket may not come back often (a rare batch size): one sample past hard_regression is enough."""
+    registry, reference = _registry()
+    config = AutotuneConfig(repeats=3, probation_samples=3, hard_regression=2.0)
+    tuner = Autotuner(registry, reference, config, online=False)
+    bucket = _observe(tuner)
+    tuner.offer(DECODE_ATTENTION, "slowed[delay=0.004]")
+    _observe(tuner)
+    tuner.run_slot()
+    assert registry.choose(bucket).name == "torch_ref"
+    assert [e["event"] for e in tuner.events] == ["rollback"]
+
+
 def test_an_offered_wrong_variant_is_rolled_back_for_its_error():
     registry, reference = _registry()
     tuner = Autotuner(registry, reference, AutotuneConfig(repeats=2), online=False)
