@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 from adaptserve.engine.request import SamplingParams
 
-# A token the previous step sampled that the host does not know yet: the runner takes it from that
-# step's sampled ids on the device (async scheduling).
+# Stands in for a token the previous step sampled that the host has not read yet (async scheduling);
+# `ScheduledSequence.num_pending_tokens` says where they are. Out of range, so a missed fill fails.
 PENDING_TOKEN_ID = -1
 
 
@@ -16,13 +16,14 @@ class ScheduledSequence:
     """One request's share of a step: compute `token_ids`, which start at `num_computed_tokens`."""
 
     request_id: str
-    token_ids: list[int]  # tokens computed this step (K/V, maybe logits); may end in PENDING_TOKEN_ID
+    token_ids: list[int]  # tokens whose K/V (and maybe logits) are computed this step
     num_computed_tokens: int  # position of token_ids[0]; tokens before it are in the cache
     block_ids: list[int]  # the request's whole block table
     sample: bool  # this step reaches its last known token: sample the next one
     sampling_params: SamplingParams
     prompt_token_ids: list[int]  # for repetition penalties
     output_token_ids: list[int]  # generated so far, for penalties
+    num_pending_tokens: int = 0  # the last ones of token_ids: sampled last step, known on the device only
 
 
 @dataclass

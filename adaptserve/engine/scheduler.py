@@ -205,7 +205,8 @@ class Scheduler:
     def _scheduled(self, request: Request, num_new: int) -> ScheduledSequence:
         start = request.num_computed_tokens
         tokens = request.all_token_ids[start : start + num_new]
-        tokens += [PENDING_TOKEN_ID] * (start + num_new - request.num_tokens)  # known on the device only
+        num_pending = start + num_new - request.num_tokens  # known on the device only
+        tokens += [PENDING_TOKEN_ID] * num_pending
         return ScheduledSequence(
             request_id=request.request_id,
             token_ids=tokens,
@@ -215,6 +216,7 @@ class Scheduler:
             sampling_params=request.sampling_params,
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=request.output_token_ids,
+            num_pending_tokens=num_pending,
         )
 
     # ---- results -------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from adaptserve.config import EngineConfig
-from adaptserve.engine.outputs import PENDING_TOKEN_ID, RunnerOutput, ScheduledSequence, SchedulerOutput
+from adaptserve.engine.outputs import RunnerOutput, ScheduledSequence, SchedulerOutput
 from adaptserve.kernels.attention.dispatch import TunedAttention
 from adaptserve.kernels.attention.metadata import AttentionMetadata
 from adaptserve.kernels.attention.variants import build_registry, triton_available
@@ -214,12 +214,14 @@ class ModelRunner:
     def _pending_inputs(self, batch: HostBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(rows [P], ids [P]) on the device: the input tokens that the previous step sampled and
         the host has not read yet, taken from that step's sampled ids."""
-        rows = np.flatnonzero(batch.input_ids == PENDING_TOKEN_ID)  # [P]
-        if len(rows) == 0:
+        pending = [(i, s) for i, s in enumerate(batch.sequences) if s.num_pending_tokens]
+        if not pending:
             return None
-        sequence_index = np.searchsorted(batch.query_start_loc, rows, side="right") - 1  # [P]
+        if any(s.num_pending_tokens != 1 for _, s in pending):
+            raise RuntimeError("a sequence waits for more than one token from the device")
+        rows = np.fromiter((batch.query_start_loc[i + 1] - 1 for i, _ in pending), np.int64)  # [P]
         last_token_ids, last_rows = self._last_sampled
-        request_ids = [batch.sequences[i].request_id for i in sequence_index]
+        request_ids = [s.request_id for _, s in pending]
         missing = [r for r in request_ids if r not in last_rows]
         if missing:
             raise RuntimeError(f"requests {missing} wait for tokens the previous step did not sample")
@@ -261,7 +263,7 @@ class ModelRunner:
     def _blocked_token_ids(self, seq: ScheduledSequence) -> list[int]:
         """Stop token ids (EOS unless ignored) may not be sampled before min_tokens, as in vLLM."""
         params = seq.sampling_params
-        num_outputs = len(seq.output_token_ids) + (seq.token_ids[-1] == PENDING_TOKEN_ID)
+        num_outputs = len(seq.output_token_ids) + seq.num_pending_tokens
         if num_outputs >= params.min_tokens:
             return []
         eos = [] if params.ignore_eos else sorted(self.eos_token_ids)

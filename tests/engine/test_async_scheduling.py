@@ -130,6 +130,7 @@ def test_pending_tokens_are_scheduled_as_placeholders_and_last_ones_wait():
     engine.scheduler.advance(first)  # as if launched: one token pending
     second = engine.scheduler.schedule()
     assert second.sequences[0].token_ids == [PENDING_TOKEN_ID]
+    assert second.sequences[0].num_pending_tokens == 1
     engine.scheduler.advance(second)  # two pending = max_tokens: nothing more to schedule
     assert engine.scheduler.schedule().sequences == []
 
