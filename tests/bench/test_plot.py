@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from adaptserve.bench.plot import add_plot_args, plot_file, run_plot  # noqa: E402
+from adaptserve.bench.plot import PLOTTERS, add_plot_args, plot_file, run_plot  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -149,11 +149,81 @@ def test_offline(tmp_path):
     assert_png(png)
 
 
-@pytest.mark.parametrize("name", ["offline-cpu.json", "overload-cpu.json", "overload-h100.json"])
-def test_real_benchmark_files(tmp_path, name):
-    (png,) = plot_file(REPO_ROOT / "docs" / "benchmarks" / name, tmp_path)
-    assert png == tmp_path / name.replace(".json", ".png")
+def test_prefill_without_recorded_gemm_rate(tmp_path):
+    """Two prompt lengths; no "peak_tflops" in the record, so the line sits at 770 TFLOP/s."""
+    results = [
+        {"engine": engine, "prompt_len": n, "seconds": 0.1, "tflops": tflops}
+        for n in (1024, 4096)
+        for engine, tflops in (("adaptserve", 0.6 * n / 8), ("transformers-eager", 0.5 * n / 8))
+    ]
+    record = {"benchmark": "prefill", **HEADER, "model": "llama-3.1-8b", "results": results}
+    (png,) = plot_file(write_json(tmp_path, "prefill", record))
     assert_png(png)
+
+
+def test_startup_without_phases(tmp_path):
+    """An older record with totals only: each run is one "interpreter start" segment."""
+    results = [{"run": i, "total_s": 12.0 + i, "weights_s": 5.0, "ready_s": 7.0 + i} for i in range(3)]
+    record = {"benchmark": "startup", **HEADER, "model": "llama-3.1-8b", "results": results}
+    (png,) = plot_file(write_json(tmp_path, "startup", record))
+    assert_png(png)
+
+
+def test_offline_scheduling_two_engines_and_rounds(tmp_path):
+    """Round dots go beside each engine's bar; a run without rounds gets none."""
+    runs = []
+    for async_scheduling, max_num_seqs in (("on", 256), ("off", 512)):
+        results = [
+            {
+                "engine": "adaptserve",
+                "request_throughput": 40.0,
+                "num_prompts": 100,
+                "elapsed_samples": [2.7, 2.5, 2.4],
+            },
+            {"engine": "vllm", "request_throughput": 50.0, "num_prompts": 100, "elapsed_samples": [2.0]},
+        ]
+        runs.append({"async_scheduling": async_scheduling, "max_num_seqs": max_num_seqs, "results": results})
+    record = {"benchmark": "offline_scheduling", **HEADER, "model": "llama-3.1-8b", "runs": runs}
+    (png,) = plot_file(write_json(tmp_path, "offline-scheduling", record))
+    assert_png(png)
+
+
+def test_gemv_single_row_count(tmp_path):
+    """M=1 only (one panel); a failed config is left out of "Triton best"."""
+    records = []
+    for shape, k, n in (("qkv", 4096, 6144), ("down", 14336, 4096)):
+        records.append({"shape": shape, "K": k, "N": n, "M": 1, "impl": "cublas", "ok": True, "tbps": 2.4})
+        for impl, tbps, ok in (("fma n4 k1024 s1 w4 st1", 2.7, True), ("dot n64 k128 s1 w4 st4", 9.9, False)):
+            records.append(
+                {"shape": shape, "K": k, "N": n, "M": 1, "impl": impl, "ok": ok, "tbps": tbps, "picked": ok}
+            )
+    record = {"benchmark": "gemv", **HEADER, "records": records}
+    (png,) = plot_file(write_json(tmp_path, "gemv", record))
+    assert_png(png)
+
+
+def benchmark_kind(path: Path) -> str | None:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return data.get("benchmark") if isinstance(data, dict) else None
+
+
+# Every benchmark record committed under docs/benchmarks/ (files without a "benchmark" key, such as
+# the kernel autotuner's report, are not benchmark records).
+REAL_FILES = [
+    path for path in sorted((REPO_ROOT / "docs" / "benchmarks").glob("*.json")) if benchmark_kind(path)
+]
+
+
+@pytest.mark.parametrize("path", REAL_FILES, ids=lambda path: path.name)
+def test_real_benchmark_files(tmp_path, path):
+    """Each real record draws a PNG; a benchmark kind without a plot returns [] and fails here."""
+    pngs = plot_file(path, tmp_path)
+    assert pngs == [tmp_path / path.with_suffix(".png").name], f"no plot for '{benchmark_kind(path)}'"
+    assert_png(pngs[0])
+
+
+def test_every_plot_is_drawn_from_a_real_file():
+    assert set(PLOTTERS) <= {benchmark_kind(path) for path in REAL_FILES}
 
 
 def test_unknown_kind_is_skipped(tmp_path, capsys):
