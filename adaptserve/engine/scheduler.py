@@ -205,7 +205,7 @@ class Scheduler:
     def _scheduled(self, request: Request, num_new: int) -> ScheduledSequence:
         start = request.num_computed_tokens
         tokens = request.all_token_ids[start : start + num_new]
-        num_pending = start + num_new - request.num_tokens  # known on the device only
+        num_pending = max(0, start + num_new - request.num_tokens)  # known on the device only
         tokens += [PENDING_TOKEN_ID] * num_pending
         return ScheduledSequence(
             request_id=request.request_id,

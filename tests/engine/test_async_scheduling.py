@@ -122,6 +122,14 @@ def test_a_reused_request_id_does_not_receive_the_finished_ones_extra_token():
     assert outputs[0].outputs[0].token_ids == expected[0].outputs[0].token_ids
 
 
+def test_a_prompt_chunk_has_no_pending_tokens():
+    llm = tiny(True, max_num_batched_tokens=16)
+    engine = llm.engine
+    engine.add_request("a", list(range(3, 40)), SamplingParams(temperature=0.0, max_tokens=2))
+    chunk = engine.scheduler.schedule().sequences[0]
+    assert len(chunk.token_ids) == 16 and chunk.num_pending_tokens == 0 and not chunk.sample
+
+
 def test_pending_tokens_are_scheduled_as_placeholders_and_last_ones_wait():
     llm = tiny(True)
     engine = llm.engine
