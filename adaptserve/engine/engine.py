@@ -280,10 +280,7 @@ class _InFlight:
 
 def _needs_token_history(scheduled: SchedulerOutput) -> bool:
     """A sequence with a penalty needs every earlier token on the host, the pending one included."""
-    return any(
-        p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
-        for p in (seq.sampling_params for seq in scheduled.sequences)
-    )
+    return any(seq.sampling_params.has_penalties for seq in scheduled.sequences)
 
 
 def _stamp_token_time(request: Request, parent_id: str, now: float, stats: StepStats) -> None:

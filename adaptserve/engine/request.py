@@ -49,6 +49,11 @@ class SamplingParams:
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def has_penalties(self) -> bool:
+        """Repetition, frequency or presence penalty: sampling reads every earlier token."""
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
     def validate(self) -> None:
         _check(isinstance(self.n, int) and self.n >= 1, "n", f"n must be >= 1, got {self.n}")
         _check(self.temperature >= 0, "temperature", f"temperature must be >= 0, got {self.temperature}")

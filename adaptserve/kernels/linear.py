@@ -2,22 +2,16 @@
 
 On CPU, PyTorch's bfloat16 matrix multiply (oneDNN) is slow for a single row: `torch.mv` reads the
 bfloat16 weights about twice as fast, which makes batch-1 decoding with bfloat16 weights memory-bound
-as it should be. On CUDA, a single row goes to our Triton GEMV, which reads the weights 2-11% faster
+as it should be. On CUDA, a single row goes to our Triton GEMV, which reads the weights 7-19% faster
 than cuBLAS on the H100 (docs/benchmarks/gemv-h100.json). Everything else goes to `F.linear`.
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-
 import torch
 import torch.nn.functional as F
 
-
-@functools.cache
-def _triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+from adaptserve.kernels.availability import triton_available
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -38,5 +32,5 @@ def _gemv_suits(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and x.dtype in (torch.bfloat16, torch.float16)
         and weight.dtype == x.dtype
         and weight.stride(1) == 1
-        and _triton_available()
+        and triton_available()
     )

@@ -6,16 +6,10 @@ statistics in float32, the weight multiply in the model dtype.
 
 from __future__ import annotations
 
-import functools
-import importlib.util
-
 import torch
 import torch.nn.functional as F
 
-
-@functools.cache
-def _triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+from adaptserve.kernels.availability import triton_available
 
 
 def rms_norm(
@@ -23,7 +17,7 @@ def rms_norm(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """x: [T, hidden] -> normed [T, hidden]; with `residual`, residual += x first (in place on CUDA)
     and (normed, residual) is returned."""
-    if x.is_cuda and x.dtype != torch.float32 and _triton_available():
+    if x.is_cuda and x.dtype != torch.float32 and triton_available():
         from adaptserve.kernels.triton_norm import rms_norm as triton_rms_norm
 
         return triton_rms_norm(x, weight, eps, residual)

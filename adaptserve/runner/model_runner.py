@@ -13,8 +13,9 @@ from adaptserve.config import EngineConfig
 from adaptserve.engine.outputs import RunnerOutput, ScheduledSequence, SchedulerOutput
 from adaptserve.kernels.attention.dispatch import TunedAttention
 from adaptserve.kernels.attention.metadata import AttentionMetadata
-from adaptserve.kernels.attention.variants import build_registry, triton_available
+from adaptserve.kernels.attention.variants import build_registry
 from adaptserve.kernels.autotune import Autotuner
+from adaptserve.kernels.availability import triton_available
 from adaptserve.kernels.choice_cache import ChoiceCache
 from adaptserve.kernels.registry import OPS
 from adaptserve.model.config import ModelArchConfig

@@ -85,7 +85,7 @@ def apply_penalties(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.T
     positive logit is divided by the penalty, a negative one multiplied. Then frequency and presence
     penalties (OpenAI style) on output tokens only: `logit -= freq * count + presence * (count > 0)`.
     """
-    rows = [i for i, p in enumerate(metadata.params) if _has_penalty(p)]
+    rows = [i for i, p in enumerate(metadata.params) if p.has_penalties]
     if not rows:
         return logits
     params = [metadata.params[i] for i in rows]
@@ -101,10 +101,6 @@ def apply_penalties(logits: torch.Tensor, metadata: SamplingMetadata) -> torch.T
 
 def _has_repetition(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0
-
-
-def _has_penalty(p: SamplingParams) -> bool:
-    return _has_repetition(p) or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
 
 
 def _penalise_rows(

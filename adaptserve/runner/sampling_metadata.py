@@ -34,16 +34,8 @@ class SamplingMetadata:
         return all(p.is_greedy for p in self.params)
 
     @property
-    def needs_repetition_penalty(self) -> bool:
-        return any(p.repetition_penalty != 1.0 for p in self.params)
-
-    @property
-    def needs_frequency_presence_penalties(self) -> bool:
-        return any(p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in self.params)
-
-    @property
     def needs_penalties(self) -> bool:
-        return self.needs_repetition_penalty or self.needs_frequency_presence_penalties
+        return any(p.has_penalties for p in self.params)
 
     @property
     def has_blocked_tokens(self) -> bool:

@@ -8,20 +8,16 @@ are registered only where Triton imports (CUDA machines, or the interpreter in t
 
 from __future__ import annotations
 
-import importlib.util
 from functools import partial
 
 import torch
 
 from adaptserve.kernels.attention.metadata import AttentionMetadata
 from adaptserve.kernels.attention.torch_ref import TorchReferenceAttention
+from adaptserve.kernels.availability import triton_available
 from adaptserve.kernels.registry import DECODE_ATTENTION, PREFILL_ATTENTION, KernelRegistry, KernelVariant
 
 _REFERENCE = TorchReferenceAttention()
-
-
-def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
 
 
 def reference_variants() -> list[KernelVariant]:
