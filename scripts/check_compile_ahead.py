@@ -9,7 +9,7 @@ import torch
 
 from adaptserve.kernels.attention.metadata import AttentionMetadata, PrefillSequence
 from adaptserve.kernels.attention.variants import triton_variants
-from adaptserve.kernels.autotune import Sample, _inputs, _launch, _run_args, compile_ahead
+from adaptserve.kernels.live_sample import Sample, compile_ahead, launch, run_args, sample_inputs
 
 dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 H, KVH, D, BS, NB = 32, 8, 128, 16, 8192
@@ -84,8 +84,8 @@ cases = [  # 2 decode configs (one split, then split-KV with its merge kernel), 
 ]
 for variant, meta in cases:
     sample = Sample(meta, k_cache, v_cache, H, step=1)
-    inputs = _inputs(sample)
-    args = _run_args(inputs, torch.empty_like(inputs["q"]))
+    inputs = sample_inputs(sample)
+    args = run_args(inputs, torch.empty_like(inputs["q"]))
     before = cache_size(variant)
     begin = time.perf_counter()
     future = pool.submit(compile_ahead, variant, args)
@@ -97,7 +97,7 @@ for variant, meta in cases:
     after_warmup = cache_size(variant)
     resources = {}
     begin = time.perf_counter()
-    _launch(variant, _inputs(sample), resources)  # the tuner's first launch, on the engine thread
+    launch(variant, sample_inputs(sample), resources)  # the tuner's first launch, on the engine thread
     if dev.type == "cuda":
         torch.cuda.synchronize()
     launch_ms = (time.perf_counter() - begin) * 1e3

@@ -21,7 +21,6 @@ Guardrail: a swap never happens without a reference check, and every swap can be
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import statistics
 import time
@@ -32,8 +31,17 @@ from typing import Any, Literal
 
 import torch
 
-from adaptserve.kernels.attention.metadata import AttentionMetadata, PrefillSequence
+from adaptserve.kernels.attention.metadata import AttentionMetadata
 from adaptserve.kernels.choice_cache import ChoiceCache
+from adaptserve.kernels.live_sample import (
+    Sample,
+    compile_ahead,
+    copy_meta,
+    launch,
+    run_args,
+    runs_on,
+    sample_inputs,
+)
 from adaptserve.kernels.registry import KernelRegistry, KernelVariant, ShapeBucket
 
 log = logging.getLogger(__name__)
@@ -49,17 +57,6 @@ class AutotuneConfig:
     hard_regression: float = 2.0  # probation: one sample this many times slower rolls back at once
     atol: float = 2e-2  # reference check: max |variant - reference| (bf16 attention outputs)
     slot_budget_ms: float = 5.0  # host time per slot: no new piece of work starts once it is spent
-
-
-@dataclass
-class Sample:
-    """A live shape to time on: the step's metadata (copied) and layer-0 caches (shared, read only)."""
-
-    meta: AttentionMetadata
-    k_cache: torch.Tensor
-    v_cache: torch.Tensor
-    num_heads: int
-    step: int
 
 
 @dataclass
@@ -133,7 +130,7 @@ class Autotuner:
         self._step += 1
         self._seen.add(bucket)
         if self.wants(bucket):
-            self._samples[bucket] = Sample(_copy_meta(meta), k_cache, v_cache, num_heads, self._step)
+            self._samples[bucket] = Sample(copy_meta(meta), k_cache, v_cache, num_heads, self._step)
 
     def offer(self, op: str, name: str) -> list[str]:
         """A person offers a variant: it replaces the current one in every bucket of `op` seen so far,
@@ -188,7 +185,7 @@ class Autotuner:
             candidates = [
                 v
                 for v in self.registry.variants(bucket.op)
-                if v.family in self.config.tunable_families and v.name not in barred and _runs_on(v, sample)
+                if v.family in self.config.tunable_families and v.name not in barred and runs_on(v, sample)
             ]
             tuning = self._tuning[bucket] = _Tuning(candidates)
         if not tuning.candidates:
@@ -214,8 +211,8 @@ class Autotuner:
         """The finished background compile of `variant` on this bucket's sample, or None while it is
         pending. One compile at a time: it is submitted once the worker has nothing else submitted."""
         if self._compiling is None:
-            inputs = _inputs(sample)  # built here: the worker allocates and launches nothing
-            args = _run_args(inputs, torch.empty_like(inputs["q"]))
+            inputs = sample_inputs(sample)  # built here: the worker allocates and launches nothing
+            args = run_args(inputs, torch.empty_like(inputs["q"]))
             if self._compile_pool is None:
                 self._compile_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="autotune-compile")
             self._compiling = (bucket, variant.name, self._compile_pool.submit(self.compiler, variant, args))
@@ -226,13 +223,13 @@ class Autotuner:
         return future
 
     def _evaluate(self, bucket: ShapeBucket, tuning: _Tuning, variant: KernelVariant, sample: Sample) -> None:
-        inputs = _inputs(sample)
+        inputs = sample_inputs(sample)
         try:
             resources: dict[str, Any] = {}
-            out = _launch(variant, inputs, resources)
+            out = launch(variant, inputs, resources)
             why = self._occupancy_problem(resources)
             if why is None:
-                why = self._error_problem(out, _launch(self.reference[bucket.op], inputs))
+                why = self._error_problem(out, launch(self.reference[bucket.op], inputs))
             if why is not None:
                 tuning.rejected[variant.name] = why
                 return
@@ -267,8 +264,8 @@ class Autotuner:
     def _probe(self, bucket: ShapeBucket, probation: _Probation, sample: Sample) -> None:
         new = self.registry.get(bucket.op, probation.new)
         old = self.registry.get(bucket.op, probation.old)
-        inputs = _inputs(sample)
-        why = self._error_problem(_launch(new, inputs), _launch(self.reference[bucket.op], inputs))
+        inputs = sample_inputs(sample)
+        why = self._error_problem(launch(new, inputs), launch(self.reference[bucket.op], inputs))
         if why is None:
             times = self._time_pair(new, old, inputs)
             probation.ratios.append(times[0] / times[1])
@@ -310,12 +307,12 @@ class Autotuner:
     def _timed_runs(self, variant: KernelVariant, inputs: dict, repeats: int) -> list[float]:
         q = inputs["q"]
         if q.is_cuda:
-            _launch(variant, inputs)  # warm
+            launch(variant, inputs)  # warm
             times = []
             for _ in range(repeats):
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                _launch(variant, inputs)
+                launch(variant, inputs)
                 end.record()
                 end.synchronize()
                 times.append(start.elapsed_time(end) / 1e3)
@@ -323,7 +320,7 @@ class Autotuner:
         times = []
         for _ in range(repeats):
             begin = self.clock()
-            _launch(variant, inputs)
+            launch(variant, inputs)
             times.append(self.clock() - begin)
         return times
 
@@ -372,75 +369,6 @@ class Autotuner:
             "barred": {b.key(): sorted(v) for b, v in self._barred.items()},
             "events": self.events[-50:],
         }
-
-
-def _runs_on(variant: KernelVariant, sample: Sample) -> bool:
-    return sample.k_cache.device.type in variant.devices
-
-
-def _inputs(sample: Sample) -> dict[str, Any]:
-    """Random queries over the live cache; k and v are this step's rows read back from the cache."""
-    meta = sample.meta
-    num_tokens = meta.slot_mapping.shape[0]
-    num_kv_heads, head_dim = sample.k_cache.shape[2], sample.k_cache.shape[3]
-    generator = torch.Generator(device=sample.k_cache.device).manual_seed(sample.step)
-    q = torch.randn(
-        num_tokens, sample.num_heads, head_dim, generator=generator, device=sample.k_cache.device
-    ).to(sample.k_cache.dtype)  # [T, H, D]
-    flat_k = sample.k_cache.view(-1, num_kv_heads, head_dim)
-    flat_v = sample.v_cache.view(-1, num_kv_heads, head_dim)
-    return {
-        "q": q,
-        "k": flat_k[meta.slot_mapping],  # [T, KVH, D]
-        "v": flat_v[meta.slot_mapping],  # [T, KVH, D]
-        "k_cache": sample.k_cache,
-        "v_cache": sample.v_cache,
-        "meta": meta,
-        "scale": head_dim**-0.5,
-    }
-
-
-def compile_ahead(variant: KernelVariant, args: tuple) -> None:
-    """The compiler on CUDA: Triton's JIT warmup of what `variant.run(*args)` would launch, on the
-    arguments' device. It compiles into Triton's in-memory cache and launches nothing, so it does not
-    touch the engine's streams."""
-    device = args[0].device
-    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        variant.warmup(*args)
-
-
-def _run_args(inputs: dict[str, Any], out: torch.Tensor) -> tuple:
-    """A variant's run (and warmup) arguments, less `resources`."""
-    keys = ("q", "k", "v", "k_cache", "v_cache", "meta", "scale")
-    return (*(inputs[key] for key in keys), out)
-
-
-def _launch(variant: KernelVariant, inputs: dict[str, Any], resources: dict | None = None) -> torch.Tensor:
-    """Run one variant -> the rows of its op (decode rows, or the prefill rows)."""
-    meta: AttentionMetadata = inputs["meta"]
-    out = torch.zeros_like(inputs["q"])  # [T, H, D]
-    variant.run(*_run_args(inputs, out), resources)
-    if variant.op == "decode_attention":
-        return out[: meta.num_decode_tokens]
-    return out[meta.num_decode_tokens :]
-
-
-def _copy_meta(meta: AttentionMetadata) -> AttentionMetadata:
-    """A copy that the next step's buffers (CUDA-graph inputs are overwritten in place) cannot change."""
-
-    def clone(t):
-        return None if t is None else t.clone()
-
-    return AttentionMetadata(
-        slot_mapping=meta.slot_mapping.clone(),
-        num_decode_tokens=meta.num_decode_tokens,
-        prefills=[PrefillSequence(p.query_start, p.query_len, p.context_len) for p in meta.prefills],
-        block_table=clone(meta.block_table),
-        context_lens=clone(meta.context_lens),
-        query_start_loc=clone(meta.query_start_loc),
-        max_query_len=meta.max_query_len,
-        max_context_len=meta.max_context_len,
-    )
 
 
 def _device_limits() -> dict[str, int] | None:

@@ -13,8 +13,9 @@ import torch
 from adaptserve.kernels.attention.metadata import AttentionMetadata, PrefillSequence
 from adaptserve.kernels.attention.triton_decode import paged_decode_attention
 from adaptserve.kernels.attention.variants import reference_variants, triton_variants
-from adaptserve.kernels.autotune import AutotuneConfig, Autotuner, compile_ahead
+from adaptserve.kernels.autotune import AutotuneConfig, Autotuner
 from adaptserve.kernels.choice_cache import ChoiceCache
+from adaptserve.kernels.live_sample import compile_ahead
 from adaptserve.kernels.registry import (
     DECODE_ATTENTION,
     PREFILL_ATTENTION,
