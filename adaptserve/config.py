@@ -40,6 +40,7 @@ class SchedulerConfig:
     long_prefill_token_threshold: int = 0  # cap on one request's prefill chunk; 0 = token budget
     policy: str = "fcfs"  # fcfs | priority
     async_scheduling: bool | None = None  # schedule step n+1 while step n runs; None = on for CUDA
+    batch_wait_s: float = 0.0  # while requests run, hold new prompts until the oldest waited this long
 
 
 WEIGHT_FORMATS = ("bf16", "fp8", "int4")  # weight formats a model may hold besides its own, high to low
@@ -152,6 +153,7 @@ class EngineConfig:
             s.long_prefill_token_threshold,
             ">= 0",
         )
+        _require(0 <= s.batch_wait_s <= 10, "scheduler.batch_wait_s", s.batch_wait_s, "[0, 10] seconds")
         _require(s.policy in ("fcfs", "priority"), "scheduler.policy", s.policy, "'fcfs' or 'priority'")
         _require(
             s.async_scheduling in (None, True, False),

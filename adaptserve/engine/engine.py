@@ -5,13 +5,17 @@ from __future__ import annotations
 import dataclasses
 import numbers
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from adaptserve.adapt.control_plane import Controller, ControlPlane
+from adaptserve.adapt.knobs import Knobs, check_knob
+from adaptserve.adapt.telemetry import Telemetry
 from adaptserve.config import EngineConfig
 from adaptserve.engine.detokenizer import IncrementalDetokenizer
 from adaptserve.engine.kv_cache import KVCacheManager
 from adaptserve.engine.output_processor import ParentRequest, finalize_text, find_stop_string
-from adaptserve.engine.outputs import SchedulerOutput
+from adaptserve.engine.outputs import Executor, SchedulerOutput
 from adaptserve.engine.request import (
     InvalidRequestError,
     Request,
@@ -29,17 +33,28 @@ from adaptserve.runner.model_runner import ModelRunner
 
 class LLMEngine:
     def __init__(
-        self, config: EngineConfig, checkpoint: LoadedCheckpoint | None = None, progress: bool = True
+        self,
+        config: EngineConfig,
+        checkpoint: LoadedCheckpoint | None = None,
+        progress: bool = True,
+        *,
+        runner: Executor | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ):
+        """`runner`: an executor to use instead of building a ModelRunner from the checkpoint (the
+        simulator's); `clock`: the engine's time source (the simulator's virtual clock)."""
         self.config = config
-        checkpoint = checkpoint or load_checkpoint(config.model.model, progress=progress)
-        self.arch = checkpoint.arch
-        self.tokenizer = checkpoint.tokenizer
-        self.max_model_len = _max_model_len(config, checkpoint.arch)
-        self.eos_token_ids = frozenset(
-            self.tokenizer.eos_token_ids if self.tokenizer else checkpoint.arch.eos_token_ids
-        )
-        self.runner = ModelRunner(config, checkpoint, self.max_model_len, self.eos_token_ids)
+        self.clock = clock
+        if runner is None:
+            checkpoint = checkpoint or load_checkpoint(config.model.model, progress=progress)
+        arch = checkpoint.arch if checkpoint is not None else runner.arch
+        self.arch = arch
+        self.tokenizer = checkpoint.tokenizer if checkpoint is not None else None
+        self.max_model_len = _max_model_len(config, arch)
+        self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids if self.tokenizer else arch.eos_token_ids)
+        if runner is None:
+            runner = ModelRunner(config, checkpoint, self.max_model_len, self.eos_token_ids)
+        self.runner = runner
         self.runner.warm_up()
         capacity = self.runner.num_blocks * config.cache.block_size
         if capacity < self.max_model_len:
@@ -53,13 +68,55 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
         self._parents: dict[str, ParentRequest] = {}
         self._child_to_parent: dict[str, str] = {}
-        self.source = checkpoint.source
+        self.source = checkpoint.source if checkpoint is not None else getattr(runner, "source", "simulated")
         self.stat_loggers: list[StatLogger] = []  # each gets every step's StepStats
         self._prefix_cache_counts = (0, 0)  # (queries, hits) at the last stats
         async_scheduling = config.scheduler.async_scheduling
         on_cuda = self.runner.device.type == "cuda"  # a CPU computes as it is called: nothing to overlap
         self.async_scheduling = on_cuda if async_scheduling is None else async_scheduling
         self._in_flight: _InFlight | None = None  # the launched step whose tokens are not read yet
+        self._last_finish = float("-inf")  # clock when the last step's tokens were read
+        self._arrivals: list[tuple[float, int]] = []  # (arrival time, prompt tokens) since the last stats
+        self.knobs = Knobs.from_config(config)
+        self._knob_ceilings = (config.scheduler.max_num_seqs, config.scheduler.max_num_batched_tokens)
+        self.control: ControlPlane | None = None  # set by enable_control(); asked between steps
+
+    # ---- run-time knobs ------------------------------------------------------------------------------
+
+    def enable_control(
+        self, controllers: list[Controller], telemetry: Telemetry | None = None, interval_s: float = 0.25
+    ) -> ControlPlane:
+        """Let `controllers` change knobs between steps, from a Telemetry fed by every step's stats."""
+        if telemetry is None:
+            telemetry = Telemetry(scheduler=self.scheduler)
+        if telemetry not in self.stat_loggers:
+            self.stat_loggers.append(telemetry)
+        self.control = ControlPlane(self.knobs, controllers, telemetry, self.apply_knob, interval_s)
+        return self.control
+
+    def apply_knob(self, name: str, value: object) -> None:
+        """Put one knob's new value into force; the next schedule() uses it. The configured
+        max_num_seqs and max_num_batched_tokens are ceilings: memory and CUDA graphs were sized for them."""
+        check_knob(name, value)
+        s = self.scheduler.config
+        max_seqs, max_tokens = self._knob_ceilings
+        if name == "max_num_seqs":
+            if value > max_seqs:
+                raise ValueError(f"knob max_num_seqs={value} exceeds the configured ceiling {max_seqs}")
+            s.max_num_seqs = value
+        elif name == "max_num_batched_tokens":
+            if value > max_tokens:
+                raise ValueError(
+                    f"knob max_num_batched_tokens={value} exceeds the configured ceiling {max_tokens}"
+                )
+            s.max_num_batched_tokens = value
+        elif name == "prefill_chunk":
+            s.long_prefill_token_threshold = value
+        elif name == "batch_wait_s":
+            s.batch_wait_s = float(value)
+        elif getattr(self.knobs, name) != value:
+            raise ValueError(f"knob {name} cannot change at run time in this build")
+        setattr(self.knobs, name, value)
 
     # ---- requests ------------------------------------------------------------------------------------
 
@@ -78,7 +135,7 @@ class LLMEngine:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
         prompt_ids = self.encode_prompt(prompt)
         params.validate()
-        arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        arrival_time = self.clock() if arrival_time is None else arrival_time
         child_ids = [request_id] if params.n == 1 else [f"{request_id}-{i}" for i in range(params.n)]
         parent = ParentRequest(
             request_id, prompt if isinstance(prompt, str) else None, child_ids, stream=stream
@@ -103,6 +160,7 @@ class LLMEngine:
             self._child_to_parent[child_id] = request_id
             self.scheduler.add_request(request)
         self._parents[request_id] = parent
+        self._arrivals.append((arrival_time, len(prompt_ids)))
 
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         """Token ids of a prompt, checked against the vocabulary and the context window."""
@@ -144,8 +202,8 @@ class LLMEngine:
             self.scheduler.finish_request(child_id, RequestStatus.FINISHED_ABORTED)
         self._release(parent)
         if self.stat_loggers:
-            now = time.monotonic()
-            stats = self._step_stats(now, now, SchedulerOutput([], 0), 0)
+            now = self.clock()
+            stats = self._step_stats(now, now, now, SchedulerOutput([], 0), 0)
             stats.finished.append(parent.finished_stats(now))
             self._record(stats)
 
@@ -161,17 +219,20 @@ class LLMEngine:
         With async scheduling the step is launched on the device, then the previous step's tokens
         are read and processed while it runs: outputs come one step later, the device never waits
         for the host's bookkeeping."""
-        start = time.monotonic()
-        scheduler_output = self.scheduler.schedule()
+        start = self.clock()
+        scheduler_output = self.scheduler.schedule(start)
         for seq in scheduler_output.sequences:
             request = self.scheduler.requests[seq.request_id]
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = start
         try:
-            return self._launch_and_finish(scheduler_output, start)
+            outputs = self._launch_and_finish(scheduler_output, start)
         except BaseException:
             self._in_flight = None  # its requests are aborted by the caller (LLM, AsyncEngine)
             raise
+        if self.control is not None:
+            self.control.after_step(self.clock())  # decisions apply from the next schedule()
+        return outputs
 
     def _launch_and_finish(self, scheduler_output: SchedulerOutput, start: float) -> list[RequestOutput]:
         outputs: list[RequestOutput] = []
@@ -181,7 +242,10 @@ class LLMEngine:
         # memory pressure for the precision policy: the share of KV blocks in use after scheduling
         self.runner.precision.memory_pressure = self.kv_cache.usage
         launched = self.runner.launch(scheduler_output)
-        step = _InFlight(scheduler_output, self.scheduler.advance(scheduler_output), launched, start)
+        launch_time = self.clock()
+        step = _InFlight(
+            scheduler_output, self.scheduler.advance(scheduler_output), launched, start, launch_time
+        )
         previous, self._in_flight = self._in_flight, step
         if previous is not None:
             outputs += self._finish(previous)
@@ -193,8 +257,11 @@ class LLMEngine:
     def _finish(self, step: _InFlight) -> list[RequestOutput]:
         """Read a launched step's tokens, append them, and build the outputs they complete."""
         updated = self.scheduler.resolve(step.sampled, step.launched.result())
-        now = time.monotonic()
-        stats = self._step_stats(step.start, now, step.scheduled, len(updated))
+        now = self.clock()
+        # the device ran this step from its launch or the previous step's end, whichever was later
+        execute_start = max(step.launch_time, self._last_finish)
+        self._last_finish = now
+        stats = self._step_stats(step.start, execute_start, now, step.scheduled, len(updated))
         touched: dict[str, ParentRequest] = {}  # parents with a child that got a token this step
         for request in updated:
             parent_id = self._child_to_parent[request.request_id]
@@ -236,15 +303,25 @@ class LLMEngine:
             self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
 
     def _step_stats(
-        self, start: float, now: float, scheduled: SchedulerOutput, num_generation_tokens: int
+        self,
+        start: float,
+        execute_start: float,
+        now: float,
+        scheduled: SchedulerOutput,
+        num_generation_tokens: int,
     ) -> StepStats:
         queries, hits = self.kv_cache.prefix_cache_queries, self.kv_cache.prefix_cache_hits
         last_queries, last_hits = self._prefix_cache_counts
         self._prefix_cache_counts = (queries, hits)
         num_decodes = sum(1 for seq in scheduled.sequences if seq.sample and len(seq.token_ids) == 1)
+        arrivals, self._arrivals = self._arrivals, []
         return StepStats(
             start_time=start,
             step_time=now - start,
+            execute_time=now - execute_start,
+            num_context_tokens=sum(s.num_computed_tokens + len(s.token_ids) for s in scheduled.sequences),
+            num_sequences=len(scheduled.sequences),
+            arrivals=arrivals,
             num_scheduled_tokens=scheduled.num_batched_tokens,
             num_prefill_tokens=scheduled.num_batched_tokens - num_decodes,
             num_decode_sequences=num_decodes,
@@ -275,7 +352,8 @@ class _InFlight:
     scheduled: SchedulerOutput
     sampled: dict[str, Request]  # the requests it samples for, by id (from Scheduler.advance)
     launched: LaunchedStep
-    start: float  # time.monotonic() when it was scheduled
+    start: float  # engine clock when it was scheduled
+    launch_time: float  # engine clock when it was handed to the device
 
 
 def _needs_token_history(scheduled: SchedulerOutput) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from adaptserve.engine.request import SamplingParams
 
@@ -45,3 +46,20 @@ class RunnerOutput:
     request_ids: list[str]
     sampled_token_ids: list[int]
     logprobs: list[dict[int, float] | None]
+
+
+class LaunchedResult(Protocol):
+    def result(self) -> RunnerOutput: ...  # waits for the step's sampled tokens
+
+
+class Executor(Protocol):
+    """What the engine needs from whatever runs its steps: the ModelRunner, or the simulator's
+    SimulatedExecutor (a cost model and a virtual clock, no weights)."""
+
+    num_blocks: int  # KV blocks it holds
+    device: Any  # torch.device or anything with a `.type` ("cpu", "cuda", "sim")
+    precision: Any  # has a writable `memory_pressure` (the precision policy's guardrail)
+
+    def warm_up(self) -> None: ...
+
+    def launch(self, scheduler_output: SchedulerOutput) -> LaunchedResult: ...

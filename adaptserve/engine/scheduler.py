@@ -105,7 +105,8 @@ class Scheduler:
 
     # ---- one step ------------------------------------------------------------------------------------
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, now: float | None = None) -> SchedulerOutput:
+        """`now` (engine clock) is needed only for `batch_wait_s`; without it new prompts never wait."""
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledSequence] = []
         preempted: list[str] = []
@@ -127,6 +128,8 @@ class Scheduler:
                 index += 1
 
         out_of_blocks = len(preempted) > num_priority_preemptions  # then admit nobody new this step
+        if self._holding_new_prompts(now, budget):
+            out_of_blocks = True
         started_priority = None  # priority policy: new prompts of one priority per step (see below)
         while (
             not out_of_blocks and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
@@ -153,6 +156,18 @@ class Scheduler:
 
         finished, self._finished_ids = self._finished_ids, []
         return SchedulerOutput(scheduled, self.config.max_num_batched_tokens - budget, finished, preempted)
+
+    def _holding_new_prompts(self, now: float | None, budget: int) -> bool:
+        """Batch wait: while requests run, new prompts start together once the oldest has waited
+        `batch_wait_s` or they fill the step's remaining budget, so decodes are interrupted less often."""
+        wait = self.config.batch_wait_s
+        if not wait or now is None or not self.running or not self.waiting:
+            return False
+        oldest = min(r.arrival_time for r in self.waiting)
+        if now - oldest >= wait:
+            return False
+        waiting_tokens = sum(r.num_tokens - r.num_computed_tokens for r in self.waiting)
+        return waiting_tokens < budget
 
     def _preempt_for_priority(self, preempted: list[str]) -> None:
         """Priority policy: while the most important waiting request outranks the least important

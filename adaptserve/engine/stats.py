@@ -23,7 +23,7 @@ class StepStats:
     """Counts are for this step only; gauges are their value after it."""
 
     start_time: float  # time.monotonic() when the step began
-    step_time: float  # seconds spent in schedule + execute + update
+    step_time: float  # seconds from schedule to reading its tokens (spans two steps under async scheduling)
     num_scheduled_tokens: int  # tokens whose K/V was computed (prompt chunks + decodes)
     num_prefill_tokens: int  # of those, tokens of prompts or recomputed preempted requests
     num_decode_sequences: int  # sequences that computed exactly one token to sample the next
@@ -31,6 +31,10 @@ class StepStats:
     num_preemptions: int
     prefix_cache_queries: int  # tokens looked up in the prefix cache
     prefix_cache_hits: int
+    execute_time: float = 0.0  # seconds the device spent on it: from its launch or the last step's end
+    num_context_tokens: int = 0  # K/V tokens its attention reads: each sequence's computed + new tokens
+    num_sequences: int = 0  # sequences scheduled (prompt chunks and decodes)
+    arrivals: list[tuple[float, int]] = field(default_factory=list)  # added since: (time, prompt tokens)
     num_running: int = 0  # gauges: filled in just before the stats are published
     num_waiting: int = 0
     kv_cache_usage: float = 0.0  # share of KV blocks in use, [0, 1]
