@@ -8,6 +8,7 @@ import shlex
 import sys
 
 from adaptserve.config import ConfigError
+from adaptserve.control_args import add_control_args, control_options
 from adaptserve.kernel_args import add_kernel_args, kernel_options
 
 
@@ -32,6 +33,7 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
         "--weight-formats", default="", help="extra weight formats to hold, e.g. fp8,int4 (memory permitting)"
     )
     add_kernel_args(parser)
+    add_control_args(parser)
 
 
 def _engine_options(args: argparse.Namespace) -> dict:
@@ -47,6 +49,7 @@ def _engine_options(args: argparse.Namespace) -> dict:
         "precision_policy": args.precision_policy,
         "weight_formats": tuple(f for f in args.weight_formats.split(",") if f),
         **kernel_options(args),
+        **control_options(args),
     }
 
 
@@ -216,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_generate)
 
     _add_bench_commands(commands)
+    from adaptserve.sim.cli import add_sim_parser
+
+    add_sim_parser(commands)
     return parser
 
 

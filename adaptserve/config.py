@@ -78,6 +78,18 @@ class KernelConfig:
     pins: tuple[str, ...] = ()  # "op=variant" forced choices, e.g. "decode_attention=torch_ref"
 
 
+CONTROLLERS = ("batching", "prewarm")  # controllers the engine can run (adapt/factory.py)
+
+
+@dataclass
+class ControlConfig:
+    controllers: tuple[str, ...] = ()  # adaptive controllers to run between steps: batching, prewarm
+    tpot_slo_s: float = 0.1  # time-per-output-token objective the controllers keep
+    ttft_slo_s: float = 2.0  # time-to-first-token objective the controllers keep
+    control_interval_s: float = 0.25  # seconds between two decision rounds
+    telemetry_window_s: float = 10.0  # telemetry window the controllers read
+
+
 @dataclass
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -85,12 +97,25 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     kernels: KernelConfig = field(default_factory=KernelConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
         c, s, m, p, k = self.cache, self.scheduler, self.model, self.precision, self.kernels
+        ctl = self.control
+        ctl.controllers = tuple(ctl.controllers)
+        for name in ctl.controllers:
+            _require(name in CONTROLLERS, "control.controllers", name, ", ".join(CONTROLLERS))
+        _require(ctl.tpot_slo_s > 0, "control.tpot_slo_s", ctl.tpot_slo_s, "> 0 seconds")
+        _require(ctl.ttft_slo_s > 0, "control.ttft_slo_s", ctl.ttft_slo_s, "> 0 seconds")
+        _require(
+            ctl.control_interval_s >= 0, "control.control_interval_s", ctl.control_interval_s, ">= 0 seconds"
+        )
+        _require(
+            ctl.telemetry_window_s > 0, "control.telemetry_window_s", ctl.telemetry_window_s, "> 0 seconds"
+        )
         k.pins = tuple(k.pins)
         _require(
             k.attention_backend in ATTENTION_BACKENDS,
@@ -205,6 +230,7 @@ _SECTIONS = {
     "scheduler": SchedulerConfig,
     "precision": PrecisionConfig,
     "kernels": KernelConfig,
+    "control": ControlConfig,
 }
 
 

@@ -49,6 +49,7 @@ class ControlPlane:
         self.listeners: list[Callable[[Switch], None]] = []  # told of every applied switch (metrics)
         self._next_round = float("-inf")
         self.last_snapshot: TelemetrySnapshot | None = None
+        self.step_cost = None  # the OnlineStepCost the controllers share, when one runs (factory.py)
 
     def after_step(self, now: float) -> list[Switch]:
         if now < self._next_round or not self.controllers:
@@ -64,7 +65,9 @@ class ControlPlane:
                 continue
             for name, value in decision.changes.items():
                 if name in taken:
-                    logger.debug("%s: %s=%r dropped, already decided this round", controller.name, name, value)
+                    logger.debug(
+                        "%s: %s=%r dropped, already decided this round", controller.name, name, value
+                    )
                     continue
                 taken.add(name)  # also when unchanged: the earlier controller keeps it where it is
                 if value == getattr(self.knobs, name):

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from adaptserve.adapt.control_plane import Controller, ControlPlane
+from adaptserve.adapt.factory import enable_configured_control
 from adaptserve.adapt.knobs import Knobs, check_knob
 from adaptserve.adapt.telemetry import Telemetry
 from adaptserve.config import EngineConfig
@@ -78,8 +79,10 @@ class LLMEngine:
         self._last_finish = float("-inf")  # clock when the last step's tokens were read
         self._arrivals: list[tuple[float, int]] = []  # (arrival time, prompt tokens) since the last stats
         self.knobs = Knobs.from_config(config)
-        self._knob_ceilings = (config.scheduler.max_num_seqs, config.scheduler.max_num_batched_tokens)
+        self.knob_ceilings = (config.scheduler.max_num_seqs, config.scheduler.max_num_batched_tokens)
         self.control: ControlPlane | None = None  # set by enable_control(); asked between steps
+        # the controllers the config names; an executor that models its own cost (the simulator) seeds theirs
+        enable_configured_control(self, prior=getattr(runner, "cost_model", None))
 
     # ---- run-time knobs ------------------------------------------------------------------------------
 
@@ -99,7 +102,7 @@ class LLMEngine:
         max_num_seqs and max_num_batched_tokens are ceilings: memory and CUDA graphs were sized for them."""
         check_knob(name, value)
         s = self.scheduler.config
-        max_seqs, max_tokens = self._knob_ceilings
+        max_seqs, max_tokens = self.knob_ceilings
         if name == "max_num_seqs":
             if value > max_seqs:
                 raise ValueError(f"knob max_num_seqs={value} exceeds the configured ceiling {max_seqs}")
@@ -241,8 +244,8 @@ class LLMEngine:
             self._in_flight = None
         # memory pressure for the precision policy: the share of KV blocks in use after scheduling
         self.runner.precision.memory_pressure = self.kv_cache.usage
+        launch_time = self.clock()  # a CPU computes inside launch(): its time counts as the step's
         launched = self.runner.launch(scheduler_output)
-        launch_time = self.clock()
         step = _InFlight(
             scheduler_output, self.scheduler.advance(scheduler_output), launched, start, launch_time
         )
@@ -353,7 +356,7 @@ class _InFlight:
     sampled: dict[str, Request]  # the requests it samples for, by id (from Scheduler.advance)
     launched: LaunchedStep
     start: float  # engine clock when it was scheduled
-    launch_time: float  # engine clock when it was handed to the device
+    launch_time: float  # engine clock when it was handed to the executor
 
 
 def _needs_token_history(scheduled: SchedulerOutput) -> bool:

@@ -6,12 +6,15 @@ that `run` refills each step: the batch is padded up to its bucket with rows who
 (they attend to nothing) and whose K/V goes to a scratch slot outside the allocator's blocks.
 
 Graphs are captured at start for every bucket and on demand for new keys; a kernel swap in the
-registry drops the graphs that captured the old variant (they are re-captured on next use).
+registry drops the graphs that captured the old variant (they are re-captured on next use). The
+prewarmer (adapt/prewarm.py) may also `capture` sizes ahead of need and `release` sizes nobody uses;
+`last_used` tells when each size was last replayed.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -57,7 +60,9 @@ class DecodeGraphPool:
         max_blocks: int,
         pad_slot: int,
         device: torch.device,
+        clock: Callable[[], float] = time.monotonic,
     ):
+        """`clock`: the time source of `last_used` (the engine's clock)."""
         self.model, self.kv_caches, self.attention, self.registry = model, kv_caches, attention, registry
         self.sizes = batch_buckets(max_batch)
         self.max_batch, self.max_blocks, self.pad_slot = self.sizes[-1], max_blocks, pad_slot
@@ -73,6 +78,8 @@ class DecodeGraphPool:
         self.graphs: dict[tuple, _Graph] = {}
         self.num_captures = 0
         self.capture_seconds = 0.0
+        self.clock = clock
+        self.last_used: dict[int, float] = {}  # batch bucket -> clock at its last replay
         registry.on_swap(self._forget_swapped)
 
     def bucket(self, num_seqs: int) -> int | None:
@@ -98,6 +105,34 @@ class DecodeGraphPool:
             if self._variant(size, context_len).graph_safe:
                 self._graph(size, precision, context_len)
 
+    def captured_sizes(self) -> list[int]:
+        """The batch buckets that hold at least one graph, ascending."""
+        return sorted({key[0] for key in self.graphs})
+
+    def capture(self, sizes: Iterable[int], precision: str, context_len: int) -> list[int]:
+        """Capture these batch buckets for contexts around `context_len` ahead of need (a size that
+        already has its graph costs nothing); returns the sizes that now hold one."""
+        done = []
+        for size in sizes:
+            if size not in self.sizes:
+                raise ValueError(f"batch size {size} is not a graph bucket; buckets: {self.sizes}")
+            if self._variant(size, context_len).graph_safe:
+                self._graph(size, precision, context_len)
+                done.append(size)
+        return done
+
+    def release(self, sizes: Iterable[int]) -> None:
+        """Drop every graph of these batch buckets and its memory; the next replay of such a size
+        captures it again on demand."""
+        drop = set(sizes)
+        if not any(key[0] in drop for key in self.graphs):
+            return
+        torch.cuda.synchronize(self.device)  # a launched step may still be replaying one of them
+        for key in [k for k in self.graphs if k[0] in drop]:
+            self.graphs.pop(key).graph.reset()
+        for size in drop:
+            self.last_used.pop(size, None)
+
     def run(
         self, batch: HostBatch, precision: str, pending: tuple[torch.Tensor, torch.Tensor] | None = None
     ) -> torch.Tensor:
@@ -109,6 +144,7 @@ class DecodeGraphPool:
         if width > self.max_blocks:
             raise ValueError(f"block table of {width} blocks exceeds the graph pool's {self.max_blocks}")
         graph = self._graph(size, precision, int(batch.context_lens.max()))
+        self.last_used[size] = self.clock()
         self._fill(batch, num_seqs, size, width)
         if pending is not None:
             self.input_ids.index_copy_(0, *pending)

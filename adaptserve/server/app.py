@@ -69,15 +69,15 @@ class ServerState:
         warm_up(engine, step_model)
         admission = AdmissionController(self.server_config.admission, engine.scheduler, step_model)
         engine.stat_loggers += [self.metrics, step_model, admission]
+        if engine.control is not None:
+            self.metrics.attach_control(engine.control, engine.control.telemetry, clock=engine.clock)
         self.engine = AsyncEngine(engine, admission)
         return engine
 
     def knobs(self) -> dict[str, float]:
-        s, a = self.engine_config.scheduler, self.server_config.admission
+        a = self.server_config.admission
         knobs = {
-            "max_num_seqs": s.max_num_seqs,
-            "max_num_batched_tokens": s.max_num_batched_tokens,
-            "long_prefill_token_threshold": s.long_prefill_token_threshold,
+            **self.engine.engine.knobs.as_gauges(),  # the run-time knobs (controllers keep them current)
             "admission_enabled": float(a.enabled),
             "max_waiting_requests": a.max_waiting_requests,
             "max_waiting_tokens": a.max_waiting_tokens,

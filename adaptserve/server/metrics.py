@@ -1,13 +1,23 @@
 """Prometheus metrics, named in the spirit of vLLM's `vllm:*` as `adaptserve:*`.
 
 One registry per server (not the process-global one), fed by the engine's StepStats each step and by
-the HTTP layer for what never reaches the engine (invalid and rejected requests).
+the HTTP layer for what never reaches the engine (invalid and rejected requests). With a control plane
+attached, knob switches are counted as they happen and the telemetry window is read at scrape time.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import time
+from collections.abc import Callable, Iterator
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from adaptserve.adapt.control_plane import ControlPlane
+from adaptserve.adapt.knobs import Switch
+from adaptserve.adapt.snapshot import LatencySummary, TelemetrySnapshot
+from adaptserve.adapt.telemetry import LATER_SIGNALS
 from adaptserve.engine.stats import StepStats
 
 _LATENCY_BUCKETS = (
@@ -82,6 +92,8 @@ class ServerMetrics:
         self._knobs: dict[str, Gauge] = {}  # one gauge per run-time knob: adaptserve:knob_<name>
         self._gauge = gauge
         self._prefix_totals = [0, 0]  # queries, hits since this registry was made
+        self._switches: Counter | None = None  # adaptserve:knob_switches_total, once a plane is attached
+        self._telemetry: TelemetryCollector | None = None
         for outcome in OUTCOMES:  # so a scrape shows every outcome, zeros included
             self._requests.labels(model_name, outcome)
 
@@ -126,5 +138,127 @@ class ServerMetrics:
                 self._knobs[name] = self._gauge(f"adaptserve:knob_{name}", f"Run-time knob {name}.")
             self._knobs[name].set(value)
 
+    def attach_control(
+        self, control_plane: ControlPlane, telemetry=None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        """Count every knob switch of `control_plane` (by knob and controller), keep the knob gauges
+        current, and export its telemetry window at scrape time. `telemetry` (a SnapshotSource, the
+        plane's own by default) is read at `clock` (the engine's) only while the plane has taken no
+        snapshot of its own (it has no controllers, or no round has run yet). Call once per plane."""
+        if self._switches is None:
+            self._switches = Counter(
+                "adaptserve:knob_switches",
+                "Run-time knob changes applied, by knob and by the controller that asked.",
+                ["model_name", "knob", "controller"],
+                registry=self.registry,
+            )
+        for (knob, controller), count in control_plane.switches.counts.items():  # switches before now
+            self._switches.labels(self.model_name, knob, controller).inc(count)
+
+        def on_switch(switch: Switch) -> None:
+            self._switches.labels(self.model_name, switch.knob, switch.controller).inc()
+            self.set_knobs(control_plane.knobs.as_gauges())
+
+        control_plane.listeners.append(on_switch)
+        self.set_knobs(control_plane.knobs.as_gauges())
+        source = control_plane.telemetry if telemetry is None else telemetry
+        if self._telemetry is not None:
+            self.registry.unregister(self._telemetry)
+        self._telemetry = TelemetryCollector(self.model_name, _latest_snapshot(control_plane, source, clock))
+        self.registry.register(self._telemetry)
+
+    def record_snapshot(self, snapshot: TelemetrySnapshot) -> None:
+        """Export this snapshot until a newer one comes (for a telemetry window without a control plane)."""
+        if self._telemetry is None:
+            self._telemetry = TelemetryCollector(self.model_name, lambda: None)
+            self.registry.register(self._telemetry)
+        self._telemetry.recorded = snapshot
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+_QUANTILES = (("0.5", "p50"), ("0.9", "p90"), ("0.99", "p99"))
+# (gauge name after adaptserve:telemetry_, snapshot field, help) for the plain numbers of a window
+_WINDOW_GAUGES = (
+    ("window_seconds", "window_s", "Length of the telemetry window the other telemetry gauges cover."),
+    ("steps", "num_steps", "Engine steps that finished in the window."),
+    ("arrival_rate", "arrival_rate", "Requests arriving per second over the window."),
+    ("busy_fraction", "busy_fraction", "Share of the window the device spent in steps, 0 to 1."),
+    ("waiting_prompt_tokens", "waiting_prompt_tokens", "Prompt tokens queued and not yet computed."),
+    ("oldest_waiting_seconds", "oldest_waiting_s", "How long the oldest waiting request has waited."),
+    ("mean_decode_batch", "mean_decode_batch", "Decode sequences per step over the window."),
+    ("kv_usage_max", "kv_usage_max", "Highest share of KV blocks in use over the window, 0 to 1."),
+    ("preemptions", "preemptions", "Requests preempted in the window."),
+)
+_LATENCIES = (
+    ("step_time_seconds", "step_time", "Per-step execute time over the window."),
+    ("ttft_seconds", "ttft", "Time to first token over the window."),
+    ("tpot_seconds", "tpot", "Time per output token of requests finished in the window."),
+    ("itl_seconds", "itl", "Inter-token latency over the window."),
+)
+_LATER_HELP = {
+    "acceptance_rate": "Speculative decoding: accepted / drafted tokens over the window.",
+    "confidence": "Mean logit confidence of decode steps over the window.",
+    "kv_error": "KV compression: relative reconstruction error over the window.",
+    "gpu_memory_used": "Share of device memory in use, 0 to 1.",
+}
+
+
+class TelemetryCollector(Collector):
+    """The latest telemetry window as `adaptserve:telemetry_*` gauges, built at scrape time (nothing
+    runs on the engine thread). A latency with no samples in the window, and a later signal that no
+    feature reports (None), is left out rather than shown as 0."""
+
+    def __init__(self, model_name: str, latest: Callable[[], TelemetrySnapshot | None]):
+        self.model_name = model_name
+        self.latest = latest
+        self.recorded: TelemetrySnapshot | None = None  # from ServerMetrics.record_snapshot
+
+    def snapshot(self) -> TelemetrySnapshot | None:
+        candidates = [s for s in (self.latest(), self.recorded) if s is not None]
+        return max(candidates, key=lambda s: s.time, default=None)
+
+    def collect(self) -> Iterator[Metric]:
+        snapshot = self.snapshot()
+        if snapshot is None:
+            return
+        for name, field_name, doc in _WINDOW_GAUGES:
+            yield self._gauge(name, doc, float(getattr(snapshot, field_name)))
+        for name, field_name, doc in _LATENCIES:
+            summary: LatencySummary = getattr(snapshot, field_name)
+            if summary.count == 0:
+                continue
+            family = GaugeMetricFamily(
+                f"adaptserve:telemetry_{name}", doc + " Quantile by label.", labels=["model_name", "quantile"]
+            )
+            for label, attr in _QUANTILES:
+                family.add_metric([self.model_name, label], getattr(summary, attr))
+            yield family
+        for name in LATER_SIGNALS:
+            value = getattr(snapshot, name)
+            if value is not None:
+                yield self._gauge(name, _LATER_HELP[name], value)
+
+    def _gauge(self, name: str, doc: str, value: float) -> GaugeMetricFamily:
+        family = GaugeMetricFamily(f"adaptserve:telemetry_{name}", doc, labels=["model_name"])
+        family.add_metric([self.model_name], value)
+        return family
+
+
+def _latest_snapshot(
+    control_plane: ControlPlane, telemetry, clock: Callable[[], float]
+) -> Callable[[], TelemetrySnapshot | None]:
+    """The plane's last snapshot; before its first one, a snapshot of `telemetry` taken now."""
+
+    def latest() -> TelemetrySnapshot | None:
+        if control_plane.last_snapshot is not None or telemetry is None:
+            return control_plane.last_snapshot
+        for _ in range(3):  # the engine thread may append to a window while it is read
+            try:
+                return telemetry.snapshot(clock(), control_plane.knobs)
+            except RuntimeError:
+                continue
+        return None
+
+    return latest
