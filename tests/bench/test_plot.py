@@ -209,8 +209,11 @@ def benchmark_kind(path: Path) -> str | None:
 
 # Every benchmark record committed under docs/benchmarks/ (files without a "benchmark" key, such as
 # the kernel autotuner's report, are not benchmark records).
+DRAWN_BY_THEIR_SCRIPT = {"rl_tuner"}  # examples/rl_tuner.py draws its own PNG beside its JSON
 REAL_FILES = [
-    path for path in sorted((REPO_ROOT / "docs" / "benchmarks").glob("*.json")) if benchmark_kind(path)
+    path
+    for path in sorted((REPO_ROOT / "docs" / "benchmarks").glob("*.json"))
+    if benchmark_kind(path) and benchmark_kind(path) not in DRAWN_BY_THEIR_SCRIPT
 ]
 
 
