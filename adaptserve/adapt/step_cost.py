@@ -2,8 +2,11 @@
 
     time ≈ fixed + per_token · scheduled tokens + per_sequence · sequences + per_context · context tokens
 
-(`per_context` covers attention reading the KV cache). Lower weight precisions and KV formats scale
-the whole step by a measured factor. The adaptive batching controller predicts with it, the
+(`per_context` covers attention reading the KV cache), times a correction by the step's token count
+(`token_correction`, fitted from the residuals): GEMM libraries pick kernels by the row count, so a
+step of 3 tokens can be slower than one of 4, and a CUDA-graph pool pads a decode batch up to its
+bucket; a line cannot follow that staircase, a table can. Lower weight precisions and KV formats
+scale the whole step by a measured factor. The adaptive batching controller predicts with it, the
 simulator runs on it, and it is stored as JSON per device under `adaptserve/sim/profiles/`.
 """
 
@@ -40,6 +43,8 @@ class StepCostModel:
     per_context_s: float = 0.0  # per K/V token read by attention
     precision_scale: dict[str, float] = field(default_factory=dict)  # e.g. {"fp8": 0.6}; missing = 1
     kv_format_scale: dict[str, float] = field(default_factory=dict)  # e.g. {"int8": 0.9}; missing = 1
+    # [[num_tokens, factor], ...] by num_tokens; linear between rows, the end rows' factor beyond them
+    token_correction: list[list[float]] = field(default_factory=list)
     device: str = "unknown"  # what it was fitted on
     num_points: int = 0  # how many steps it was fitted to
     relative_error: float = 0.0  # mean |predicted - measured| / measured over those steps
@@ -58,7 +63,15 @@ class StepCostModel:
             + self.per_sequence_s * num_sequences
             + self.per_context_s * num_context_tokens
         )
-        return base * self.precision_scale.get(precision, 1.0) * self.kv_format_scale.get(kv_format, 1.0)
+        scale = self.precision_scale.get(precision, 1.0) * self.kv_format_scale.get(kv_format, 1.0)
+        return base * scale * self.correction(num_tokens)
+
+    def correction(self, num_tokens: int) -> float:
+        """The fitted factor for a step of `num_tokens` (1 without a table)."""
+        if not self.token_correction:
+            return 1.0
+        table = np.asarray(self.token_correction, dtype=np.float64)  # [R, 2]
+        return float(np.interp(num_tokens, table[:, 0], table[:, 1]))
 
     def predict_shape(self, shape: StepShape, precision: str = "native", kv_format: str = "bf16") -> float:
         return self.predict(
@@ -66,9 +79,10 @@ class StepCostModel:
         )
 
     @classmethod
-    def fit(cls, points: Iterable[StepShape], device: str = "unknown") -> StepCostModel:
+    def fit(cls, points: Iterable[StepShape], device: str = "unknown", correct: bool = True) -> StepCostModel:
         """Least squares with every coefficient >= 0: a coefficient that comes out negative is
-        dropped and the rest refitted (an active-set pass, enough for four features)."""
+        dropped and the rest refitted (an active-set pass, enough for four features). With `correct`,
+        the token-count correction table is fitted to what the line leaves over."""
         points = [p for p in points if p.seconds > 0]
         if len(points) < 4:
             raise ValueError(f"fitting a step cost model needs at least 4 measured steps, got {len(points)}")
@@ -85,9 +99,12 @@ class StepCostModel:
                 coef[active] = solution
                 break
             active.pop(int(np.argmin(solution)))
-        predicted = x @ coef  # [N]
-        error = float(np.mean(np.abs(predicted - y) / y))
-        return cls(*coef.tolist(), device=device, num_points=len(points), relative_error=error)
+        model = cls(*coef.tolist(), device=device, num_points=len(points))
+        if correct:
+            model.token_correction = _residual_table(points, x @ coef)
+        predicted = np.array([model.predict_shape(p) for p in points])  # [N]
+        model.relative_error = float(np.mean(np.abs(predicted - y) / y))
+        return model
 
     def save(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -101,6 +118,23 @@ class StepCostModel:
         if unknown:
             raise ValueError(f"{path}: unknown step cost model field(s) {sorted(unknown)}")
         return cls(**data)
+
+
+def _residual_table(points: list[StepShape], predicted: np.ndarray, min_points: int = 2) -> list[list[float]]:
+    """Rows [token count, median of measured / predicted] per bin of steps: one bin per token count up
+    to 64, then one per power of two (the row sits at the bin's median count). Bins with fewer than
+    `min_points` steps are left out; [] when none has enough."""
+    bins: dict[int, list[tuple[int, float]]] = {}
+    for point, guess in zip(points, predicted, strict=True):
+        n = point.num_tokens
+        key = n if n <= 64 else (n - 1).bit_length()  # 65..128 -> 7, 129..256 -> 8, ...
+        bins.setdefault(key, []).append((n, point.seconds / guess if guess > 0 else 1.0))
+    rows = []
+    for members in bins.values():
+        if len(members) >= min_points:
+            counts, ratios = zip(*members, strict=True)
+            rows.append([float(np.median(counts)), float(np.median(ratios))])
+    return sorted(rows)
 
 
 class OnlineStepCost:

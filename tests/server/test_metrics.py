@@ -25,10 +25,17 @@ BLOCK_SIZE = 16  # the engine's default KV block
 # knob values that differ from the defaults where they can, so the gauges show the configured ones
 ENGINE_OPTIONS = {"max_num_seqs": 16, "long_prefill_token_threshold": 512}
 ADMISSION = AdmissionConfig(max_waiting_requests=100, tiers=parse_slos("high=0.75,low=30"))
-EXPECTED_KNOBS = {
+EXPECTED_KNOBS = {  # the engine's Knobs record (a choice is its index), then the server's admission
     "max_num_seqs": 16,
     "max_num_batched_tokens": 2048,
-    "long_prefill_token_threshold": 512,
+    "prefill_chunk": 512,  # from long_prefill_token_threshold
+    "batch_wait_s": 0.0,
+    "precision_policy": 0,  # native
+    "kv_format": 0,  # bf16
+    "spec_mode": 0,  # off
+    "draft_len": 0,
+    "kv_prefetch": 0,
+    "parallelism": 0,  # single
     "admission_enabled": 1,
     "max_waiting_requests": 100,
     "max_waiting_tokens": 2**20,
