@@ -22,6 +22,7 @@ from adaptserve.server.async_engine import AsyncEngine
 from adaptserve.server.config import ServerConfig
 from adaptserve.server.errors import APIError
 from adaptserve.server.metrics import ServerMetrics
+from adaptserve.server.precision_metrics import report_of
 from adaptserve.server.protocol import ChatCompletionRequest, CompletionRequest
 from adaptserve.server.serving import ClientDisconnected, ServingContext
 from adaptserve.server.serving_chat import create_chat_completion
@@ -71,6 +72,8 @@ class ServerState:
         engine.stat_loggers += [self.metrics, step_model, admission]
         if engine.control is not None:
             self.metrics.attach_control(engine.control, engine.control.telemetry, clock=engine.clock)
+        runner = engine.runner
+        self.metrics.attach_precision(lambda: report_of(runner.precision, runner.format_bytes))
         self.engine = AsyncEngine(engine, admission)
         return engine
 

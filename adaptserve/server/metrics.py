@@ -19,6 +19,7 @@ from adaptserve.adapt.knobs import Switch
 from adaptserve.adapt.snapshot import LatencySummary, TelemetrySnapshot
 from adaptserve.adapt.telemetry import LATER_SIGNALS
 from adaptserve.engine.stats import StepStats
+from adaptserve.server.precision_metrics import PrecisionCollector, PrecisionReport
 
 _LATENCY_BUCKETS = (
     0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0
@@ -166,6 +167,10 @@ class ServerMetrics:
             self.registry.unregister(self._telemetry)
         self._telemetry = TelemetryCollector(self.model_name, _latest_snapshot(control_plane, source, clock))
         self.registry.register(self._telemetry)
+
+    def attach_precision(self, read: Callable[[], PrecisionReport]) -> None:
+        """Export the weight-precision policy (`read` is called at scrape time). Call once."""
+        self.registry.register(PrecisionCollector(self.model_name, read))
 
     def record_snapshot(self, snapshot: TelemetrySnapshot) -> None:
         """Export this snapshot until a newer one comes (for a telemetry window without a control plane)."""

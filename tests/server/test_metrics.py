@@ -266,3 +266,11 @@ def test_gauges_idle_after_a_stop_string_ends_the_last_request(live, client, tra
     metrics = scrape(live)
     assert metrics.value("adaptserve:num_requests_running") == 0
     assert metrics.value("adaptserve:kv_cache_usage_perc") == 0
+
+
+def test_precision_steps_count_the_engine_steps(traffic):
+    _, metrics = traffic
+    steps = metrics.value("adaptserve:precision_steps_total", precision="native")
+    assert steps >= metrics.value("adaptserve:generation_tokens_total") / 16  # at most 16 rows a step
+    assert metrics.value("adaptserve:precision_current", precision="native") == 1
+    assert metrics.value("adaptserve:weight_format_bytes", format="native") > 100e6  # 135M params
