@@ -130,8 +130,11 @@ def run_decode_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         )
         for batch_size in batch_sizes:
             profile = batch_size in profile_sizes and device.type == "cuda"
-            samples, summary = _engine_step_samples(llm, prompts[batch_size], args.steps, device, profile)
-            rows.append(floor.row(OURS, batch_size, samples, **({"profile": summary} if summary else {})))
+            samples, summary, mix = _engine_step_samples(
+                llm, prompts[batch_size], args.steps, device, profile
+            )
+            extra = {"precision_steps": mix, **({"profile": summary} if summary else {})}
+            rows.append(floor.row(OURS, batch_size, samples, **extra))
             if summary:
                 from adaptserve.bench.step_profile import format_profile
 
@@ -147,6 +150,7 @@ def run_decode_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     payload = {
         "model": getattr(args, "model", None) or DEFAULT_MODEL_LABEL,
         "dtype": _dtype_name(dtype),
+        "precision_policy": getattr(args, "precision_policy", "native"),
         "context_len": args.context_len,
         "steps": args.steps,
         "copy_bandwidth_gb_s": round(bandwidth / 1e9, 1),
@@ -234,9 +238,10 @@ def _max_tokens(args, batch_size: int, token_budget: int) -> int:
 
 def _engine_step_samples(
     llm, prompts: list[list[int]], steps: int, device: torch.device, profile: bool = False
-) -> tuple[list[float], dict | None]:
+) -> tuple[list[float], dict | None, dict[str, int]]:
     """Seconds of each of `steps` engine steps in which every request of the batch decodes one token,
-    run back to back (each sample is the time between two steps' returns; their sum is the wall time).
+    run back to back (each sample is the time between two steps' returns; their sum is the wall time),
+    the profile if asked, and how many timed steps ran in each weight precision.
 
     The prompts run once with max_tokens=1 first, which leaves their KV in the prefix cache; so when
     they run again, their prefill is one block each and all requests start decoding within a step or
@@ -260,6 +265,7 @@ def _engine_step_samples(
             engine.step()
         # back to back, as served: with async scheduling the host prepares step n+1 while the device
         # runs step n, so a sync around each step would time host and device in series
+        served = dict(engine.runner.precision.steps_by_precision)  # steps per precision before timing
         sync(device)
         stamps = [time.perf_counter()]
         for _ in range(steps):
@@ -268,6 +274,10 @@ def _engine_step_samples(
         sync(device)
         stamps[-1] = time.perf_counter()  # the last step's device work is done too
         samples = [b - a for a, b in zip(stamps[:-1], stamps[1:], strict=True)]
+        after = engine.runner.precision.steps_by_precision
+        mix = {
+            name: count - served.get(name, 0) for name, count in after.items() if count > served.get(name, 0)
+        }
         summary = None
         if profile:
             from adaptserve.bench.step_profile import profile_steps
@@ -279,7 +289,7 @@ def _engine_step_samples(
         for request_id in request_ids:
             engine.abort_request(request_id)
         engine.kv_cache.reset_prefix_cache()
-    return samples, summary
+    return samples, summary, mix
 
 
 def _transformers_rows(checkpoint, dtype, device, variants, hf_sizes, prompts, floor: _Floor, args, bar):
