@@ -4,7 +4,11 @@ Both operands are scaled so that the largest magnitude of each row maps to 448, 
 float8_e4m3fn value, then rounded to nearest-even by the float8 cast. e4m3 keeps 3 mantissa bits, so
 values in the normal range (scaled magnitude >= 2^-6) carry a relative error of at most 2^-4.
 
-`fp8_linear` has two paths that see the same numbers:
+`fp8_linear` on CUDA (compute capability >= 8.9) with at most TRITON_GEMV_MAX_ROWS rows, as in
+decode, runs the weight-only Triton kernel `fp8_gemv` (triton_quant_gemv.py): the activations stay in
+their dtype, only the weight is float8. It is bound by reading the weight, half of bfloat16's bytes,
+and is more accurate than W8A8 since the activations are not rounded. Larger batches go to
+`fp8_w8a8_linear`, which has two paths that see the same numbers:
 - CUDA with compute capability >= 8.9 (Ada, Hopper) and K, N multiples of 16: `torch._scaled_mm`
   with row-wise scales, the float8 tensor cores accumulating in float32.
 - everywhere else: an emulation that quantizes the activations with the same code, so it rounds to
@@ -19,8 +23,14 @@ from dataclasses import dataclass
 
 import torch
 
+from adaptserve.kernels.availability import triton_available
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448.0
+# Up to this many rows the weight-only Triton kernel, which reads the weight once for all of them and
+# does not quantize the activations, is expected to beat torch._scaled_mm; past it, FLOPs start to
+# count. Provisional until docs/benchmarks/quant_gemv-h100.json measures the crossover.
+TRITON_GEMV_MAX_ROWS = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,18 +93,45 @@ def _can_use_scaled_mm(x: torch.Tensor, w: Fp8Weight) -> bool:
     )
 
 
+def _can_use_triton_gemv(x: torch.Tensor, w: Fp8Weight) -> bool:
+    """Whether `fp8_gemv` takes these operands: CUDA on sm_89+ (Triton's e4m3 type needs it), few rows."""
+    return (
+        x.is_cuda
+        and 1 <= x.shape[0] <= TRITON_GEMV_MAX_ROWS
+        and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and w.weight.stride(1) == 1
+        and _has_fp8_tensor_cores(x.device)
+        and triton_available()
+    )
+
+
 def fp8_linear(x: torch.Tensor, w: Fp8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x: [M, K] (or [..., K]) -> [M, N] in x.dtype, with x quantized per token to float8 on the fly.
+    """x: [..., K] -> [..., N] in x.dtype.
+
+    Small batches on CUDA take `fp8_gemv` (weight-only: x stays in its dtype; the bias is added in
+    float32 before the one rounding); everything else `fp8_w8a8_linear`. See the module docstring.
+    """
+    lead_shape, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)  # [M, K]
+    if _can_use_triton_gemv(x2, w):
+        from adaptserve.kernels.triton_quant_gemv import fp8_gemv
+
+        out = fp8_gemv(x2, w, bias)  # [M, N]
+    else:
+        out = fp8_w8a8_linear(x2, w, bias)  # [M, N]
+    return out.reshape(*lead_shape, w.weight.shape[0])
+
+
+def fp8_w8a8_linear(x: torch.Tensor, w: Fp8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [M, K] -> [M, N] in x.dtype, with x quantized per token to float8 on the fly.
 
     The float8 GEMM runs on the tensor cores where `_can_use_scaled_mm` allows; elsewhere the
     emulation computes (x_fp8.float() @ w.weight.float().t()) * x_scale * w.scale in float32 from the
     same float8 values, so the two paths differ only in accumulation order. The bias is added after
     the cast to x.dtype on both paths.
     """
-    lead_shape, k = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, k)  # [M, K]
-    x_fp8, x_scale = quantize_fp8_activation(x2)  # [M, K] float8, [M, 1] float32
-    if _can_use_scaled_mm(x2, w):
+    x_fp8, x_scale = quantize_fp8_activation(x)  # [M, K] float8, [M, 1] float32
+    if _can_use_scaled_mm(x, w):
         out = torch._scaled_mm(
             x_fp8,
             w.weight.t(),  # [K, N] column-major view of the contiguous [N, K] weight
@@ -107,4 +144,4 @@ def fp8_linear(x: torch.Tensor, w: Fp8Weight, bias: torch.Tensor | None = None) 
         out = (acc * x_scale * w.scale[None, :]).to(x.dtype)  # [M, N]
     if bias is not None:
         out = out + bias.to(out.dtype)
-    return out.reshape(*lead_shape, out.shape[-1])
+    return out

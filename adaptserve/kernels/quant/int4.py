@@ -22,8 +22,9 @@ squared error by 10-14% (group sizes 32-128). Caveat of bfloat16 storage: a grou
 a large zero point, which bfloat16 rounds coarsely; LLM weight groups straddle zero, where
 |zero| <= 15 rounds by at most 1/32 of a step.
 
-`int4_linear` multiplies with the dequantized weight on every device for now; it is the hook for a
-fused Triton W4A16 kernel on GPU.
+`int4_linear` on CUDA with at most TRITON_GEMV_MAX_ROWS rows, as in decode, runs the fused W4A16
+Triton kernel `int4_gemv` (triton_quant_gemv.py), which reads the packed codes and dequantizes them in
+registers. Everywhere else it multiplies with the whole dequantized weight (`int4_dequant_linear`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from adaptserve.kernels.availability import triton_available
+
 INT4_MAX = 15
+# Up to this many rows the fused kernel reads a quarter of bfloat16's bytes and nothing else; past it,
+# dequantizing the weight for cuBLAS's GEMM may win on FLOPs. Provisional until
+# docs/benchmarks/quant_gemv-h100.json measures the crossover.
+TRITON_GEMV_MAX_ROWS = 32
 
 # Rows are quantized in blocks of about this many elements: small blocks stay in the CPU caches
 # during the refinement loop, large blocks keep the GPU busy with few kernel launches.
@@ -83,13 +90,35 @@ def dequantize_int4(q: Int4Weight, dtype: torch.dtype | None = None) -> torch.Te
 
 
 def int4_linear(x: torch.Tensor, q: Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x: [..., K] -> [..., N] in x.dtype: F.linear with the dequantized weight.
+    """x: [..., K] -> [..., N] in x.dtype: `int4_gemv` for small batches on CUDA, else `int4_dequant_linear`.
 
-    This is the reference path and, for now, the only one, on every device. A Triton W4A16 kernel
-    (codes unpacked and dequantized in registers inside the GEMM) plugs in here for CUDA inputs,
-    behind a check like fp8's `_can_use_scaled_mm`, and must match this function on live shapes.
+    Both multiply with the same weights, up to their rounding: the Triton kernel's tensor-core configs
+    use dequantize_int4(q, x.dtype), its CUDA-core ones the float32 values before that rounding.
     """
+    lead_shape, k = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(-1, k)  # [M, K]
+    if not _can_use_triton_gemv(x2, q):
+        return int4_dequant_linear(x, q, bias)
+    from adaptserve.kernels.triton_quant_gemv import int4_gemv
+
+    return int4_gemv(x2, q, bias).reshape(*lead_shape, q.shape[0])
+
+
+def int4_dequant_linear(x: torch.Tensor, q: Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [..., K] -> [..., N] in x.dtype: F.linear with the dequantized weight (the reference path)."""
     return F.linear(x, dequantize_int4(q, x.dtype), bias)
+
+
+def _can_use_triton_gemv(x: torch.Tensor, q: Int4Weight) -> bool:
+    """Whether `int4_gemv` takes these operands: CUDA, few rows, a power-of-two group size."""
+    return (
+        x.is_cuda
+        and 1 <= x.shape[0] <= TRITON_GEMV_MAX_ROWS
+        and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and q.group_size & (q.group_size - 1) == 0
+        and q.packed.stride(1) == 1
+        and triton_available()
+    )
 
 
 def quantize_int4_weight(w: torch.Tensor, group_size: int = 128, refine_steps: int = 20) -> Int4Weight:

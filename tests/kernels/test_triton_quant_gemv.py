@@ -1,0 +1,233 @@
+"""Triton small-batch GEMV for fp8 and int4 weights against float64 products with the dequantized weights.
+
+Tolerances: with float32 activations the kernels sum float32 products in float32, so they agree with
+the float64 reference to float32 rounding of a K-term sum (rtol 1e-5, atol 1e-5 at outputs of order 1;
+weights are scaled by 1/sqrt(K) for that). A wrong code, scale, zero or column is off by a sizable
+fraction of a term, at least 1e-3 here. bfloat16 outputs are that sum rounded once: within half a
+bfloat16 ulp (2**-8 relative) plus float32 noise. On the GPU the tensor-core configs also round an int4
+weight to bfloat16 first (relative 2**-9 per weight, independent signs): about 2**-9 / sqrt(3) of the
+outputs' RMS per output, so 2**-6 of the RMS is more than ten standard deviations of that.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adaptserve.kernels.quant import (
+    dequantize_fp8,
+    dequantize_int4,
+    quantize_fp8_weight,
+    quantize_int4_weight,
+)
+from adaptserve.kernels.quant.int4 import Int4Weight
+from adaptserve.kernels.triton_quant_gemv import (
+    CONFIGS,
+    FMA_MAX_ROWS,
+    H100_SMS,
+    block_rows,
+    configs_for,
+    fp8_gemv,
+    int4_gemv,
+    num_programs,
+    pick_config,
+)
+
+BF16_RTOL = 2.0**-8
+# (M, N, K, group size): partial row, column and K tiles everywhere; 8 rows take two CUDA-core programs
+CASES = [(1, 48, 256, 32), (3, 16, 64, 64), (8, 48, 256, 64)]
+
+
+def _inputs(num_rows, out_features, in_features, dtype, seed, device="cpu", bias=False):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(num_rows, in_features, generator=g).to(device=device, dtype=dtype)  # [M, K]
+    w = (torch.randn(out_features, in_features, generator=g) / in_features**0.5).to(device)  # [N, K]
+    b = torch.randn(out_features, generator=g).to(device=device, dtype=dtype) if bias else None  # [N]
+    return x, w, b
+
+
+def _reference(x, weight, bias=None):
+    """x @ weight.T + bias in float64, weight [N, K] the dequantized weight."""
+    out = x.double() @ weight.double().t()  # [M, N]
+    return out if bias is None else out + bias.double()
+
+
+def _assert_close(actual, x, expected, rtol=BF16_RTOL, atol_rms=0.0):
+    assert actual.dtype == x.dtype and actual.shape == expected.shape
+    if x.dtype == torch.float32:
+        torch.testing.assert_close(actual.double(), expected, rtol=1e-5, atol=1e-5)
+    else:
+        atol = max(1e-3, atol_rms * expected.square().mean().sqrt().item())
+        torch.testing.assert_close(actual.double(), expected, rtol=rtol, atol=atol)
+
+
+def _param_id(value) -> str:
+    if not isinstance(value, dict):
+        return str(value)
+    kind = "dot" if value["use_dot"] else "fma"
+    return f"{kind}-n{value['block_n']}-k{value['block_k']}-s{value['split_k']}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("config", CONFIGS["fp8"], ids=_param_id)
+def test_fp8_every_config(config, case):
+    num_rows, out_features, in_features, _ = case
+    x, w, _ = _inputs(num_rows, out_features, in_features, torch.float32, seed=num_rows)
+    wq = quantize_fp8_weight(w)
+    expected = _reference(x, dequantize_fp8(wq, torch.float64))
+    _assert_close(fp8_gemv(x, wq, config=config), x, expected)
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("config", CONFIGS["int4"], ids=_param_id)
+def test_int4_every_config(config, case):
+    num_rows, out_features, in_features, group_size = case
+    x, w, _ = _inputs(num_rows, out_features, in_features, torch.float32, seed=num_rows)
+    q = quantize_int4_weight(w, group_size)
+    expected = _reference(x, dequantize_int4(q, torch.float32))
+    _assert_close(int4_gemv(x, q, config=config), x, expected)
+
+
+@pytest.mark.parametrize("kind,config", [(k, c) for k in CONFIGS for c in CONFIGS[k]], ids=_param_id)
+def test_even_k_with_bias(kind, config):
+    """K a multiple of split_k * block_k (the unmasked path); with split_k > 1 the bias is added after the
+    reduction."""
+    in_features = config["split_k"] * config["block_k"]
+    x, w, bias = _inputs(2, 16, in_features, torch.float32, seed=in_features, bias=True)
+    if kind == "fp8":
+        wq = quantize_fp8_weight(w)
+        actual, weight = fp8_gemv(x, wq, bias, config=config), dequantize_fp8(wq, torch.float64)
+    else:
+        q = quantize_int4_weight(w, group_size=128, refine_steps=0)
+        actual, weight = int4_gemv(x, q, bias, config=config), dequantize_int4(q, torch.float32)
+    _assert_close(actual, x, _reference(x, weight, bias))
+
+
+@pytest.mark.parametrize("split_k", [1, 2])
+def test_int4_tiles_shorter_than_a_group(split_k):
+    """block_k < group_size: each tile lies inside one group, and splits may start mid-group."""
+    config = dict(block_n=16, block_k=32, split_k=split_k, num_warps=4, num_stages=1, use_dot=True)
+    x, w, _ = _inputs(3, 24, 384, torch.float32, seed=5)
+    q = quantize_int4_weight(w, group_size=128)
+    expected = _reference(x, dequantize_int4(q, torch.float32))
+    _assert_close(int4_gemv(x, q, config=config), x, expected)
+    _assert_close(int4_gemv(x, q, config=dict(config, use_dot=False, block_n=4)), x, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("num_rows", [1, 3, 20])
+def test_picked_config_half_precision_with_bias(dtype, num_rows):
+    x, w, bias = _inputs(num_rows, 48, 512, dtype, seed=num_rows, bias=True)
+    wq = quantize_fp8_weight(w)
+    _assert_close(fp8_gemv(x, wq, bias), x, _reference(x, dequantize_fp8(wq, torch.float64), bias))
+    q = quantize_int4_weight(w.to(dtype), group_size=64)  # scales and zeros in the half dtype
+    _assert_close(int4_gemv(x, q, bias), x, _reference(x, dequantize_int4(q, torch.float32), bias))
+
+
+def test_strided_x():
+    big, w, _ = _inputs(4, 32, 700, torch.float32, seed=3)
+    x = big[:, 50:306]  # [4, 256], row stride 700
+    wq, q = quantize_fp8_weight(w[:, :256]), quantize_int4_weight(w[:, :256], group_size=32)
+    _assert_close(fp8_gemv(x, wq), x, _reference(x, dequantize_fp8(wq, torch.float64)))
+    _assert_close(int4_gemv(x, q), x, _reference(x, dequantize_int4(q, torch.float32)))
+
+
+def test_bad_inputs():
+    x, w, _ = _inputs(2, 8, 64, torch.float32, seed=1)
+    wq, q = quantize_fp8_weight(w), quantize_int4_weight(w, group_size=32)
+    assert fp8_gemv(x[:0], wq).shape == (0, 8) and int4_gemv(x[:0], q).shape == (0, 8)
+    with pytest.raises(ValueError, match=r"x must be \[M, 64\]"):
+        fp8_gemv(x[:, :32], wq)
+    with pytest.raises(ValueError, match=r"x must be \[M, 64\]"):
+        int4_gemv(x[:, :32], q)
+    with pytest.raises(ValueError, match="bfloat16, float16 or float32"):
+        fp8_gemv(x.double(), wq)
+    with pytest.raises(ValueError, match=r"bias must be \[8\]"):
+        int4_gemv(x, q, torch.zeros(7))
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        fp8_gemv(x, type(wq)(weight=w, scale=wq.scale))
+    with pytest.raises(ValueError, match=r"scale must be \[8\]"):
+        fp8_gemv(x, type(wq)(weight=wq.weight, scale=wq.scale[:4]))
+    odd_groups = quantize_int4_weight(torch.randn(8, 96), group_size=48)
+    with pytest.raises(ValueError, match="power-of-two group_size .* got 48"):
+        int4_gemv(torch.randn(2, 96), odd_groups)
+    with pytest.raises(ValueError, match="K=64 must be a multiple of group_size=128"):
+        int4_gemv(x, Int4Weight(q.packed, q.scales, q.zeros, group_size=128))
+    with pytest.raises(ValueError, match=r"zeros must be \[8, 2\]"):
+        int4_gemv(x, Int4Weight(q.packed, q.scales, q.zeros[:, :1], group_size=32))
+
+
+def test_pick_config_fills_the_gpu():
+    for kind in ("fp8", "int4"):
+        for num_rows in (1, 2, 4, 8, 16, 32):
+            assert all(c["use_dot"] or num_rows <= FMA_MAX_ROWS for c in configs_for(kind, num_rows))
+            for out_features, in_features in ((6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)):
+                config = pick_config(kind, num_rows, out_features, in_features)
+                assert config in configs_for(kind, num_rows)
+                assert num_programs(config, num_rows, out_features) >= 2 * H100_SMS
+        assert pick_config(kind, 1, 8, 64) in configs_for(kind, 1)  # nothing fills the GPU: the most programs
+    dot = next(c for c in CONFIGS["fp8"] if c["use_dot"])
+    assert [block_rows(dot, m) for m in (1, 16, 17, 32, 33)] == [16, 16, 32, 32, 32]
+
+
+# ---- real shapes on the GPU ------------------------------------------------------------------------
+
+LLAMA_8B_SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]  # (N, K): qkv, o, gate_up, down
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("out_features,in_features", LLAMA_8B_SHAPES, ids=str)
+@pytest.mark.parametrize("num_rows", [1, 4, 16, 32])
+def test_cuda_fp8_every_config_real_shapes(out_features, in_features, num_rows):
+    x, w, _ = _inputs(num_rows, out_features, in_features, torch.bfloat16, seed=num_rows, device="cuda")
+    wq = quantize_fp8_weight(w)
+    expected = _reference(x, dequantize_fp8(wq, torch.float64))
+    for config in configs_for("fp8", num_rows):
+        _assert_close(fp8_gemv(x, wq, config=config), x, expected, rtol=2 * BF16_RTOL, atol_rms=2.0**-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("out_features,in_features", LLAMA_8B_SHAPES, ids=str)
+@pytest.mark.parametrize("num_rows", [1, 4, 16, 32])
+def test_cuda_int4_every_config_real_shapes(out_features, in_features, num_rows):
+    x, w, _ = _inputs(num_rows, out_features, in_features, torch.bfloat16, seed=num_rows, device="cuda")
+    group_size = 64 if num_rows == 4 else 128
+    q = quantize_int4_weight(w.bfloat16(), group_size, refine_steps=0)
+    expected = _reference(x, dequantize_int4(q, torch.float32))
+    for config in configs_for("int4", num_rows):
+        _assert_close(int4_gemv(x, q, config=config), x, expected, rtol=2 * BF16_RTOL, atol_rms=2.0**-6)
+
+
+@pytest.mark.cuda
+def test_cuda_linear_dispatch():
+    """fp8_linear / int4_linear take the Triton kernels for small batches and the old paths past them."""
+    from adaptserve.kernels.quant import fp8, int4
+
+    big_rows = max(fp8.TRITON_GEMV_MAX_ROWS, int4.TRITON_GEMV_MAX_ROWS) + 1
+    big, w, bias = _inputs(big_rows, 1024, 2048, torch.bfloat16, seed=9, device="cuda", bias=True)
+    q = quantize_int4_weight(w.bfloat16())
+    small = big[:4].reshape(2, 2, 2048)  # [B, T, K]
+    assert torch.equal(int4.int4_linear(small, q, bias), int4_gemv(big[:4], q, bias).view(2, 2, 1024))
+    assert torch.equal(int4.int4_linear(big, q, bias), int4.int4_dequant_linear(big, q, bias))
+    if torch.cuda.get_device_capability() >= (8, 9):  # Triton's e4m3 type needs sm_89
+        wq = quantize_fp8_weight(w)
+        assert torch.equal(fp8.fp8_linear(small, wq, bias), fp8_gemv(big[:4], wq, bias).view(2, 2, 1024))
+        assert torch.equal(fp8.fp8_linear(big, wq, bias), fp8.fp8_w8a8_linear(big, wq, bias))
+
+
+@pytest.mark.cuda
+def test_cuda_graph_capture_split_k():
+    x, w, bias = _inputs(2, 4096, 4096, torch.bfloat16, seed=12, device="cuda", bias=True)
+    q = quantize_int4_weight(w.bfloat16(), refine_steps=0)
+    config = next(c for c in CONFIGS["int4"] if c["split_k"] > 1)
+    resources: dict = {}
+    int4_gemv(x, q, bias, config=config, resources=resources)  # compile outside the capture
+    assert resources["num_warps"] == config["num_warps"] and resources["regs"] > 0
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = int4_gemv(x, q, bias, config=config)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    expected = _reference(x, dequantize_int4(q, torch.float32), bias)
+    _assert_close(out, x, expected, rtol=2 * BF16_RTOL, atol_rms=2.0**-6)
