@@ -54,3 +54,11 @@ def kernel_options(args: argparse.Namespace) -> dict:
         "pins": tuple(getattr(args, "pin_kernel", None) or ()),
         "async_scheduling": ASYNC_SCHEDULING[getattr(args, "async_scheduling", "auto")],
     }
+
+
+def precision_options(args: argparse.Namespace) -> dict:
+    """EngineConfig.from_flat weight-precision keywords from the flags (defaults when a parser lacks them)."""
+    return {
+        "precision_policy": getattr(args, "precision_policy", "native"),
+        "weight_formats": tuple(f for f in (getattr(args, "weight_formats", "") or "").split(",") if f),
+    }

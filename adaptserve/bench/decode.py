@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from adaptserve.bench.offline import free_memory, random_prompts, sync
 from adaptserve.bench.results import DEFAULT_MODEL_LABEL, RESULTS_DIR, write_results
-from adaptserve.kernel_args import kernel_options
+from adaptserve.kernel_args import kernel_options, precision_options
 from adaptserve.model.config import ModelArchConfig
 
 OURS = "adaptserve"
@@ -226,6 +226,7 @@ def _build_engine(checkpoint, args, device: torch.device, dtype: torch.dtype, ba
         num_blocks=max_batch * math.ceil(max_model_len / block_size) + 1,
         enable_prefix_caching=True,
         **kernel_options(args),
+        **precision_options(args),
     )
 
 

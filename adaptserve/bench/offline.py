@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from adaptserve.bench.results import DEFAULT_MODEL_LABEL, write_results
 from adaptserve.bench.workload_args import add_workload_args, workload_from_args
 from adaptserve.bench.workloads import BenchRequest
-from adaptserve.kernel_args import kernel_options
+from adaptserve.kernel_args import kernel_options, precision_options
 
 
 @dataclass
@@ -159,6 +159,7 @@ def run_offline_benchmark(args: argparse.Namespace) -> list[OfflineResult]:
         kv_cache_memory_gib=args.kv_cache_memory_gib,
         enable_prefix_caching=not args.no_prefix_caching,
         **kernel_options(args),
+        **precision_options(args),
     )
     ours = AdaptserveRunner(llm)
     ours.run(warmup)  # first calls pay for allocation and kernel choice

@@ -18,7 +18,7 @@ import torch
 
 from adaptserve.bench.offline import free_memory, random_prompts, sync
 from adaptserve.bench.results import DEFAULT_MODEL_LABEL, RESULTS_DIR, write_results
-from adaptserve.kernel_args import kernel_options
+from adaptserve.kernel_args import kernel_options, precision_options
 from adaptserve.model.config import ModelArchConfig
 
 DEFAULT_PEAK_TFLOPS = 770.0  # bf16 GEMM measured on the H100 this project benchmarks on
@@ -66,6 +66,7 @@ def run_prefill_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         enable_prefix_caching=False,
         kv_cache_memory_gib=max(1.0, 2 * longest * arch.kv_bytes_per_token(dtype.itemsize) / 2**30),
         **kernel_options(args),
+        **precision_options(args),
     )
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     rows = []
