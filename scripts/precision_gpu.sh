@@ -1,22 +1,27 @@
 #!/usr/bin/env bash
 # On the GPU machine (issue 7): quantized-GEMV kernel tests at real shapes, the GEMV micro-benchmark,
 # then decode step time of the llama-3.1-8b preset at batch 1 and 32 in each weight precision.
-# Results land in $OUT (or docs/benchmarks). Usage: bash scripts/precision_gpu.sh [tests|gemv|decode ...]
+# Logs and JSON land in $OUT (or docs/benchmarks); decode plots are dropped (`adaptserve bench plot`
+# redraws them). Usage: bash scripts/precision_gpu.sh [tests] [gemv] [decode] [adaptive]
 set -uo pipefail
 out="${OUT:-docs/benchmarks}"
-as() { python3 -c "import sys; from adaptserve.cli import main; sys.exit(main())" "$@"; }
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+decode() {  # precision, timeout in seconds
+  mkdir -p "$out/decode-$1"
+  timeout "$2" python3 -c "import sys; from adaptserve.cli import main; sys.exit(main())" bench decode \
+    --model llama-3.1-8b --precision-policy "$1" --batch-sizes 1,32 --context-len 1024 --steps 32 \
+    --baselines none --result-dir "$out/decode-$1" 2>&1 | grep -v "it/s" | tail -4
+  rm -f "$out/decode-$1"/*.png
+}
 for step in "${@:-tests gemv decode}"; do
   case "$step" in
-    tests) timeout 300 python3 -m pytest -q -x -p no:cacheprovider -m cuda tests/kernels/test_triton_quant_gemv.py \
-             tests/kernels/test_quant_fp8.py tests/kernels/test_quant_int4.py 2>&1 | tail -15 ;;
-    gemv) timeout 300 python3 scripts/quant_gemv_bench.py --out "$out/quant_gemv-h100.json" 2>&1 | tail -60 ;;
-    decode)
-      for precision in native fp8 int4 adaptive; do
-        mkdir -p "$out/decode-$precision"
-        timeout 400 python3 -c "import sys; from adaptserve.cli import main; sys.exit(main())" bench decode \
-          --model llama-3.1-8b --precision-policy "$precision" --batch-sizes 1,32 --context-len 1024 \
-          --steps 64 --baselines none --result-dir "$out/decode-$precision" 2>&1 | grep -v "it/s\]" | tail -6
-      done ;;
+    tests) timeout 150 python3 -m pytest -q -x -p no:cacheprovider -m cuda tests/kernels/test_triton_quant_gemv.py \
+             tests/kernels/test_quant_fp8.py tests/kernels/test_quant_int4.py > "$out/tests.log" 2>&1
+           tail -5 "$out/tests.log" ;;
+    gemv) timeout 150 python3 scripts/quant_gemv_bench.py --rows 1,32 --out "$out/quant_gemv.json" > "$out/gemv.log" 2>&1
+          grep -v SKIP "$out/gemv.log" | tail -40 ;;
+    decode) for precision in native fp8 int4; do decode "$precision" 60; done ;;
+    adaptive) decode adaptive 60 ;;
     *) echo "unknown step $step" ;;
   esac
 done

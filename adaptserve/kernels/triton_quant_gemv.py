@@ -34,8 +34,8 @@ Numerics: float32 accumulation, the bias added in float32, one rounding to x's d
 (`round_to_dtype`: the interpreter's bfloat16 arithmetic is broken, so under it tiles are upcast to
 float32 and dots are IEEE float32, as in triton_gemv.py).
 
-CONFIGS are guesses until scripts/quant_gemv_bench.py measures them on an H100; `pick_config` is
-then to be filled from its results (docs/benchmarks/quant_gemv-h100.json).
+`pick_config` takes the configs scripts/quant_gemv_bench.py measured fastest on an H200
+(docs/benchmarks/quant_gemv-h200.json).
 """
 
 from __future__ import annotations
@@ -117,17 +117,46 @@ def num_programs(config: dict, num_rows: int, out_features: int) -> int:
 
 
 def pick_config(kind: str, num_rows: int, out_features: int, in_features: int, num_sms=H100_SMS) -> dict:
-    """A config for x [num_rows, in_features] @ a `kind` weight [out_features, in_features]^T.
-
-    Until measured: the first suitable config, in CONFIGS order (CUDA cores first, for up to
-    FMA_MAX_ROWS rows), whose grid gives every SM at least two programs, so that enough weight loads
-    are in flight to saturate memory; when none does, the one with the most programs.
-    """
+    """A config for x [num_rows, in_features] @ a `kind` weight [out_features, in_features]^T: the
+    fastest measured on an H200 (docs/benchmarks/quant_gemv-h200.json, every config at the four
+    Llama-3.1-8B projections, M = 1 and 32), else the first suitable config whose grid gives every SM
+    at least two programs. Measured: at M = 1 fp8 n2 k4096 (1.21-1.28x the bfloat16 GEMV) and int4
+    n4 k2048 (0.72-0.9x: the kernel is not yet bound by memory); at M = 32 the tensor-core tiles
+    n64 k256 (n16 k512 for fp8 at N = 4096), 3-5x faster than the first guesses."""
+    measured = _MEASURED_BEST.get((kind, num_rows <= FMA_MAX_ROWS, out_features >= 6144))
+    if measured is not None:
+        return measured
     candidates = configs_for(kind, num_rows)  # in_features: unused until a measured table keys on it
     for config in candidates:
         if num_programs(config, num_rows, out_features) >= 2 * num_sms:
             return config
     return max(candidates, key=lambda c: num_programs(c, num_rows, out_features))
+
+
+def _config(kind: str, block_n: int, block_k: int, split_k: int = 1, num_warps: int = 4) -> dict:
+    """The config of CONFIGS[kind] with these tile sizes (a KeyError if it is not there)."""
+    for config in CONFIGS[kind]:
+        if (config["block_n"], config["block_k"], config["split_k"], config["num_warps"]) == (
+            block_n,
+            block_k,
+            split_k,
+            num_warps,
+        ):
+            return config
+    raise KeyError(f"no {kind} config n{block_n} k{block_k} s{split_k} w{num_warps}")
+
+
+# (kind, rows fit the CUDA-core path, out_features >= 6144) -> the config measured fastest there
+_MEASURED_BEST = {
+    ("fp8", True, True): _config("fp8", 2, 4096),
+    ("fp8", True, False): _config("fp8", 2, 4096),
+    ("fp8", False, True): _config("fp8", 64, 256),
+    ("fp8", False, False): _config("fp8", 16, 512),
+    ("int4", True, True): _config("int4", 4, 2048),
+    ("int4", True, False): _config("int4", 4, 2048),
+    ("int4", False, True): _config("int4", 64, 256),
+    ("int4", False, False): _config("int4", 64, 256),
+}
 
 
 @triton.jit
