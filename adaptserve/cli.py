@@ -1,4 +1,4 @@
-"""Command line: `adaptserve serve`, `generate` and `bench serve|offline|decode|plot`."""
+"""Command line: `adaptserve serve`, `generate` and `bench serve|offline|decode|precision|plot`."""
 
 from __future__ import annotations
 
@@ -132,6 +132,8 @@ def _bench(args: argparse.Namespace) -> int:
         from adaptserve.bench.prefill import run_prefill_benchmark as run
     elif args.bench_command == "startup":
         from adaptserve.bench.startup import run_startup_benchmark as run
+    elif args.bench_command == "precision":
+        from adaptserve.bench.precision_quality import run_precision_quality_benchmark as run
     else:
         from adaptserve.bench.plot import run_plot as run
     run(args)
@@ -142,6 +144,7 @@ def _add_bench_commands(commands) -> None:
     from adaptserve.bench.decode import add_decode_args
     from adaptserve.bench.offline import add_offline_args
     from adaptserve.bench.plot import add_plot_args
+    from adaptserve.bench.precision_quality import add_precision_args
     from adaptserve.bench.prefill import add_prefill_args
     from adaptserve.bench.serve import add_serve_args
     from adaptserve.bench.startup import add_startup_args
@@ -168,9 +171,13 @@ def _add_bench_commands(commands) -> None:
     startup = bench_commands.add_parser("startup", help="time from process start to ready to serve")
     add_startup_args(startup)
     _add_engine_args(startup)
+    precision = bench_commands.add_parser(
+        "precision", help="quality of bf16, fp8, int4 and adaptive precision against float32"
+    )
+    add_precision_args(precision)
     plot = bench_commands.add_parser("plot", help="draw PNGs from benchmark JSON files")
     add_plot_args(plot)
-    for parser in (serve, offline, decode, prefill, startup, plot):
+    for parser in (serve, offline, decode, prefill, startup, precision, plot):
         parser.set_defaults(func=_bench)
 
 

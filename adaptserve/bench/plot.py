@@ -26,6 +26,7 @@ from adaptserve.bench.plot_fast_path import (
     startup_figure,
 )
 from adaptserve.bench.plot_parts import figure, grouped_bars
+from adaptserve.bench.plot_precision import precision_quality_figure, quant_gemv_figure
 
 RESULTS_DIR = Path("docs/benchmarks")
 # One colour map per serve label; a label's runs get darker shades as the request rate rises.
@@ -333,4 +334,6 @@ PLOTTERS = {
     "offline_scheduling": offline_scheduling_figure,
     "gemv": gemv_figure,
     "decode_split": decode_split_figure,
+    "precision_quality": precision_quality_figure,
+    "quant_gemv": quant_gemv_figure,
 }

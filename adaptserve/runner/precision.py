@@ -14,7 +14,7 @@ from collections import Counter
 
 import torch
 
-from adaptserve.adapt.confidence import confidence_score, confidence_signals
+from adaptserve.adapt.confidence import ConfidenceSignals, confidence_score, confidence_signals
 from adaptserve.adapt.precision import PRECISIONS, PrecisionController, PrecisionPolicyConfig
 from adaptserve.adapt.quality import QualityMonitor
 from adaptserve.config import PrecisionConfig
@@ -35,7 +35,12 @@ class StepPrecision:
             self.controller = PrecisionController(PrecisionPolicyConfig(available=available), self.quality)
         self.memory_pressure = 0.0  # set by the engine from KV-cache use before each step
         self.steps_by_precision: Counter[str] = Counter()
+        # adaptive only, for reports and examples: the last observed step and the shadow counts since start
+        self.last_precision: str | None = None  # the format the last sampled step was served in
+        self.last_signals: ConfidenceSignals | None = None  # that step's signals, one per sampled row
         self.last_score: float | None = None
+        self.num_shadowed_tokens = 0  # sampled rows compared with the other precision
+        self.num_shadow_agreements = 0  # of those, rows whose top-1 tokens matched
 
     def peek(self) -> str:
         """The format the next decode step would be served in (nothing counted or sampled)."""
@@ -66,7 +71,11 @@ class StepPrecision:
             reference, low = (logits, shadow_logits) if precision == TOP else (shadow_logits, logits)
             agree = int((reference.argmax(-1) == low.argmax(-1)).sum())  # top-1 tokens that match
             self.quality.record(agree, logits.shape[0])
-        self.last_score = float(confidence_score(confidence_signals(logits)).min())
+            self.num_shadowed_tokens += logits.shape[0]
+            self.num_shadow_agreements += agree
+        self.last_precision = precision
+        self.last_signals = confidence_signals(logits)
+        self.last_score = float(confidence_score(self.last_signals).min())
         self.controller.decide(self.last_score, self.memory_pressure)
 
     def summary(self) -> dict[str, float | int | str]:
