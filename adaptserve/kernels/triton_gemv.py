@@ -251,21 +251,28 @@ def gemv(
     )
     record_resources(compiled, resources, config["num_warps"])
     if partial is not None:
-        reduce_block = 1024
-        _split_k_reduce_kernel[(triton.cdiv(out_features, reduce_block), num_rows)](
-            partial,
-            weight if bias is None else bias,
-            out,
-            num_rows,
-            out_features,
-            partial.stride(0),
-            out.stride(0),
-            HAS_BIAS=bias is not None,
-            SPLIT_K=split_k,
-            BLOCK=reduce_block,
-            num_warps=4,
-        )
+        reduce_split_k(partial, bias, out)
     return out
+
+
+def reduce_split_k(partial: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
+    """out [M, N] = the sum over splits of partial [S, M, N] (float32, in a fixed order) + bias,
+    rounded once to out's dtype."""
+    split_k, num_rows, out_features = partial.shape
+    reduce_block = 1024
+    _split_k_reduce_kernel[(triton.cdiv(out_features, reduce_block), num_rows)](
+        partial,
+        partial if bias is None else bias,  # unused without a bias; any pointer will do
+        out,
+        num_rows,
+        out_features,
+        partial.stride(0),
+        out.stride(0),
+        HAS_BIAS=bias is not None,
+        SPLIT_K=split_k,
+        BLOCK=reduce_block,
+        num_warps=4,
+    )
 
 
 def _block_rows(config: dict, num_rows: int) -> int:

@@ -20,7 +20,7 @@ along K, for M <= FMA_MAX_ROWS) or on the tensor cores (`use_dot=True`, BLOCK_M 
 tile converted to x's dtype first: every e4m3 value is exact in bfloat16 and float16, and an int4
 weight rounds to what `dequantize_int4(q, x.dtype)` gives, the weight `int4_linear`'s reference path
 multiplies with). `split_k` > 1 splits K over a second grid dimension; float32 partial sums are added
-in a fixed order by triton_gemv's reduction kernel (deterministic, no atomics, no host syncs).
+in a fixed order by triton_gemv's `reduce_split_k` (deterministic, no atomics, no host syncs).
 
 int4 tiles: BLOCK_K columns are BLOCK_K / 2 bytes per row, loaded as [BLOCK_N, groups in the tile,
 bytes per group] so that each group's scale and zero are loaded once and broadcast over its codes.
@@ -47,7 +47,7 @@ import triton.language as tl
 from adaptserve.kernels.launch_resources import record_resources
 from adaptserve.kernels.quant.fp8 import FP8_DTYPE, Fp8Weight
 from adaptserve.kernels.quant.int4 import Int4Weight
-from adaptserve.kernels.triton_gemv import _split_k_reduce_kernel
+from adaptserve.kernels.triton_gemv import reduce_split_k
 from adaptserve.kernels.triton_norm import round_to_dtype
 
 FMA_MAX_ROWS = 4  # CUDA-core tiles hold [rows, BLOCK_N, BLOCK_K] products; more rows go to the dot
@@ -424,20 +424,7 @@ def _launch(
     )
     record_resources(compiled, resources, config["num_warps"])
     if partial is not None:
-        reduce_block = 1024
-        _split_k_reduce_kernel[(triton.cdiv(out_features, reduce_block), num_rows)](
-            partial,
-            x if bias is None else bias,
-            out,
-            num_rows,
-            out_features,
-            partial.stride(0),
-            out.stride(0),
-            HAS_BIAS=bias is not None,
-            SPLIT_K=split_k,
-            BLOCK=reduce_block,
-            num_warps=4,
-        )
+        reduce_split_k(partial, bias, out)
     return out
 
 
