@@ -20,7 +20,7 @@ from adaptserve.kernels.quant import (
     quantize_fp8_activation,
     quantize_fp8_weight,
 )
-from adaptserve.kernels.quant.fp8 import FP8_MAX, _can_use_scaled_mm
+from adaptserve.kernels.quant.fp8 import FP8_MAX, TRITON_GEMV_MAX_ROWS, _can_use_scaled_mm, fp8_w8a8_linear
 
 
 def _weights(n: int, k: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
@@ -122,8 +122,25 @@ def test_emulation_equals_hand_written_reference(dtype):
     x_fp8, x_scale = quantize_fp8_activation(x)  # [M, K], [M, 1]
     acc = x_fp8.float() @ wq.weight.float().t()  # [M, N]
     expected = (acc * x_scale * wq.scale[None, :]).to(dtype)  # [M, N]
-    assert torch.equal(fp8_linear(x, wq), expected)
-    assert torch.equal(fp8_linear(x, wq, bias), expected + bias)
+    assert torch.equal(fp8_w8a8_linear(x, wq), expected)
+    assert torch.equal(fp8_w8a8_linear(x, wq, bias), expected + bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_batches_are_weight_only_and_prompt_chunks_w8a8(dtype):
+    """Up to TRITON_GEMV_MAX_ROWS rows the activations are not rounded to float8 (the numbers the GPU's
+    fp8_gemv serves in decode); past it they are (W8A8, as torch._scaled_mm computes)."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(40, 96, generator=g).to(dtype)  # [N, K]
+    bias = torch.randn(40, generator=g).to(dtype)
+    wq = quantize_fp8_weight(w)
+    for rows in (1, TRITON_GEMV_MAX_ROWS):
+        x = torch.randn(rows, 96, generator=g).to(dtype)  # [M, K]
+        weight_only = (x.float() @ wq.weight.float().t() * wq.scale[None, :] + bias.float()).to(dtype)
+        assert torch.equal(fp8_linear(x, wq, bias), weight_only)
+        assert not torch.equal(fp8_linear(x, wq, bias), fp8_w8a8_linear(x, wq, bias))
+    x = torch.randn(TRITON_GEMV_MAX_ROWS + 1, 96, generator=g).to(dtype)  # [M, K]
+    assert torch.equal(fp8_linear(x, wq, bias), fp8_w8a8_linear(x, wq, bias))
 
 
 def test_fp8_linear_keeps_leading_dimensions():

@@ -4,10 +4,12 @@ Both operands are scaled so that the largest magnitude of each row maps to 448, 
 float8_e4m3fn value, then rounded to nearest-even by the float8 cast. e4m3 keeps 3 mantissa bits, so
 values in the normal range (scaled magnitude >= 2^-6) carry a relative error of at most 2^-4.
 
-`fp8_linear` on CUDA (compute capability >= 8.9) with at most TRITON_GEMV_MAX_ROWS rows, as in
-decode, runs the weight-only Triton kernel `fp8_gemv` (triton_quant_gemv.py): the activations stay in
-their dtype, only the weight is float8. It is bound by reading the weight, half of bfloat16's bytes,
-and is more accurate than W8A8 since the activations are not rounded. Larger batches go to
+`fp8_linear` with at most TRITON_GEMV_MAX_ROWS rows, as in decode, is weight-only: the activations
+stay in their dtype, only the weight is float8, and the bias is added in float32 before one rounding.
+On CUDA (compute capability >= 8.9) the Triton kernel `fp8_gemv` (triton_quant_gemv.py) does it,
+bound by reading the weight, half of bfloat16's bytes; elsewhere `fp8_weight_only_linear` computes the
+same product in float32, so a CPU run measures the numbers a GPU decode step serves. Weight-only is
+more accurate than W8A8 since the activations are not rounded. Larger batches (prompt chunks) go to
 `fp8_w8a8_linear`, which has two paths that see the same numbers:
 - CUDA with compute capability >= 8.9 (Ada, Hopper) and K, N multiples of 16: `torch._scaled_mm`
   with row-wise scales, the float8 tensor cores accumulating in float32.
@@ -108,8 +110,9 @@ def _can_use_triton_gemv(x: torch.Tensor, w: Fp8Weight) -> bool:
 def fp8_linear(x: torch.Tensor, w: Fp8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x: [..., K] -> [..., N] in x.dtype.
 
-    Small batches on CUDA take `fp8_gemv` (weight-only: x stays in its dtype; the bias is added in
-    float32 before the one rounding); everything else `fp8_w8a8_linear`. See the module docstring.
+    Up to TRITON_GEMV_MAX_ROWS rows weight-only (`fp8_gemv` on CUDA, `fp8_weight_only_linear`
+    elsewhere: x stays in its dtype; the bias is added in float32 before the one rounding); more rows
+    `fp8_w8a8_linear`. See the module docstring.
     """
     lead_shape, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)  # [M, K]
@@ -117,9 +120,21 @@ def fp8_linear(x: torch.Tensor, w: Fp8Weight, bias: torch.Tensor | None = None) 
         from adaptserve.kernels.triton_quant_gemv import fp8_gemv
 
         out = fp8_gemv(x2, w, bias)  # [M, N]
+    elif x2.shape[0] <= TRITON_GEMV_MAX_ROWS:
+        out = fp8_weight_only_linear(x2, w, bias)  # [M, N]
     else:
         out = fp8_w8a8_linear(x2, w, bias)  # [M, N]
     return out.reshape(*lead_shape, w.weight.shape[0])
+
+
+def fp8_weight_only_linear(x: torch.Tensor, w: Fp8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [M, K] -> [M, N] in x.dtype: x @ (float8 weight * scale)^T in float32, as `fp8_gemv` computes
+    it (the scale multiplies the float32 sum; the bias is added before the one rounding)."""
+    acc = x.float() @ w.weight.float().t()  # [M, N]
+    out = acc * w.scale[None, :]  # [M, N]
+    if bias is not None:
+        out = out + bias.float()
+    return out.to(x.dtype)
 
 
 def fp8_w8a8_linear(x: torch.Tensor, w: Fp8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
