@@ -9,7 +9,7 @@ import sys
 
 from adaptserve.config import ConfigError
 from adaptserve.control_args import add_control_args, control_options
-from adaptserve.kernel_args import add_kernel_args, kernel_options
+from adaptserve.kernel_args import add_kernel_args, kernel_options, precision_options
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -46,8 +46,7 @@ def _engine_options(args: argparse.Namespace) -> dict:
         "max_num_batched_tokens": args.max_num_batched_tokens,
         "enable_prefix_caching": not args.no_prefix_caching,
         "kv_cache_memory_gib": args.kv_cache_memory_gib,
-        "precision_policy": args.precision_policy,
-        "weight_formats": tuple(f for f in args.weight_formats.split(",") if f),
+        **precision_options(args),
         **kernel_options(args),
         **control_options(args),
     }

@@ -37,6 +37,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 import triton
+from gemv_bench import _groups, config_name  # scripts/ is on the path when run as a script
 
 from adaptserve.bench.results import git_commit
 from adaptserve.kernels.linear import linear
@@ -86,14 +87,6 @@ class Impl:
     group_size: int | None = None  # int4 only
     graph: bool = True  # timed as a CUDA graph (else eagerly)
     scaled_mm: bool | None = None  # W8A8 only: whether torch._scaled_mm ran (else the emulation)
-
-
-def config_name(config: dict) -> str:
-    kind = "dot" if config["use_dot"] else "fma"
-    return (
-        f"{kind} n{config['block_n']} k{config['block_k']} s{config['split_k']} "
-        f"w{config['num_warps']} st{config['num_stages']}"
-    )
 
 
 def nbytes(weight) -> int:
@@ -268,11 +261,6 @@ def print_tables(records: list[dict]) -> None:
     for shape, num_rows, bests in best_configs:
         cells = [f"{b['impl']} {b['gbps']:.0f}{'*' if b['picked'] else ''}" if b else "-" for b in bests]
         print(f"{shape:>8} {num_rows:>3}  " + " | ".join(cells))
-
-
-def _groups(records: list[dict]):
-    keys = list(dict.fromkeys((r["shape"], r["M"]) for r in records))
-    return [(key, [r for r in records if (r["shape"], r["M"]) == key]) for key in keys]
 
 
 def main() -> int:

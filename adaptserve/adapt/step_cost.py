@@ -79,10 +79,10 @@ class StepCostModel:
         )
 
     @classmethod
-    def fit(cls, points: Iterable[StepShape], device: str = "unknown", correct: bool = True) -> StepCostModel:
+    def fit(cls, points: Iterable[StepShape], device: str = "unknown") -> StepCostModel:
         """Least squares with every coefficient >= 0: a coefficient that comes out negative is
-        dropped and the rest refitted (an active-set pass, enough for four features). With `correct`,
-        the token-count correction table is fitted to what the line leaves over."""
+        dropped and the rest refitted (an active-set pass, enough for four features); then the
+        token-count correction table is fitted to what the line leaves over."""
         points = [p for p in points if p.seconds > 0]
         if len(points) < 4:
             raise ValueError(f"fitting a step cost model needs at least 4 measured steps, got {len(points)}")
@@ -100,8 +100,7 @@ class StepCostModel:
                 break
             active.pop(int(np.argmin(solution)))
         model = cls(*coef.tolist(), device=device, num_points=len(points))
-        if correct:
-            model.token_correction = _residual_table(points, x @ coef)
+        model.token_correction = _residual_table(points, x @ coef)  # x @ coef: [N], the line alone
         predicted = np.array([model.predict_shape(p) for p in points])  # [N]
         model.relative_error = float(np.mean(np.abs(predicted - y) / y))
         return model

@@ -266,7 +266,7 @@ def _engine_step_samples(
             engine.step()
         # back to back, as served: with async scheduling the host prepares step n+1 while the device
         # runs step n, so a sync around each step would time host and device in series
-        served = dict(engine.runner.precision.steps_by_precision)  # steps per precision before timing
+        served = engine.runner.precision.steps_by_precision.copy()  # Counter: steps per precision so far
         sync(device)
         stamps = [time.perf_counter()]
         for _ in range(steps):
@@ -275,10 +275,7 @@ def _engine_step_samples(
         sync(device)
         stamps[-1] = time.perf_counter()  # the last step's device work is done too
         samples = [b - a for a, b in zip(stamps[:-1], stamps[1:], strict=True)]
-        after = engine.runner.precision.steps_by_precision
-        mix = {
-            name: count - served.get(name, 0) for name, count in after.items() if count > served.get(name, 0)
-        }
+        mix = dict(engine.runner.precision.steps_by_precision - served)  # the timed steps' precisions
         summary = None
         if profile:
             from adaptserve.bench.step_profile import profile_steps

@@ -220,8 +220,9 @@ def test_cuda_int4_every_config_real_shapes(out_features, in_features, num_rows)
 def test_cuda_linear_dispatch():
     """fp8_linear / int4_linear take the Triton kernels for small batches and the old paths past them."""
     from adaptserve.kernels.quant import fp8, int4
+    from adaptserve.kernels.quant.small_batch import TRITON_GEMV_MAX_ROWS
 
-    big_rows = max(fp8.TRITON_GEMV_MAX_ROWS, int4.TRITON_GEMV_MAX_ROWS) + 1
+    big_rows = TRITON_GEMV_MAX_ROWS + 1
     big, w, bias = _inputs(big_rows, 1024, 2048, torch.bfloat16, seed=9, device="cuda", bias=True)
     q = quantize_int4_weight(w.bfloat16())
     small = big[:4].reshape(2, 2, 2048)  # [B, T, K]

@@ -25,14 +25,10 @@ from dataclasses import dataclass
 
 import torch
 
-from adaptserve.kernels.availability import triton_available
+from adaptserve.kernels.quant.small_batch import TRITON_GEMV_MAX_ROWS, takes_triton_gemv
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max  # 448.0
-# Up to this many rows the weight-only Triton kernel, which reads the weight once for all of them and
-# does not quantize the activations, is expected to beat torch._scaled_mm; past it, FLOPs start to
-# count. Provisional until docs/benchmarks/quant_gemv-h100.json measures the crossover.
-TRITON_GEMV_MAX_ROWS = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,15 +92,8 @@ def _can_use_scaled_mm(x: torch.Tensor, w: Fp8Weight) -> bool:
 
 
 def _can_use_triton_gemv(x: torch.Tensor, w: Fp8Weight) -> bool:
-    """Whether `fp8_gemv` takes these operands: CUDA on sm_89+ (Triton's e4m3 type needs it), few rows."""
-    return (
-        x.is_cuda
-        and 1 <= x.shape[0] <= TRITON_GEMV_MAX_ROWS
-        and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-        and w.weight.stride(1) == 1
-        and _has_fp8_tensor_cores(x.device)
-        and triton_available()
-    )
+    """Whether `fp8_gemv` takes these operands: few rows on sm_89+ (Triton's e4m3 type needs it)."""
+    return takes_triton_gemv(x, w.weight) and _has_fp8_tensor_cores(x.device)
 
 
 def fp8_linear(x: torch.Tensor, w: Fp8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -34,13 +34,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from adaptserve.kernels.availability import triton_available
+from adaptserve.kernels.quant.small_batch import takes_triton_gemv
 
 INT4_MAX = 15
-# Up to this many rows the fused kernel reads a quarter of bfloat16's bytes and nothing else; past it,
-# dequantizing the weight for cuBLAS's GEMM may win on FLOPs. Provisional until
-# docs/benchmarks/quant_gemv-h100.json measures the crossover.
-TRITON_GEMV_MAX_ROWS = 32
 
 # Rows are quantized in blocks of about this many elements: small blocks stay in the CPU caches
 # during the refinement loop, large blocks keep the GPU busy with few kernel launches.
@@ -110,15 +106,8 @@ def int4_dequant_linear(x: torch.Tensor, q: Int4Weight, bias: torch.Tensor | Non
 
 
 def _can_use_triton_gemv(x: torch.Tensor, q: Int4Weight) -> bool:
-    """Whether `int4_gemv` takes these operands: CUDA, few rows, a power-of-two group size."""
-    return (
-        x.is_cuda
-        and 1 <= x.shape[0] <= TRITON_GEMV_MAX_ROWS
-        and x.dtype in (torch.float32, torch.bfloat16, torch.float16)
-        and q.group_size & (q.group_size - 1) == 0
-        and q.packed.stride(1) == 1
-        and triton_available()
-    )
+    """Whether `int4_gemv` takes these operands: few rows on CUDA, a power-of-two group size."""
+    return takes_triton_gemv(x, q.packed) and q.group_size & (q.group_size - 1) == 0
 
 
 def quantize_int4_weight(w: torch.Tensor, group_size: int = 128, refine_steps: int = 20) -> Int4Weight:
