@@ -132,7 +132,7 @@ def _bench(args: argparse.Namespace) -> int:
     elif args.bench_command == "startup":
         from adaptserve.bench.startup import run_startup_benchmark as run
     elif args.bench_command == "precision":
-        from adaptserve.bench.precision_quality import run_precision_quality_benchmark as run
+        from adaptserve.bench.precision_cli import run_precision_quality_benchmark as run
     else:
         from adaptserve.bench.plot import run_plot as run
     run(args)
@@ -143,7 +143,7 @@ def _add_bench_commands(commands) -> None:
     from adaptserve.bench.decode import add_decode_args
     from adaptserve.bench.offline import add_offline_args
     from adaptserve.bench.plot import add_plot_args
-    from adaptserve.bench.precision_quality import add_precision_args
+    from adaptserve.bench.precision_cli import add_precision_args
     from adaptserve.bench.prefill import add_prefill_args
     from adaptserve.bench.serve import add_serve_args
     from adaptserve.bench.startup import add_startup_args

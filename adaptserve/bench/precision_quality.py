@@ -36,7 +36,6 @@ near-ties between the prefill pass and the decode steps that made the reference.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import hashlib
 import math
@@ -47,21 +46,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from adaptserve.bench.plot import plot_after_run
-from adaptserve.bench.results import DEFAULT_MODEL_LABEL, RESULTS_DIR, device_tag, write_results
+from adaptserve.bench.runner_scoring import scheduled_sequence, score_sequences
 from adaptserve.config import WEIGHT_FORMATS, PrecisionConfig
-from adaptserve.engine.outputs import ScheduledSequence, SchedulerOutput
+from adaptserve.engine.outputs import SchedulerOutput
 from adaptserve.engine.request import SamplingParams
 from adaptserve.model.loaders import LoadedCheckpoint
 from adaptserve.model.projection import NATIVE
-from adaptserve.runner.inputs import build_host_batch, to_device
 
 DATA_DIR = Path(__file__).parent / "data"
 TEXT_FILE = DATA_DIR / "pydoc_topics.txt"
 PROMPTS_FILE = DATA_DIR / "chat_prompts.txt"
-LOGIT_ROWS = 512  # logits rows materialised at once: [512, vocab] float32 is 100 MB for SmolLM2
 
 
 @dataclass(frozen=True)
@@ -268,7 +262,7 @@ def _generate(llm, prompts: list[list[int]], max_tokens: int) -> list[list[int]]
 def _teacher_forced(llm, prompts, reference, spec: QualitySpec) -> dict[str, float | int]:
     """Share of reply positions where the served format's argmax is the reference token."""
     sequences = [p + r[:-1] for p, r in zip(prompts, reference, strict=True)]
-    scored = _score(llm.engine.runner, sequences, spec.forward_tokens)
+    scored = score_sequences(llm.engine.runner, sequences, spec.forward_tokens)
     agree = total = 0
     for prompt, reply, (argmax, _) in zip(prompts, reference, scored, strict=True):
         predicted = argmax[len(prompt) - 1 :].tolist()  # row len(prompt) - 1 + i predicts reply[i]
@@ -279,77 +273,13 @@ def _teacher_forced(llm, prompts, reference, spec: QualitySpec) -> dict[str, flo
 
 def _text_nll(llm, windows: list[list[int]], spec: QualitySpec) -> tuple[float, int]:
     """(sum of NLL in nats, tokens predicted) over the text windows, in the served format."""
-    scored = _score(llm.engine.runner, windows, spec.forward_tokens)
+    scored = score_sequences(llm.engine.runner, windows, spec.forward_tokens)
     return sum(float(nll.double().sum()) for _, nll in scored), sum(len(nll) for _, nll in scored)
 
 
 def _perplexity(nll: tuple[float, int]) -> dict[str, float | int]:
     total, count = nll
     return {"mean_nll": total / count, "perplexity": math.exp(total / count), "text_tokens_predicted": count}
-
-
-@torch.inference_mode()
-def _score(
-    runner, sequences: list[list[int]], forward_tokens: int
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per sequence: (argmax [T], NLL of each next token [T - 1]) from one causal pass over it, in the
-    format the runner serves. Sequences are packed into passes of up to `forward_tokens` tokens."""
-    results, pack, pack_tokens = [], [], 0
-    for ids in sequences:
-        if pack and pack_tokens + len(ids) > forward_tokens:
-            results += _score_pack(runner, pack)
-            pack, pack_tokens = [], 0
-        pack.append(ids)
-        pack_tokens += len(ids)
-    return results + (_score_pack(runner, pack) if pack else [])
-
-
-def _score_pack(runner, sequences: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    if min(len(s) for s in sequences) < 2:
-        raise ValueError(
-            "each scored sequence needs >= 2 tokens (a 1-token one would be batched as a decode)"
-        )
-    block_size, next_block, scheduled = runner.block_size, 0, []
-    for i, ids in enumerate(sequences):
-        num_blocks = -(-len(ids) // block_size)
-        block_ids = list(range(next_block, next_block + num_blocks))  # the engine is idle: all blocks free
-        scheduled.append(_scheduled(str(i), ids, 0, block_ids, ids, []))
-        next_block += num_blocks
-    if next_block > runner.num_blocks:
-        raise ValueError(f"a scoring pass needs {next_block} KV blocks; the runner has {runner.num_blocks}")
-    batch = build_host_batch(scheduled, block_size)  # prefills only: the order is kept
-    inputs = to_device(batch, runner.device)
-    runner.attention.begin_step(inputs.attn)
-    precision = runner.precision.fixed
-    hidden = runner.model(
-        inputs.input_ids, inputs.positions, runner.kv_caches, inputs.attn, runner.attention, precision
-    )  # [T, H]
-    targets = torch.roll(inputs.input_ids, -1)  # [T]: row t predicts token t + 1 of its sequence
-    argmax = torch.empty_like(inputs.input_ids)  # [T]
-    nll = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)  # [T]
-    for lo in range(0, len(targets), LOGIT_ROWS):
-        logits = runner.model.compute_logits(hidden[lo : lo + LOGIT_ROWS])  # [R, V] float32
-        argmax[lo : lo + len(logits)] = logits.argmax(dim=-1)
-        log_probs = torch.log_softmax(logits, dim=-1)  # [R, V]
-        nll[lo : lo + len(logits)] = -log_probs.gather(1, targets[lo : lo + len(logits), None])[:, 0]
-    starts = batch.query_start_loc.tolist()
-    return [
-        (argmax[s:e].cpu(), nll[s : e - 1].cpu())  # a sequence's last row has no next token
-        for s, e in zip(starts[:-1], starts[1:], strict=True)
-    ]
-
-
-def _scheduled(request_id, token_ids, num_computed, block_ids, prompt, output) -> ScheduledSequence:
-    return ScheduledSequence(
-        request_id=request_id,
-        token_ids=list(token_ids),
-        num_computed_tokens=num_computed,
-        block_ids=block_ids,
-        sample=True,
-        sampling_params=SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True),
-        prompt_token_ids=prompt,
-        output_token_ids=list(output),
-    )
 
 
 # ---- the adaptive policy, step by step ------------------------------------------------------------
@@ -429,7 +359,7 @@ def _teacher_forced_steps(llm, prompts, reference) -> tuple[list[list[int]], lis
         for i in range(len(reply)):
             new = prompt if i == 0 else reply[i - 1 : i]
             num_computed = 0 if i == 0 else len(prompt) + i - 1
-            seq = _scheduled("forced", new, num_computed, block_ids, prompt, reply[:i])
+            seq = scheduled_sequence("forced", new, num_computed, block_ids, prompt, reply[:i])
             output = runner.execute(SchedulerOutput([seq], len(new)))
             tokens.append(output.sampled_token_ids[0])
             precisions.append(runner.precision.last_precision)
@@ -470,126 +400,3 @@ def _label(llm, precision: str) -> str:
 
 def _labelled(llm, counts: Counter) -> dict[str, int]:
     return {_label(llm, p): n for p, n in counts.items()}
-
-
-# ---- report and command line -----------------------------------------------------------------------
-
-
-def markdown_table(result: dict[str, Any]) -> str:
-    """The headline numbers: one row per fixed format, one for the adaptive policy."""
-    lines = [
-        "| policy | teacher-forced top-1 agreement | free-running agreement to 1st divergence "
-        "| free-running positional match | identical replies | perplexity |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for name, row in result["formats"].items():
-        fr = row["free_running"]
-        lines.append(
-            f"| {name} | {row['teacher_forced']['agreement']:.2%} | {fr['agreement_to_divergence']:.2%} "
-            f"| {fr['positional_match']:.2%} | {fr['identical']:.0%} | {row['perplexity']:.3f} |"
-        )
-    adaptive = result.get("adaptive")
-    if adaptive is not None:
-        fr, tf = adaptive["free_running"], adaptive.get("teacher_forced")
-        forced = f"{tf['agreement']:.2%}" if tf else "not run"
-        lines.append(
-            f"| adaptive (per step, batch 1) | {forced} | {fr['agreement_to_divergence']:.2%} "
-            f"| {fr['positional_match']:.2%} | {fr['identical']:.0%} | n/a |"
-        )
-        lines.append("")
-        for run_name, run in (("free-running", fr), ("teacher-forced", tf)):
-            if run is not None:
-                lines.append(f"- adaptive, {run_name}: {_adaptive_summary(run)}")
-        if tf:
-            by_precision = ", ".join(
-                f"{p} {v['agreement']:.2%} of {v['tokens']}" for p, v in tf["agreement_by_precision"].items()
-            )
-            lines.append(f"- adaptive, teacher-forced agreement by the precision of the step: {by_precision}")
-    return "\n".join(lines)
-
-
-def _adaptive_summary(run: dict[str, Any]) -> str:
-    mix = ", ".join(f"{p} {n}" for p, n in run["decode_steps_by_precision"].items())
-    shadow = run["shadow_agreement"]
-    shadowed = (
-        f"{shadow:.2%} of {run['shadowed_tokens']} tokens" if shadow is not None else "no step shadowed"
-    )
-    return f"decode steps {mix}; {run['switches']} switches; shadow agreement {shadowed}"
-
-
-def add_precision_args(parser: argparse.ArgumentParser) -> None:
-    defaults = QualitySpec()
-    parser.add_argument("--model", default=None, help="HF folder or .gguf file; default: embedded SmolLM2")
-    parser.add_argument("--device", default=defaults.device, help="cpu | cuda | cuda:N")
-    parser.add_argument("--num-prompts", type=int, default=defaults.num_prompts)
-    parser.add_argument("--max-tokens", type=int, default=defaults.max_tokens, help="greedy reply length")
-    parser.add_argument("--text-tokens", type=int, default=defaults.num_text_tokens, help="perplexity text")
-    parser.add_argument("--window", type=int, default=defaults.window, help="perplexity window")
-    parser.add_argument("--formats", default=",".join(defaults.formats), help="fixed formats to measure")
-    parser.add_argument("--no-adaptive", action="store_true", help="skip the adaptive policy")
-    parser.add_argument(
-        "--no-adaptive-teacher-forced", action="store_true", help="run the adaptive policy free only"
-    )
-    parser.add_argument("--int4-group-size", type=int, default=defaults.int4_group_size)
-    parser.add_argument("--quality-budget", type=float, default=defaults.quality_budget)
-    parser.add_argument("--shadow-rate", type=float, default=defaults.shadow_rate)
-    parser.add_argument("--result-dir", default=None, help="default: docs/benchmarks")
-    parser.add_argument("--no-plot", action="store_true")
-
-
-def run_precision_quality_benchmark(args: argparse.Namespace) -> dict[str, Any]:
-    """Measure, write precision-quality-<device>.json (and .png), print the table."""
-    from adaptserve.model.loaders import load_checkpoint
-    from adaptserve.runner.device import resolve_device
-
-    device = resolve_device(args.device)
-    spec = QualitySpec(
-        num_prompts=args.num_prompts,
-        max_tokens=args.max_tokens,
-        num_text_tokens=args.text_tokens,
-        window=args.window,
-        formats=tuple(f for f in args.formats.split(",") if f),
-        adaptive=not args.no_adaptive,
-        adaptive_teacher_forced=not args.no_adaptive_teacher_forced,
-        int4_group_size=args.int4_group_size,
-        quality_budget=args.quality_budget,
-        shadow_rate=args.shadow_rate,
-        device=str(device),
-    )
-    unknown = set(spec.formats) - set(WEIGHT_FORMATS)
-    if unknown:
-        raise ValueError(
-            f"--formats has unknown format(s) {sorted(unknown)}; known: {', '.join(WEIGHT_FORMATS)}"
-        )
-    start = time.perf_counter()
-    checkpoint = load_checkpoint(args.model, progress=False)
-    result = measure_precision_quality(checkpoint, spec, log=lambda line: print(line, flush=True))
-    payload = {
-        "model": args.model or DEFAULT_MODEL_LABEL,
-        **result,
-        "total_seconds": round(time.perf_counter() - start, 1),
-    }
-    path = write_results(
-        "precision_quality",
-        device,
-        payload,
-        out_dir=args.result_dir or RESULTS_DIR,
-        file_stem=f"precision-quality-{device_tag(device)}",
-        command=getattr(args, "command_line", None),
-    )
-    print(markdown_table(result))
-    print(f"wrote {path}")
-    if not args.no_plot:
-        plot_after_run(path)
-    return payload
-
-
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """`python -m adaptserve.bench.precision_quality [options]`, the same as `adaptserve bench precision`."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_precision_args(parser)
-    return run_precision_quality_benchmark(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    main()

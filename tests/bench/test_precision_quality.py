@@ -4,12 +4,8 @@ import math
 
 import pytest
 
-from adaptserve.bench.precision_quality import (
-    QualitySpec,
-    compare_free_running,
-    markdown_table,
-    measure_precision_quality,
-)
+from adaptserve.bench.precision_cli import markdown_table
+from adaptserve.bench.precision_quality import QualitySpec, compare_free_running, measure_precision_quality
 
 SLICE = QualitySpec(
     num_prompts=2, max_tokens=8, num_text_tokens=256, window=128, formats=("bf16", "int4"), device="cpu"
