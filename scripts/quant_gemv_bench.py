@@ -55,7 +55,8 @@ from adaptserve.kernels.quant.int4 import (
     int4_dequant_linear,
     quantize_int4_weight,
 )
-from adaptserve.kernels.triton_quant_gemv import CONFIGS, configs_for, fp8_gemv, int4_gemv, pick_config
+from adaptserve.kernels.quant_gemv_configs import CONFIGS, configs_for, pick_config
+from adaptserve.kernels.triton_quant_gemv import fp8_gemv, int4_gemv
 
 SHAPES = {  # name: (K, N) of Llama-3.1-8B
     "qkv": (4096, 6144),

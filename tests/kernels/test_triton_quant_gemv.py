@@ -24,15 +24,8 @@ from adaptserve.kernels.quant import (
     quantize_int4_weight,
 )
 from adaptserve.kernels.quant.int4 import Int4Weight
-from adaptserve.kernels.triton_quant_gemv import (
-    CONFIGS,
-    FMA_MAX_ROWS,
-    block_rows,
-    configs_for,
-    fp8_gemv,
-    int4_gemv,
-    pick_config,
-)
+from adaptserve.kernels.quant_gemv_configs import CONFIGS, FMA_MAX_ROWS, block_rows, configs_for, pick_config
+from adaptserve.kernels.triton_quant_gemv import fp8_gemv, int4_gemv
 
 BENCHMARKS = Path(__file__).parents[2] / "docs/benchmarks"  # measured configs
 
