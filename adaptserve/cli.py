@@ -10,6 +10,7 @@ import sys
 from adaptserve.config import ConfigError
 from adaptserve.control_args import add_control_args, control_options
 from adaptserve.kernel_args import add_kernel_args, kernel_options, precision_options
+from adaptserve.spec_args import add_spec_args, spec_options
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +35,7 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     )
     add_kernel_args(parser)
     add_control_args(parser)
+    add_spec_args(parser)
 
 
 def _engine_options(args: argparse.Namespace) -> dict:
@@ -49,6 +51,7 @@ def _engine_options(args: argparse.Namespace) -> dict:
         **precision_options(args),
         **kernel_options(args),
         **control_options(args),
+        **spec_options(args),
     }
 
 

@@ -90,6 +90,18 @@ class ControlConfig:
     telemetry_window_s: float = 10.0  # telemetry window the controllers read
 
 
+SPEC_METHODS = ("off", "ngram")  # drafters the engine can speculate with (spec/)
+
+
+@dataclass
+class SpeculativeConfig:
+    spec_method: str = "off"  # off | ngram (prompt lookup: draft what followed the last n tokens before)
+    num_speculative_tokens: int = 4  # most tokens drafted per sequence and step (k)
+    prompt_lookup_min: int = 1  # shortest suffix n-gram the lookup tries
+    prompt_lookup_max: int = 4  # longest suffix n-gram the lookup tries (longest match wins)
+    spec_adaptive: bool = True  # pick k (0 = off) each step from acceptance and measured step cost
+
+
 @dataclass
 class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -98,13 +110,32 @@ class EngineConfig:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     kernels: KernelConfig = field(default_factory=KernelConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
+    speculative: SpeculativeConfig = field(default_factory=SpeculativeConfig)
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
         c, s, m, p, k = self.cache, self.scheduler, self.model, self.precision, self.kernels
-        ctl = self.control
+        ctl, spec = self.control, self.speculative
+        _require(
+            spec.spec_method in SPEC_METHODS,
+            "speculative.spec_method",
+            spec.spec_method,
+            ", ".join(SPEC_METHODS),
+        )
+        _require(
+            isinstance(spec.num_speculative_tokens, int) and 1 <= spec.num_speculative_tokens <= 16,
+            "speculative.num_speculative_tokens",
+            spec.num_speculative_tokens,
+            "an integer in [1, 16]",
+        )
+        _require(
+            1 <= spec.prompt_lookup_min <= spec.prompt_lookup_max <= 16,
+            "speculative.prompt_lookup_min/prompt_lookup_max",
+            (spec.prompt_lookup_min, spec.prompt_lookup_max),
+            "1 <= prompt_lookup_min <= prompt_lookup_max <= 16",
+        )
         ctl.controllers = tuple(ctl.controllers)
         for name in ctl.controllers:
             _require(name in CONTROLLERS, "control.controllers", name, ", ".join(CONTROLLERS))
@@ -231,6 +262,7 @@ _SECTIONS = {
     "precision": PrecisionConfig,
     "kernels": KernelConfig,
     "control": ControlConfig,
+    "speculative": SpeculativeConfig,
 }
 
 

@@ -30,6 +30,7 @@ from adaptserve.model.config import ModelArchConfig
 from adaptserve.model.loaders import LoadedCheckpoint, load_checkpoint
 from adaptserve.runner.launched_step import LaunchedStep
 from adaptserve.runner.model_runner import ModelRunner
+from adaptserve.spec.speculator import Speculator
 
 
 class LLMEngine:
@@ -79,6 +80,10 @@ class LLMEngine:
         self._last_finish = float("-inf")  # clock when the last step's tokens were read
         self._arrivals: list[tuple[float, int]] = []  # (arrival time, prompt tokens) since the last stats
         self.knobs = Knobs.from_config(config)
+        self.speculator: Speculator | None = None  # drafts and verifies when speculative.method is set
+        if config.speculative.spec_method != "off":
+            self.speculator = Speculator(config.speculative)
+            self.knobs.spec_mode = config.speculative.spec_method
         self.knob_ceilings = (config.scheduler.max_num_seqs, config.scheduler.max_num_batched_tokens)
         self.control: ControlPlane | None = None  # set by enable_control(); asked between steps
         # the controllers the config names; an executor that models its own cost (the simulator) seeds theirs
@@ -223,18 +228,33 @@ class LLMEngine:
         are read and processed while it runs: outputs come one step later, the device never waits
         for the host's bookkeeping."""
         start = self.clock()
+        outputs = self._propose_drafts(start) if self.speculator is not None else []
         scheduler_output = self.scheduler.schedule(start)
         for seq in scheduler_output.sequences:
             request = self.scheduler.requests[seq.request_id]
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = start
         try:
-            outputs = self._launch_and_finish(scheduler_output, start)
+            outputs += self._launch_and_finish(scheduler_output, start)
         except BaseException:
             self._in_flight = None  # its requests are aborted by the caller (LLM, AsyncEngine)
             raise
         if self.control is not None:
             self.control.after_step(self.clock())  # decisions apply from the next schedule()
+        return outputs
+
+    def _propose_drafts(self, now: float) -> list[RequestOutput]:
+        """Drafts for the coming step. They extend each request's latest tokens, so a step still on
+        the device is read first (its outputs are returned)."""
+        outputs: list[RequestOutput] = []
+        budget = self.speculator.draft_budget(now, self.scheduler.running)
+        self.knobs.draft_len = budget
+        if budget == 0:
+            return outputs
+        if self._in_flight is not None:
+            outputs += self._finish(self._in_flight)
+            self._in_flight = None
+        self.speculator.propose(self.scheduler.running, budget)
         return outputs
 
     def _launch_and_finish(self, scheduler_output: SchedulerOutput, start: float) -> list[RequestOutput]:
@@ -252,19 +272,27 @@ class LLMEngine:
         previous, self._in_flight = self._in_flight, step
         if previous is not None:
             outputs += self._finish(previous)
-        if not self.async_scheduling:
+        if not self.async_scheduling or scheduler_output.num_draft_tokens:  # verified: tokens are known
             self._in_flight = None
             outputs += self._finish(step)
         return outputs
 
     def _finish(self, step: _InFlight) -> list[RequestOutput]:
         """Read a launched step's tokens, append them, and build the outputs they complete."""
-        updated = self.scheduler.resolve(step.sampled, step.launched.result())
+        runner_output = step.launched.result()
+        num_before = {id(r): r.num_output_tokens for r in step.sampled.values()}
+        updated = self.scheduler.resolve(step.sampled, runner_output)
         now = self.clock()
         # the device ran this step from its launch or the previous step's end, whichever was later
         execute_start = max(step.launch_time, self._last_finish)
         self._last_finish = now
-        stats = self._step_stats(step.start, execute_start, now, step.scheduled, len(updated))
+        num_generated = sum(r.num_output_tokens - num_before[id(r)] for r in updated)
+        stats = self._step_stats(step.start, execute_start, now, step.scheduled, num_generated)
+        if self.speculator is not None:
+            drafted, accepted = self.speculator.observe(step.scheduled, runner_output, now - execute_start)
+            stats.num_draft_tokens, stats.num_accepted_tokens = drafted, accepted
+            stats.num_drafts = sum(1 for seq in step.scheduled.sequences if seq.num_draft_tokens)
+            stats.drafter, stats.draft_len = self.speculator.drafter, self.knobs.draft_len
         touched: dict[str, ParentRequest] = {}  # parents with a child that got a token this step
         for request in updated:
             parent_id = self._child_to_parent[request.request_id]
@@ -346,6 +374,8 @@ class LLMEngine:
         self._parents.pop(parent.request_id, None)
         for child_id in parent.child_ids:
             self._child_to_parent.pop(child_id, None)
+            if self.speculator is not None:
+                self.speculator.forget(child_id)
 
 
 @dataclass

@@ -25,6 +25,7 @@ class ScheduledSequence:
     prompt_token_ids: list[int]  # for repetition penalties
     output_token_ids: list[int]  # generated so far, for penalties
     num_pending_tokens: int = 0  # the last ones of token_ids: sampled last step, known on the device only
+    num_draft_tokens: int = 0  # the last ones of token_ids are drafts: verify them (logits at each)
 
 
 @dataclass
@@ -38,14 +39,28 @@ class SchedulerOutput:
     def is_empty(self) -> bool:
         return not self.sequences
 
+    @property
+    def num_draft_tokens(self) -> int:
+        return sum(seq.num_draft_tokens for seq in self.sequences)
+
 
 @dataclass
 class RunnerOutput:
-    """Tokens sampled this step, one per sequence whose `sample` was set, in the same order."""
+    """Tokens sampled this step, one per sequence whose `sample` was set, in the same order.
+
+    A sequence that verified drafts also has its accepted drafts: its new tokens are
+    `accepted_token_ids[i] + [sampled_token_ids[i]]` (the last one corrects the first rejected draft
+    or follows the last accepted one). An empty `accepted_token_ids` means no drafts were verified."""
 
     request_ids: list[str]
     sampled_token_ids: list[int]
     logprobs: list[dict[int, float] | None]
+    accepted_token_ids: list[list[int]] = field(default_factory=list)  # per sequence, or [] for none
+
+    def new_token_ids(self, index: int) -> list[int]:
+        """The tokens sequence `index` gained this step, in order."""
+        accepted = self.accepted_token_ids[index] if self.accepted_token_ids else []
+        return [*accepted, self.sampled_token_ids[index]]
 
 
 class LaunchedResult(Protocol):

@@ -166,6 +166,8 @@ class Request:
     output_logprobs: list[dict[int, float]] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_pending_tokens: int = 0  # sampled by a step still running on the device (0 or 1)
+    spec_token_ids: list[int] = field(default_factory=list)  # drafted tokens to verify in the next step
+    num_drafts_in_flight: int = 0  # drafted tokens the launched step verifies (their KV is written)
     num_cached_tokens: int = -1  # prompt tokens found in the prefix cache at first scheduling
     num_preemptions: int = 0
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it

@@ -186,7 +186,9 @@ class Scheduler:
             preempted.append(victim.request_id)
 
     def _num_new_tokens(self, request: Request, num_computed: int, budget: int) -> int:
-        num_new = min(request.num_tokens + request.num_pending_tokens - num_computed, budget)
+        """Its known tokens not yet computed, then its drafts (verified in the same pass), within limits."""
+        num_wanted = request.num_tokens + request.num_pending_tokens + len(request.spec_token_ids)
+        num_new = min(num_wanted - num_computed, budget)
         if self.config.long_prefill_token_threshold:
             num_new = min(num_new, self.config.long_prefill_token_threshold)
         return num_new
@@ -207,6 +209,7 @@ class Scheduler:
         self.kv_cache.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        request.spec_token_ids = []
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.add(request, front=True)
@@ -219,19 +222,24 @@ class Scheduler:
 
     def _scheduled(self, request: Request, num_new: int) -> ScheduledSequence:
         start = request.num_computed_tokens
-        tokens = request.all_token_ids[start : start + num_new]
-        num_pending = max(0, start + num_new - request.num_tokens)  # known on the device only
+        num_known = request.num_tokens + request.num_pending_tokens
+        num_drafts = max(0, start + num_new - num_known)  # drafts come after every known token
+        tokens = request.all_token_ids[start : start + num_new - num_drafts]
+        num_pending = max(0, start + num_new - num_drafts - request.num_tokens)  # known on the device only
         tokens += [PENDING_TOKEN_ID] * num_pending
+        tokens += request.spec_token_ids[:num_drafts]
+        request.spec_token_ids = []  # drafts are proposed afresh for every step
         return ScheduledSequence(
             request_id=request.request_id,
             token_ids=tokens,
             num_computed_tokens=start,
             block_ids=self.kv_cache.get_block_ids(request.request_id),
-            sample=start + num_new == request.num_tokens + request.num_pending_tokens,
+            sample=start + num_new - num_drafts == num_known,
             sampling_params=request.sampling_params,
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=request.output_token_ids,
             num_pending_tokens=num_pending,
+            num_draft_tokens=num_drafts,
         )
 
     # ---- results -------------------------------------------------------------------------------------
@@ -253,6 +261,7 @@ class Scheduler:
             if request is None or request.status != RequestStatus.RUNNING:
                 continue  # aborted or finished since it was scheduled
             request.num_computed_tokens += len(seq.token_ids)
+            request.num_drafts_in_flight = seq.num_draft_tokens
             if seq.sample:
                 request.num_pending_tokens += 1
                 sampled[seq.request_id] = request
@@ -262,21 +271,33 @@ class Scheduler:
         """The step's tokens have reached the host: append them and finish requests that stop.
         Requests are matched by identity, so a finished request's id reused by a new one is safe."""
         updated = []
-        for request_id, token_id, logprobs in zip(
-            runner_output.request_ids, runner_output.sampled_token_ids, runner_output.logprobs, strict=True
+        for index, (request_id, logprobs) in enumerate(
+            zip(runner_output.request_ids, runner_output.logprobs, strict=True)
         ):
             request = sampled.get(request_id)
             if request is None or self.requests.get(request_id) is not request:
                 continue  # aborted or finished while the step ran: its token is dropped
             request.num_pending_tokens -= 1
-            request.output_token_ids.append(token_id)
+            new_token_ids = runner_output.new_token_ids(index)
+            self._roll_back_rejected_drafts(request, num_accepted=len(new_token_ids) - 1)
             if logprobs is not None:
                 request.output_logprobs.append(logprobs)
             updated.append(request)
-            status = self._check_stop(request, token_id)
-            if status is not None:
-                self.finish_request(request_id, status)
+            for token_id in new_token_ids:
+                request.output_token_ids.append(token_id)
+                status = self._check_stop(request, token_id)
+                if status is not None:  # later accepted tokens are dropped
+                    self.finish_request(request_id, status)
+                    break
         return updated
+
+    def _roll_back_rejected_drafts(self, request: Request, num_accepted: int) -> None:
+        """Rejected drafts' KV is stale: they no longer count as computed, and blocks that held only
+        them go back to the pool (their slots are rewritten when real tokens reach those positions)."""
+        num_drafts, request.num_drafts_in_flight = request.num_drafts_in_flight, 0
+        if num_drafts > num_accepted:
+            request.num_computed_tokens -= num_drafts - num_accepted
+            self.kv_cache.trim(request)
 
     @staticmethod
     def _check_stop(request: Request, token_id: int) -> RequestStatus | None:

@@ -42,6 +42,11 @@ class StepStats:
     first_token_request_ids: list[str] = field(default_factory=list)  # user request of each of those
     inter_token_latency: list[float] = field(default_factory=list)  # gap since the previous token
     finished: list[FinishedRequestStats] = field(default_factory=list)
+    num_drafts: int = 0  # sequences that verified drafts in this step
+    num_draft_tokens: int = 0  # drafted tokens verified
+    num_accepted_tokens: int = 0  # of those, accepted
+    drafter: str = ""  # the drafter that proposed them ("" without speculation)
+    draft_len: int = 0  # the speculation policy's most drafts per request (the knob), when speculating
 
 
 class StatLogger(Protocol):

@@ -27,7 +27,7 @@ class HostBatch:
     block_table: np.ndarray  # [S, max_blocks] int32
     context_lens: np.ndarray  # [S] int32
     query_start_loc: np.ndarray  # [S + 1] int32
-    sample_rows: np.ndarray  # [N] int64 rows whose logits are sampled
+    sample_rows: np.ndarray  # [N] int64 rows whose logits are sampled (k + 1 for k drafts)
 
     @property
     def num_tokens(self) -> int:
@@ -69,8 +69,15 @@ def build_host_batch(sequences: list[ScheduledSequence], block_size: int) -> Hos
         positions = np.arange(num_tokens) - query_start_loc[:-1][seq_index] + starts[seq_index]  # [T]
     block_table = _block_table(sequences)  # [S, MB]
     slots = block_table[seq_index, positions // block_size].astype(np.int64) * block_size  # [T]
+    # a sequence's last row; a sequence verifying k drafts also the k rows before it
     sample_rows = np.fromiter(
-        (query_start_loc[i + 1] - 1 for i, s in enumerate(sequences) if s.sample), np.int64
+        (
+            row
+            for i, s in enumerate(sequences)
+            if s.sample
+            for row in range(query_start_loc[i + 1] - 1 - s.num_draft_tokens, query_start_loc[i + 1])
+        ),
+        np.int64,
     )
     return HostBatch(
         sequences=sequences,

@@ -29,6 +29,7 @@ from adaptserve.runner.launched_step import LaunchedStep
 from adaptserve.runner.memory import num_kv_blocks, profile_activation_bytes
 from adaptserve.runner.precision import StepPrecision
 from adaptserve.runner.sampler import Sampler, SamplingMetadata
+from adaptserve.spec.verify import verify_drafts
 
 logger = logging.getLogger(__name__)
 DEFAULT_KERNEL_CACHE = "~/.cache/adaptserve/kernels.json"
@@ -191,6 +192,8 @@ class ModelRunner:
         seqs = [s for s in batch.sequences if s.sample]
         if not seqs:
             return LaunchedStep.done(RunnerOutput([], [], []))
+        if any(s.num_draft_tokens for s in seqs):
+            return LaunchedStep.done(self._verify(logits, seqs))
         self.precision.observe(logits, precision, shadow_logits)
         metadata = SamplingMetadata(
             params=[s.sampling_params for s in seqs],
@@ -211,6 +214,42 @@ class ModelRunner:
         if self.autotuner is not None:
             self._tune_after(batch, None if inputs is None else inputs.attn)
         return step
+
+    def _verify(self, logits: torch.Tensor, seqs: list[ScheduledSequence]) -> RunnerOutput:
+        """A step with drafts: `logits` [R, V] has k + 1 rows per sequence with k drafts. Drafting
+        sequences are verified (spec/verify.py); the others are sampled as usual. Waits on the device."""
+        counts = [s.num_draft_tokens + 1 for s in seqs]
+        starts = np.cumsum([0, *counts[:-1]])
+        drafting = [i for i, s in enumerate(seqs) if s.num_draft_tokens]
+        plain = [i for i, s in enumerate(seqs) if not s.num_draft_tokens]
+        accepted: list[list[int]] = [[] for _ in seqs]
+        token_ids: list[int] = [0] * len(seqs)
+        logprobs: list[dict[int, float] | None] = [None] * len(seqs)
+        rows = [r for i in drafting for r in range(starts[i], starts[i] + counts[i])]
+        verified = verify_drafts(
+            logits[torch.tensor(rows, device=logits.device)],  # [sum(k + 1), V]
+            [s.token_ids[-s.num_draft_tokens :] for s in (seqs[i] for i in drafting)],
+            [seqs[i].sampling_params for i in drafting],
+            [self._generator(seqs[i].request_id, seqs[i].sampling_params.seed) for i in drafting],
+        )
+        for j, i in enumerate(drafting):
+            accepted[i], token_ids[i] = verified.accepted_token_ids[j], verified.next_token_ids[j]
+        if plain:
+            plain_seqs = [seqs[i] for i in plain]
+            sampled = self.sampler(
+                logits[torch.tensor([int(starts[i]) for i in plain], device=logits.device)],  # [P, V]
+                SamplingMetadata(
+                    params=[s.sampling_params for s in plain_seqs],
+                    prompt_token_ids=[s.prompt_token_ids for s in plain_seqs],
+                    output_token_ids=[s.output_token_ids for s in plain_seqs],
+                    generators=[self._generator(s.request_id, s.sampling_params.seed) for s in plain_seqs],
+                    blocked_token_ids=[self._blocked_token_ids(s) for s in plain_seqs],
+                ),
+            )
+            for j, i in enumerate(plain):
+                token_ids[i], logprobs[i] = sampled.token_ids[j], sampled.logprobs[j]
+        self._last_sampled = None, {}  # nothing is pending after a verify step: the host has every token
+        return RunnerOutput([s.request_id for s in seqs], token_ids, logprobs, accepted)
 
     def _pending_inputs(self, batch: HostBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(rows [P], ids [P]) on the device: the input tokens that the previous step sampled and

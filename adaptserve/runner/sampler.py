@@ -16,7 +16,15 @@ import torch
 from adaptserve.engine.request import SamplingParams
 from adaptserve.runner.sampling_metadata import SamplingMetadata
 
-__all__ = ["Sampler", "SamplerOutput", "SamplingMetadata", "apply_penalties", "token_counts"]
+__all__ = [
+    "Sampler",
+    "SamplerOutput",
+    "SamplingMetadata",
+    "apply_penalties",
+    "sample_from_probs",
+    "sampling_probs",
+    "token_counts",
+]
 
 _NEG_INF = float("-inf")
 
@@ -166,14 +174,25 @@ def _sample_random(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
 ) -> torch.Tensor:
     """Temperature, top-k, top-p, min-p, then an exponential race. Returns int64 ids [M]."""
+    return sample_from_probs(sampling_probs(logits, params), generators)  # [M]
+
+
+def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """The distribution random sampling draws from, per row: temperature, top-k, top-p and min-p
+    applied to `logits` [M, V] (penalties come before, in the caller). Returns float32 probs [M, V]."""
     if any(p.temperature != 1.0 for p in params):
         logits = logits / _row_tensor([p.temperature for p in params], logits)  # [M, V]
     logits = _apply_top_k_top_p(logits, params)  # [M, V]
     if any(p.min_p > 0.0 for p in params):
         logits = _apply_min_p(logits, [p.min_p for p in params])  # [M, V]
-    probs = logits.softmax(dim=-1)  # [M, V]
-    # argmax(p / q) with q ~ Exp(1) picks token i with probability p_i, with no cumsum or host sync.
-    return probs.div_(_exponential_draws(probs, generators)).argmax(dim=-1)  # [M]
+    return logits.softmax(dim=-1)  # [M, V]
+
+
+def sample_from_probs(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One id per row of `probs` [M, V] (rows need not sum to 1), each seeded row from its own
+    generator. argmax(p / q) with q ~ Exp(1) picks token i with probability p_i / sum(p), with no
+    cumsum or host sync. Returns int64 ids [M]."""
+    return (probs / _exponential_draws(probs, generators)).argmax(dim=-1)  # [M]
 
 
 def _exponential_draws(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:

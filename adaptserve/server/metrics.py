@@ -90,6 +90,39 @@ class ServerMetrics:
         self._hit_rate = gauge(
             "adaptserve:prefix_cache_hit_rate", "Prefix-cache hits / queries since start, 0 to 1."
         )
+        # speculative decoding, as vLLM's spec_decode counters: acceptance rate = accepted / draft
+        # tokens; mean acceptance length = 1 + accepted / drafts (tokens per verify pass)
+        self._spec_drafts = Counter(
+            "adaptserve:spec_decode_num_drafts",
+            "Sequences that verified drafts (one per sequence and step).",
+            ["model_name", "drafter"],
+            registry=r,
+        )
+        self._spec_draft_tokens = Counter(
+            "adaptserve:spec_decode_num_draft_tokens",
+            "Drafted tokens verified.",
+            ["model_name", "drafter"],
+            registry=r,
+        )
+        self._spec_accepted_tokens = Counter(
+            "adaptserve:spec_decode_num_accepted_tokens",
+            "Drafted tokens accepted.",
+            ["model_name", "drafter"],
+            registry=r,
+        )
+        self._spec_acceptance_rate = Gauge(
+            "adaptserve:spec_decode_acceptance_rate",
+            "Accepted / drafted tokens since start, 0 to 1.",
+            ["model_name", "drafter"],
+            registry=r,
+        )
+        self._spec_mean_length = Gauge(
+            "adaptserve:spec_decode_mean_acceptance_length",
+            "Tokens per verify pass since start: 1 + accepted / drafts.",
+            ["model_name", "drafter"],
+            registry=r,
+        )
+        self._spec_totals: dict[str, list[int]] = {}  # drafter -> [drafts, draft tokens, accepted]
         self._knobs: dict[str, Gauge] = {}  # one gauge per run-time knob: adaptserve:knob_<name>
         self._gauge = gauge
         self._prefix_totals = [0, 0]  # queries, hits since this registry was made
@@ -123,6 +156,23 @@ class ServerMetrics:
         self._running.set(stats.num_running)
         self._waiting.set(stats.num_waiting)
         self._kv_usage.set(stats.kv_cache_usage)
+        if stats.drafter:
+            self._record_speculation(stats)
+
+    def _record_speculation(self, stats: StepStats) -> None:
+        labels = (self.model_name, stats.drafter)
+        self.set_knobs({"draft_len": stats.draft_len})
+        if not stats.num_drafts:
+            return
+        self._spec_drafts.labels(*labels).inc(stats.num_drafts)
+        self._spec_draft_tokens.labels(*labels).inc(stats.num_draft_tokens)
+        self._spec_accepted_tokens.labels(*labels).inc(stats.num_accepted_tokens)
+        totals = self._spec_totals.setdefault(stats.drafter, [0, 0, 0])
+        totals[0] += stats.num_drafts
+        totals[1] += stats.num_draft_tokens
+        totals[2] += stats.num_accepted_tokens
+        self._spec_acceptance_rate.labels(*labels).set(totals[2] / totals[1])
+        self._spec_mean_length.labels(*labels).set(1 + totals[2] / totals[0])
 
     def record_outcome(self, outcome: str) -> None:
         """A request that ended outside the engine: "invalid" (400/404), "error" (500) or "rejected"."""

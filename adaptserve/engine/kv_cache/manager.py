@@ -145,6 +145,18 @@ class KVCacheManager:
         self.num_cached_blocks.pop(request_id, None)
         self._counted_request_ids.discard(request_id)
 
+    def trim(self, request: KVRequest) -> None:
+        """Free the request's blocks past its computed tokens (rejected speculative drafts' blocks).
+        Those blocks held no known token, so none of them is in the prefix cache."""
+        req_blocks = self.req_to_blocks.get(request.request_id)
+        if not req_blocks:
+            return
+        num_needed = -(-request.num_computed_tokens // self.block_size)
+        if len(req_blocks) > num_needed:
+            surplus = req_blocks[num_needed:]
+            del req_blocks[num_needed:]
+            self.block_pool.free_blocks(reversed(surplus))
+
     def reset_prefix_cache(self) -> bool:
         """Forget all cached blocks; only possible (returns True) when no block is referenced."""
         return self.block_pool.reset_prefix_cache()

@@ -1,0 +1,1 @@
+"""Speculative decoding: drafters propose tokens, one target pass verifies them exactly."""

@@ -1,0 +1,81 @@
+"""N-gram prompt lookup (Saxena 2023; vLLM's "ngram" method): draft the tokens that followed the
+latest earlier occurrence of the sequence's last n tokens.
+
+Tasks that quote their input (summaries, edits, code changes, extraction) repeat long runs of the
+prompt, so the continuation of a matching n-gram is often exactly what the model writes next. The
+lookup costs no model pass: drafts are free, and a miss costs only the verified rows.
+
+The longest suffix n-gram (ngram_max down to ngram_min) with an earlier match wins; among matches,
+the most recent one. Token ids are kept per request as a growing numpy array so each lookup is a few
+vectorised comparisons, not a Python loop over the context.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class NgramProposer:
+    """propose(request_id, token_ids, max_drafts) -> up to max_drafts drafted ids."""
+
+    name = "ngram"
+
+    def __init__(self, ngram_min: int = 1, ngram_max: int = 4):
+        if not 1 <= ngram_min <= ngram_max:
+            raise ValueError(f"need 1 <= ngram_min <= ngram_max, got {ngram_min} and {ngram_max}")
+        self.ngram_min = ngram_min
+        self.ngram_max = ngram_max
+        self._tokens: dict[str, _TokenBuffer] = {}
+
+    def propose(self, request_id: str, token_ids: list[int], max_drafts: int) -> list[int]:
+        if max_drafts <= 0:
+            return []
+        buffer = self._tokens.get(request_id)
+        if buffer is None:
+            buffer = self._tokens[request_id] = _TokenBuffer()
+        tokens = buffer.sync(token_ids)  # [L]
+        length = len(tokens)
+        for n in range(min(self.ngram_max, length - 1), self.ngram_min - 1, -1):
+            start = _latest_match(tokens, n)
+            if start is not None:
+                follow = tokens[start + n : start + n + max_drafts]
+                return follow.tolist()
+        return []
+
+    def forget(self, request_id: str) -> None:
+        self._tokens.pop(request_id, None)
+
+
+def _latest_match(tokens: np.ndarray, n: int) -> int | None:
+    """Start of the latest earlier occurrence of tokens[-n:] (overlaps allowed) that has a token
+    after it, or None."""
+    num_starts = len(tokens) - n  # starts 0 .. L - n - 1: the suffix itself (start L - n) is excluded
+    if num_starts <= 0:
+        return None
+    suffix = tokens[-n:]  # [n]
+    matches = tokens[:num_starts] == suffix[0]  # [S]
+    for offset in range(1, n):
+        matches &= tokens[offset : num_starts + offset] == suffix[offset]
+    hits = np.flatnonzero(matches)
+    return int(hits[-1]) if len(hits) else None
+
+
+class _TokenBuffer:
+    """A request's token ids as a numpy array that grows with its output (tokens only get appended,
+    except after preemption or a rewrite, when it is rebuilt)."""
+
+    def __init__(self):
+        self.array = np.empty(0, np.int64)
+        self.length = 0
+
+    def sync(self, token_ids: list[int]) -> np.ndarray:
+        count = len(token_ids)
+        if count < self.length or (self.length and token_ids[self.length - 1] != self.array[self.length - 1]):
+            self.length = 0  # not an extension of what we hold: start over
+        if count > len(self.array):
+            grown = np.empty(max(count, 2 * len(self.array)), np.int64)
+            grown[: self.length] = self.array[: self.length]
+            self.array = grown
+        self.array[self.length : count] = token_ids[self.length : count]
+        self.length = count
+        return self.array[:count]

@@ -1,0 +1,35 @@
+from adaptserve.spec.ngram import NgramProposer
+
+
+def test_longest_suffix_match_wins():
+    proposer = NgramProposer(1, 3)
+    #   ... 9 2 3 | 5 6 ... and later 1 2 3 | 7 8; the suffix "1 2 3" matches only the second
+    tokens = [9, 2, 3, 5, 6, 1, 2, 3, 7, 8, 4, 1, 2, 3]
+    assert proposer.propose("a", tokens, 2) == [7, 8]
+
+
+def test_latest_occurrence_wins_and_drafts_stop_at_the_end():
+    proposer = NgramProposer(2, 2)
+    assert proposer.propose("a", [1, 2, 5, 1, 2, 6, 1, 2], 4) == [6, 1, 2]
+
+
+def test_overlapping_runs_are_matched():
+    assert NgramProposer(1, 3).propose("a", [7, 7, 7, 7], 3) == [7]
+
+
+def test_no_match_and_zero_budget_give_nothing():
+    proposer = NgramProposer(1, 4)
+    assert proposer.propose("a", [1, 2, 3, 4], 3) == []
+    assert proposer.propose("b", [1, 2, 1, 2], 0) == []
+
+
+def test_the_buffer_follows_growth_and_rewrites():
+    proposer = NgramProposer(1, 2)
+    tokens = [1, 2, 3, 1]
+    assert proposer.propose("a", tokens, 2) == [2, 3]
+    tokens += [2, 3]
+    assert proposer.propose("a", tokens, 2) == [1, 2]  # "2 3" occurred at 1, followed by 1 2
+    assert proposer.propose("a", tokens + [4], 2) == []  # "3 4" and "4" never occurred before
+    assert proposer.propose("a", [5, 6, 5], 1) == [6]  # a different (shorter) history: rebuilt
+    proposer.forget("a")
+    assert "a" not in proposer._tokens
