@@ -5,7 +5,8 @@ Per projection (K -> N) and row count M it times:
 - fp8 W8A8: `fp8_w8a8_linear` (activations quantized per token, then torch._scaled_mm);
 - fp8 weight-only: `fp8_gemv`, every config that suits M;
 - int4, group sizes 128 and 64: `int4_dequant_linear` (the old path: dequantize all, then cuBLAS) and
-  `int4_gemv`, every config that suits M.
+  `int4_gemv`, every config that suits M: the byte kernel and the folded one (config "folded",
+  triton_int4_gemv.py).
 
 Each implementation is first checked against a float32 product (TF32 off) with its own numbers: the
 dequantized weight, or for W8A8 the emulation from the same float8 activations; every record also
@@ -17,8 +18,11 @@ int4 dequantize path allocates a full-size weight per call and is timed eagerly 
 of the weight in its format + bytes of x) / time. A config that fails to compile or run is recorded
 with its error (SKIP) and the run goes on; the exit status is 1 only for wrong results.
 
-Usage (from the repository root, on a CUDA machine; a few minutes, mostly compiling):
-    PYTHONPATH=. python3 scripts/quant_gemv_bench.py --out docs/benchmarks/quant_gemv-h100.json
+At the end it prints, per shape and M, the best bf16 time and the best fp8 and int4 (group 128) configs
+with their speed-ups over bf16, the int4 byte kernel and the folded kernel each on their own.
+
+Usage (from the repository root, on a CUDA machine; about a minute with --rows 1,32, mostly compiling):
+    PYTHONPATH=. python3 scripts/quant_gemv_bench.py --rows 1,32 --out docs/benchmarks/quant_gemv-h100.json
 """
 
 from __future__ import annotations
@@ -138,9 +142,7 @@ class ShapeWeights:
         ]
         for config in configs_for("fp8", num_rows):
             fn = partial(fp8_gemv, config=config)
-            impls.append(
-                Impl(f"fp8 {config_name(config)}", "fp8", fn, self.fp8, exact_fp8, exact_fp8, config)
-            )
+            impls.append(Impl(f"fp8 {_name(config)}", "fp8", fn, self.fp8, exact_fp8, exact_fp8, config))
         for group_size, weights in self.int4.items():
             exact = partial(_product, weight=dequantize_int4(weights[0], torch.float32))
             name = f"int4 g{group_size}"
@@ -151,11 +153,13 @@ class ShapeWeights:
             for config in configs_for("int4", num_rows):
                 fn = partial(int4_gemv, config=config)
                 impls.append(
-                    Impl(
-                        f"{name} {config_name(config)}", "int4", fn, weights, exact, exact, config, group_size
-                    )
+                    Impl(f"{name} {_name(config)}", "int4", fn, weights, exact, exact, config, group_size)
                 )
         return impls
+
+
+def _name(config: dict) -> str:
+    return config_name(config) + (" folded" if config.get("folded") else "")
 
 
 def _product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -264,6 +268,34 @@ def print_tables(records: list[dict]) -> None:
         print(f"{shape:>8} {num_rows:>3}  " + " | ".join(cells))
 
 
+def _best_where(group: list[dict], keep: Callable) -> dict | None:
+    runs = [r for r in group if "us" in r and keep(r)]
+    return min(runs, key=lambda r: r["us"]) if runs else None
+
+
+def print_summary(records: list[dict]) -> None:
+    """Per shape and M: best bf16, best fp8 weight-only and int4 g128 (byte and folded kernels), each
+    with its config, time, GB/s and speed-up over bf16."""
+    kinds = {
+        "fp8": lambda r: r["kind"] == "fp8",
+        "int4": lambda r: r["kind"] == "int4" and r["group_size"] == 128 and not r["config"].get("folded"),
+        "int4 folded": lambda r: r["kind"] == "int4" and r["group_size"] == 128 and r["config"].get("folded"),
+    }
+    print("\nsummary: µs (GB/s, speed-up over bf16) and config of the best run of each kernel")
+    for (shape, num_rows), group in _groups(records):
+        bf16 = _best_where(group, lambda r: r["kind"] == "bf16")
+        line = f"{shape:>8} M={num_rows:<3} bf16 " + (f"{bf16['us']:.1f}" if bf16 else "-")
+        for title, keep in kinds.items():
+            best = _best_where(group, keep)
+            if best is None:
+                line += f" | {title} -"
+                continue
+            ratio = f" {bf16['us'] / best['us']:.2f}x" if bf16 else ""
+            config = _name(best["config"]).removesuffix(" folded")
+            line += f" | {title} {best['us']:.1f} ({best['gbps']:.0f}{ratio}) {config}"
+        print(line)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -284,6 +316,7 @@ def main() -> int:
         records += bench_shape(name, in_features, out_features, rows)
         print(f"{name}: done at {time.monotonic() - started:.0f} s", flush=True)
     print_tables(records)
+    print_summary(records)
     result = {
         "benchmark": "quant_gemv",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

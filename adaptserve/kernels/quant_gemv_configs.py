@@ -18,6 +18,11 @@ def _configs(*rows: tuple) -> list[dict]:
     return [dict(zip(CONFIG_KEYS, row, strict=True)) for row in rows]
 
 
+def _folded(*rows: tuple) -> list[dict]:
+    """int4 configs of the folded kernel (triton_int4_gemv.py), CUDA cores: "folded" is True."""
+    return [dict(_configs(row + (False,))[0], folded=True) for row in rows]
+
+
 # launch variants to time on an H100, in order of preference; each is a `config` of fp8_gemv / int4_gemv.
 # Tiles are sized by weight bytes: an fp8 tile of BLOCK_K columns is BLOCK_K bytes per row, an int4 one
 # BLOCK_K / 2, so int4 tiles are twice as long to read as much per load.
@@ -26,27 +31,43 @@ CONFIGS: dict[str, list[dict]] = {
         # CUDA cores: narrow, long tiles, like triton_gemv's measured best for bfloat16 (n2 k2048)
         (2, 4096, 1, 4, 1, False),
         (2, 2048, 1, 4, 1, False),
-        (4, 2048, 1, 8, 1, False),
         (4, 1024, 1, 4, 2, False),
-        (8, 512, 1, 4, 1, False),
+        # more bytes in flight per thread at M = 1 (n2 k4096 was the best at 1.8-2.5 TB/s)
+        (1, 8192, 1, 4, 1, False),
+        (2, 8192, 1, 8, 1, False),
+        (4, 4096, 1, 8, 1, False),
+        (2, 4096, 1, 2, 1, False),
+        (2, 4096, 1, 4, 2, False),
+        (4, 2048, 1, 4, 2, False),
+        (2, 4096, 2, 4, 1, False),  # split-K for the long K of "down"
         # tensor cores, any row count
         (16, 512, 1, 4, 3, True),
         (32, 256, 1, 4, 3, True),
         (64, 256, 1, 4, 3, True),
-        (16, 512, 2, 4, 3, True),
         (32, 512, 4, 4, 3, True),
     ),
     "int4": _configs(
-        (2, 4096, 1, 4, 1, False),
+        # the byte kernel on the CUDA cores (n4 k2048: the best measured at M = 1, 0.72-0.9x bfloat16)
         (4, 2048, 1, 4, 1, False),
-        (4, 4096, 1, 8, 1, False),
-        (8, 1024, 1, 4, 2, False),
         (2, 2048, 1, 2, 1, False),
-        (16, 1024, 1, 4, 3, True),
+        # tensor cores; n16/n32 k1024 spilled hundreds of registers at M = 32 (10-100x slower): dropped
         (32, 512, 1, 4, 3, True),
         (64, 256, 1, 4, 3, True),
-        (16, 1024, 2, 4, 3, True),
-        (32, 1024, 4, 4, 3, True),
+        (64, 128, 1, 4, 3, True),
+        (32, 256, 2, 4, 3, True),
+    )
+    + _folded(
+        # triton_int4_gemv.py: int32 words, zero point and scale out of the inner loop (M <= 4)
+        (4, 2048, 1, 4, 1),
+        (8, 1024, 1, 4, 1),
+        (2, 4096, 1, 4, 1),
+        (4, 4096, 1, 8, 1),
+        (8, 2048, 1, 8, 1),
+        (16, 1024, 1, 8, 1),
+        (4, 1024, 1, 4, 2),
+        (8, 1024, 1, 4, 2),
+        (4, 2048, 2, 4, 1),
+        (16, 512, 1, 4, 1),
     ),
 }
 
@@ -81,6 +102,7 @@ def pick_config(kind: str, num_rows: int, out_features: int, in_features: int, n
     if measured is not None:
         return measured
     candidates = configs_for(kind, num_rows)  # in_features: unused until a measured table keys on it
+    candidates = [c for c in candidates if not c.get("folded")]  # not yet measured on a GPU
     for config in candidates:
         if num_programs(config, num_rows, out_features) >= 2 * num_sms:
             return config
@@ -88,8 +110,10 @@ def pick_config(kind: str, num_rows: int, out_features: int, in_features: int, n
 
 
 def _config(kind: str, block_n: int, block_k: int, split_k: int = 1, num_warps: int = 4) -> dict:
-    """The config of CONFIGS[kind] with these tile sizes (a KeyError if it is not there)."""
+    """The config of CONFIGS[kind] with these tile sizes, not folded (a KeyError if it is not there)."""
     for config in CONFIGS[kind]:
+        if config.get("folded"):
+            continue
         if (config["block_n"], config["block_k"], config["split_k"], config["num_warps"]) == (
             block_n,
             block_k,

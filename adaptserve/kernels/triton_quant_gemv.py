@@ -34,6 +34,9 @@ Numerics: float32 accumulation, the bias added in float32, one rounding to x's d
 (`round_to_dtype`: the interpreter's bfloat16 arithmetic is broken, so under it tiles are upcast to
 float32 and dots are IEEE float32, as in triton_gemv.py).
 
+A config with "folded": True runs triton_int4_gemv.py's kernel instead: int32 words, the zero point and
+scale applied per group rather than per code (for the CUDA-core rows; see its docstring).
+
 Launch configs and `pick_config` (the ones scripts/quant_gemv_bench.py measured fastest on an H200)
 live in quant_gemv_configs.py (docs/benchmarks/quant_gemv-h200.json).
 """
@@ -261,10 +264,27 @@ def int4_gemv(
     Needs a power-of-two group size. Otherwise as `fp8_gemv`, with `config` one of CONFIGS["int4"].
     """
     _check_int4(x, q, bias)
-    weight_args = (q.packed, q.scales, q.zeros, q.packed.stride(0), q.scales.stride(0), q.zeros.stride(0))
     config = pick_config("int4", x.shape[0], q.shape[0], x.shape[1]) if config is None else config
     constexprs = {"GROUP_SIZE": q.group_size, "SUB_K": min(config["block_k"], q.group_size)}
-    return _launch(_int4_gemv_kernel, "int4", x, q.shape[0], weight_args, bias, config, resources, constexprs)
+    kernel, codes = _int4_gemv_kernel, q.packed
+    if config.get("folded") and _takes_words(q, constexprs["SUB_K"]):
+        from adaptserve.kernels.triton_int4_gemv import _int4_folded_kernel
+
+        kernel, codes = _int4_folded_kernel, q.packed.view(torch.int32)  # [N, K / 8], 8 codes a word
+    weight_args = (codes, q.scales, q.zeros, codes.stride(0), q.scales.stride(0), q.zeros.stride(0))
+    return _launch(kernel, "int4", x, q.shape[0], weight_args, bias, config, resources, constexprs)
+
+
+def _takes_words(q: Int4Weight, sub_k: int) -> bool:
+    """Whether the packed codes can be read as int32 words with whole words per group and tile
+    (otherwise a "folded" config runs the byte kernel)."""
+    packed = q.packed
+    return (
+        sub_k % 8 == 0
+        and packed.stride(0) % 4 == 0
+        and packed.storage_offset() % 4 == 0
+        and packed.data_ptr() % 4 == 0
+    )
 
 
 def _launch(

@@ -23,7 +23,7 @@ from adaptserve.kernels.quant import (
     quantize_fp8_weight,
     quantize_int4_weight,
 )
-from adaptserve.kernels.quant.int4 import Int4Weight
+from adaptserve.kernels.quant.int4 import Int4Weight, pack_int4
 from adaptserve.kernels.quant_gemv_configs import CONFIGS, FMA_MAX_ROWS, block_rows, configs_for, pick_config
 from adaptserve.kernels.triton_quant_gemv import fp8_gemv, int4_gemv
 
@@ -60,8 +60,8 @@ def _assert_close(actual, x, expected, rtol=BF16_RTOL, atol_rms=0.0):
 def _param_id(value) -> str:
     if not isinstance(value, dict):
         return str(value)
-    kind = "dot" if value["use_dot"] else "fma"
-    return f"{kind}-n{value['block_n']}-k{value['block_k']}-s{value['split_k']}"
+    kind = "folded" if value.get("folded") else "dot" if value["use_dot"] else "fma"
+    return f"{kind}-n{value['block_n']}-k{value['block_k']}-s{value['split_k']}-w{value['num_warps']}"
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
@@ -118,6 +118,55 @@ def test_picked_config_half_precision_with_bias(dtype, num_rows):
     _assert_close(fp8_gemv(x, wq, bias), x, _reference(x, dequantize_fp8(wq, torch.float64), bias))
     q = quantize_int4_weight(w.to(dtype), group_size=64)  # scales and zeros in the half dtype
     _assert_close(int4_gemv(x, q, bias), x, _reference(x, dequantize_int4(q, torch.float32), bias))
+
+
+FOLDED = dict(block_n=4, block_k=256, split_k=1, num_warps=4, num_stages=1, use_dot=False, folded=True)
+
+
+@pytest.mark.parametrize("num_rows", [1, 3, 17, 32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "tile",
+    [dict(), dict(block_n=8, block_k=64), dict(block_n=2, block_k=512, split_k=2)],
+    ids=["n4-k256", "n8-k64-tile-inside-a-group", "n2-k512-s2"],
+)
+def test_int4_folded(tile, dtype, num_rows):
+    """The folded kernel (int32 words, zero and scale per group): odd row counts (more than FMA_MAX_ROWS
+    take several row blocks), N = 21 not a multiple of BLOCK_N, K = 640 not a multiple of the tile,
+    a bias, and codes spanning 0..15 in every nibble position of a word."""
+    x, w, bias = _inputs(num_rows, 21, 640, dtype, seed=num_rows, bias=True)
+    q = quantize_int4_weight(w.to(dtype), group_size=128)
+    for nibbles in (q.packed & 0xF, q.packed >> 4):  # even and odd columns both take codes 0 and 15
+        assert nibbles.min() == 0 and nibbles.max() == 15
+    expected = _reference(x, dequantize_int4(q, torch.float32), bias)
+    _assert_close(int4_gemv(x, q, bias, config=dict(FOLDED, **tile)), x, expected)
+
+
+def test_int4_folded_every_nibble():
+    """One code at a time at each of a word's eight nibbles, with a zero point and scale that are not 0
+    and 1: any wrong nibble, shift or exponent shows as a wrong column."""
+    in_features, group_size = 64, 32
+    codes = torch.zeros(in_features, in_features, dtype=torch.uint8)  # row r: code 9 at column r, 0 else
+    codes[torch.arange(in_features), torch.arange(in_features)] = 9
+    codes[:, -1] += 15 * (torch.arange(in_features) != in_features - 1)  # and 15 at the last column
+    scales = torch.full((in_features, in_features // group_size), 0.5) + torch.rand(in_features, 2)
+    zeros = torch.full((in_features, in_features // group_size), 3.0)
+    q = Int4Weight(pack_int4(codes), scales, zeros, group_size)
+    x = torch.randn(5, in_features)
+    for config in [c for c in CONFIGS["int4"] if c.get("folded")][:2] + [dict(FOLDED, block_k=32)]:
+        expected = _reference(x, dequantize_int4(q, torch.float32))
+        _assert_close(int4_gemv(x, q, config=config), x, expected)
+
+
+def test_int4_folded_falls_back_to_bytes():
+    """Codes that cannot be read as int32 words (a view starting at an odd byte) take the byte kernel."""
+    x, w, _ = _inputs(2, 8, 256, torch.float32, seed=4)
+    q = quantize_int4_weight(w, group_size=64)
+    storage = torch.zeros(8, 129, dtype=torch.uint8)
+    storage[:, 1:] = q.packed
+    shifted = Int4Weight(storage[:, 1:], q.scales, q.zeros, 64)  # row stride 129 bytes
+    expected = _reference(x, dequantize_int4(q, torch.float32))
+    _assert_close(int4_gemv(x, shifted, config=FOLDED), x, expected)
 
 
 def test_strided_x():
