@@ -136,6 +136,8 @@ def _bench(args: argparse.Namespace) -> int:
         from adaptserve.bench.startup import run_startup_benchmark as run
     elif args.bench_command == "precision":
         from adaptserve.bench.precision_cli import run_precision_quality_benchmark as run
+    elif args.bench_command == "spec":
+        from adaptserve.bench.spec import run_spec_benchmark as run
     else:
         from adaptserve.bench.plot import run_plot as run
     run(args)
@@ -149,6 +151,7 @@ def _add_bench_commands(commands) -> None:
     from adaptserve.bench.precision_cli import add_precision_args
     from adaptserve.bench.prefill import add_prefill_args
     from adaptserve.bench.serve import add_serve_args
+    from adaptserve.bench.spec import add_spec_bench_args
     from adaptserve.bench.startup import add_startup_args
 
     bench = commands.add_parser("bench", help="benchmarks; results go to docs/benchmarks/")
@@ -177,9 +180,14 @@ def _add_bench_commands(commands) -> None:
         "precision", help="quality of bf16, fp8, int4 and adaptive precision against float32"
     )
     add_precision_args(precision)
+    spec = bench_commands.add_parser(
+        "spec", help="speculative decoding: every fixed k and the adaptive policy over a load sweep"
+    )
+    add_spec_bench_args(spec)
+    _add_engine_args(spec)
     plot = bench_commands.add_parser("plot", help="draw PNGs from benchmark JSON files")
     add_plot_args(plot)
-    for parser in (serve, offline, decode, prefill, startup, precision, plot):
+    for parser in (serve, offline, decode, prefill, startup, precision, spec, plot):
         parser.set_defaults(func=_bench)
 
 

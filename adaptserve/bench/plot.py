@@ -27,6 +27,7 @@ from adaptserve.bench.plot_fast_path import (
 )
 from adaptserve.bench.plot_parts import figure, grouped_bars
 from adaptserve.bench.plot_precision import precision_quality_figure, quant_gemv_figure
+from adaptserve.bench.plot_spec import spec_figure
 
 RESULTS_DIR = Path("docs/benchmarks")
 # One colour map per serve label; a label's runs get darker shades as the request rate rises.
@@ -336,4 +337,5 @@ PLOTTERS = {
     "decode_split": decode_split_figure,
     "precision_quality": precision_quality_figure,
     "quant_gemv": quant_gemv_figure,
+    "spec": spec_figure,
 }

@@ -52,6 +52,34 @@ def order_for_batch(sequences: list[ScheduledSequence]) -> list[ScheduledSequenc
     return [s for s in sequences if len(s.token_ids) == 1] + [s for s in sequences if len(s.token_ids) > 1]
 
 
+def verify_as_decode_rows(sequences: list[ScheduledSequence]) -> list[ScheduledSequence] | None:
+    """A step of decodes, some verifying k drafts, as k + 1 one-token rows per drafting sequence:
+    row j holds token j at position start + j and attends to start + j + 1 tokens of the same block
+    table, which is exactly causal attention over the drafts. The step is then a plain decode batch
+    (CUDA graphs replay it). None when the step also holds a prompt chunk."""
+    if any(len(s.token_ids) != s.num_draft_tokens + 1 for s in sequences):
+        return None
+    rows = []
+    for seq in sequences:
+        if not seq.num_draft_tokens:
+            rows.append(seq)
+            continue
+        for j, token in enumerate(seq.token_ids):
+            rows.append(
+                ScheduledSequence(
+                    request_id=seq.request_id,
+                    token_ids=[token],
+                    num_computed_tokens=seq.num_computed_tokens + j,
+                    block_ids=seq.block_ids,
+                    sample=True,
+                    sampling_params=seq.sampling_params,
+                    prompt_token_ids=seq.prompt_token_ids,
+                    output_token_ids=seq.output_token_ids,
+                )
+            )
+    return rows
+
+
 def build_host_batch(sequences: list[ScheduledSequence], block_size: int) -> HostBatch:
     sequences = order_for_batch(sequences)
     num_decodes = sum(1 for s in sequences if len(s.token_ids) == 1)

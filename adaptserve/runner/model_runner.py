@@ -24,7 +24,15 @@ from adaptserve.model.loaders import LoadedCheckpoint
 from adaptserve.model.projection import quantize_model
 from adaptserve.runner.cuda_graphs import DecodeGraphPool
 from adaptserve.runner.device import resolve_device, resolve_dtype
-from adaptserve.runner.inputs import HostBatch, ModelInputs, build_host_batch, host_tensor, to_device
+from adaptserve.runner.inputs import (
+    HostBatch,
+    ModelInputs,
+    build_host_batch,
+    host_tensor,
+    order_for_batch,
+    to_device,
+    verify_as_decode_rows,
+)
 from adaptserve.runner.launched_step import LaunchedStep
 from adaptserve.runner.memory import num_kv_blocks, profile_activation_bytes
 from adaptserve.runner.precision import StepPrecision
@@ -176,7 +184,9 @@ class ModelRunner:
             self._generators.pop(request_id, None)
         if scheduler_output.is_empty:
             return LaunchedStep.done(RunnerOutput([], [], []))
-        batch = build_host_batch(scheduler_output.sequences, self.block_size)
+        ordered = order_for_batch(scheduler_output.sequences)
+        rows = verify_as_decode_rows(ordered) if scheduler_output.num_draft_tokens else None
+        batch = build_host_batch(ordered if rows is None else rows, self.block_size)
         pending = self._pending_inputs(batch)
         precision, shadow = self.precision.choose(batch.is_decode_only)
         inputs = None
@@ -189,11 +199,11 @@ class ModelRunner:
             logits_in = self._eager_logits(inputs)
         shadow_logits = None if shadow is None else logits_in(shadow)  # first: the served run's KV stays
         logits = logits_in(precision)
+        if scheduler_output.num_draft_tokens:  # logits: k + 1 rows per drafting sequence, in `ordered`
+            return LaunchedStep.done(self._verify(logits, [s for s in ordered if s.sample]))
         seqs = [s for s in batch.sequences if s.sample]
         if not seqs:
             return LaunchedStep.done(RunnerOutput([], [], []))
-        if any(s.num_draft_tokens for s in seqs):
-            return LaunchedStep.done(self._verify(logits, seqs))
         self.precision.observe(logits, precision, shadow_logits)
         metadata = SamplingMetadata(
             params=[s.sampling_params for s in seqs],

@@ -1,0 +1,151 @@
+"""`adaptserve bench spec`: speculative decoding on input-grounded prompts, over a load sweep.
+
+Prompts ask the model to reproduce or edit a given text or code (copy a passage of the Python
+reference, fix a typo in it, rename a variable in a function), the tasks prompt lookup serves. For
+each batch size and each setting (no speculation, n-gram with every fixed k, the adaptive policy) the
+same prompts run greedily to `max_tokens`; a row records tokens/s, target forward passes per
+generated token, drafted and accepted tokens, and whether the output equals the run without
+speculation token for token. JSON and a plot go to docs/benchmarks/spec-<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from importlib import resources
+
+from tqdm import tqdm
+
+from adaptserve.bench.results import DEFAULT_MODEL_LABEL, write_results
+from adaptserve.engine.request import SamplingParams
+from adaptserve.engine.stats import StepStats
+
+_CODE = """def mean_and_spread(values):
+    total = 0.0
+    for value in values:
+        total += value
+    average = total / len(values)
+    squares = 0.0
+    for value in values:
+        squares += (value - average) ** 2
+    return average, (squares / len(values)) ** 0.5
+"""
+
+
+def add_spec_bench_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-sizes", default="1,4,16", help="comma-separated concurrent requests")
+    parser.add_argument("--draft-lens", default="1,2,4,8", help="fixed k settings to compare")
+    parser.add_argument("--max-tokens", type=int, default=96, help="tokens generated per request")
+    parser.add_argument("--result-dir", default="docs/benchmarks")
+
+
+def grounded_conversations(count: int) -> list[list[dict]]:
+    """`count` input-grounded chats: copy, correct or edit a given passage or function."""
+    text = resources.files("adaptserve.bench").joinpath("data/pydoc_topics.txt").read_text(encoding="utf-8")
+    passages = [p.strip() for p in text.split("\n\n") if 300 <= len(p.strip()) <= 900]
+    tasks = (
+        "Copy the following text exactly, word for word:\n\n{p}",
+        "Correct any spelling mistakes in this text and return the whole text:\n\n{p}",
+        "Rename the variable `total` to `running_sum` in this code and print the whole code:\n\n{c}",
+    )
+    chats = []
+    for i in range(count):
+        task = tasks[i % len(tasks)]
+        passage = passages[(i * 7) % len(passages)].replace(" the ", " teh ", 1)
+        chats.append([{"role": "user", "content": task.format(p=passage, c=_CODE)}])
+    return chats
+
+
+class _StepRecorder:
+    def __init__(self):
+        self.steps: list[StepStats] = []
+
+    def record(self, stats: StepStats) -> None:
+        self.steps.append(stats)
+
+
+def run_setting(checkpoint, conversations, max_tokens: int, options: dict) -> tuple[dict, list[list[int]]]:
+    """One engine, one batch of chats at once; returns the row and the generated ids."""
+    from adaptserve import LLM
+
+    llm = LLM.from_checkpoint(checkpoint, max_num_seqs=max(64, len(conversations)), **options)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    llm.chat(conversations[:1], SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)  # warm up
+    recorder = _StepRecorder()
+    llm.engine.stat_loggers.append(recorder)
+    start = time.perf_counter()
+    outputs = llm.chat(conversations, params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    token_ids = [c.token_ids for o in outputs for c in o.outputs]
+    generated = sum(len(t) for t in token_ids)
+    steps = [s for s in recorder.steps if s.num_scheduled_tokens]
+    decode_steps = [s for s in steps if s.num_generation_tokens]
+    drafted = sum(s.num_draft_tokens for s in steps)
+    accepted = sum(s.num_accepted_tokens for s in steps)
+    row = {
+        "seconds": round(seconds, 4),
+        "generated_tokens": generated,
+        "tokens_per_s": round(generated / seconds, 2),
+        "forward_passes": len(steps),
+        "passes_per_token_per_seq": round(len(decode_steps) * len(conversations) / generated, 4),
+        "draft_tokens": drafted,
+        "accepted_tokens": accepted,
+        "acceptance_rate": round(accepted / drafted, 4) if drafted else None,
+        "verify_steps": sum(1 for s in steps if s.num_drafts),
+    }
+    return row, token_ids
+
+
+def run_spec_benchmark(args: argparse.Namespace) -> None:
+    import torch
+
+    from adaptserve.model.loaders import load_checkpoint
+
+    checkpoint = load_checkpoint(args.model, progress=False)
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    draft_lens = [int(k) for k in args.draft_lens.split(",")]
+    settings = [("off", {})]
+    fixed = {"spec_method": "ngram", "spec_adaptive": False}
+    settings += [(f"ngram k={k}", {**fixed, "num_speculative_tokens": k}) for k in draft_lens]
+    settings.append(
+        (
+            "adaptive",
+            {"spec_method": "ngram", "num_speculative_tokens": max(draft_lens), "spec_adaptive": True},
+        )
+    )
+    base = {"device": args.device, "dtype": args.dtype}
+    rows = []
+    with tqdm(total=len(batch_sizes) * len(settings), desc="bench spec") as bar:
+        for batch in batch_sizes:
+            conversations = grounded_conversations(batch)
+            reference = None
+            for name, options in settings:
+                row, token_ids = run_setting(checkpoint, conversations, args.max_tokens, {**base, **options})
+                reference = token_ids if reference is None else reference
+                row.update(setting=name, batch_size=batch, identical_to_off=token_ids == reference)
+                rows.append(row)
+                bar.set_postfix_str(f"batch {batch} {name}: {row['tokens_per_s']} tok/s")
+                bar.update()
+    for batch in batch_sizes:
+        at_batch = [r for r in rows if r["batch_size"] == batch]
+        off = next(r for r in at_batch if r["setting"] == "off")["tokens_per_s"]
+        for r in at_batch:
+            r["speedup_vs_off"] = round(r["tokens_per_s"] / off, 3)
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    payload = {
+        "model": args.model or DEFAULT_MODEL_LABEL,
+        "max_tokens": args.max_tokens,
+        "batch_sizes": batch_sizes,
+        "rows": rows,
+    }
+    path = write_results("spec", device, payload, args.result_dir)
+    print(f"wrote {path}")
+    for r in rows:
+        print(
+            f"batch {r['batch_size']:>3} {r['setting']:>12}: {r['tokens_per_s']:>8} tok/s "
+            f"x{r['speedup_vs_off']:<6} passes/token {r['passes_per_token_per_seq']:<7} "
+            f"accept {r['acceptance_rate']} identical {r['identical_to_off']}"
+        )
+    from adaptserve.bench.plot import plot_after_run
+
+    plot_after_run(path)
