@@ -344,7 +344,9 @@ class LLMEngine:
         queries, hits = self.kv_cache.prefix_cache_queries, self.kv_cache.prefix_cache_hits
         last_queries, last_hits = self._prefix_cache_counts
         self._prefix_cache_counts = (queries, hits)
-        num_decodes = sum(1 for seq in scheduled.sequences if seq.sample and len(seq.token_ids) == 1)
+        num_decodes = sum(  # a sequence verifying drafts is a decode too: its extra tokens are drafts
+            1 for seq in scheduled.sequences if seq.sample and len(seq.token_ids) - seq.num_draft_tokens == 1
+        )
         arrivals, self._arrivals = self._arrivals, []
         return StepStats(
             start_time=start,

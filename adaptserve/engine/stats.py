@@ -25,7 +25,7 @@ class StepStats:
     start_time: float  # time.monotonic() when the step began
     step_time: float  # seconds from schedule to reading its tokens (spans two steps under async scheduling)
     num_scheduled_tokens: int  # tokens whose K/V was computed (prompt chunks + decodes)
-    num_prefill_tokens: int  # of those, tokens of prompts or recomputed preempted requests
+    num_prefill_tokens: int  # of those, tokens of prompts or recomputed preempted requests (and drafts)
     num_decode_sequences: int  # sequences that computed exactly one token to sample the next
     num_generation_tokens: int  # tokens sampled
     num_preemptions: int
