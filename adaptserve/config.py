@@ -90,16 +90,17 @@ class ControlConfig:
     telemetry_window_s: float = 10.0  # telemetry window the controllers read
 
 
-SPEC_METHODS = ("off", "ngram")  # drafters the engine can speculate with (spec/)
+SPEC_METHODS = ("off", "ngram", "layers")  # drafters the engine can speculate with (spec/)
 
 
 @dataclass
 class SpeculativeConfig:
-    spec_method: str = "off"  # off | ngram (prompt lookup: draft what followed the last n tokens before)
+    spec_method: str = "off"  # off | ngram (prompt lookup) | layers (the target's first layers draft)
     num_speculative_tokens: int = 4  # most tokens drafted per sequence and step (k)
     prompt_lookup_min: int = 1  # shortest suffix n-gram the lookup tries
     prompt_lookup_max: int = 4  # longest suffix n-gram the lookup tries (longest match wins)
     spec_adaptive: bool = True  # pick k (0 = off) each step from acceptance and measured step cost
+    draft_layers: int = 0  # layers: how many of the target's first layers draft; 0 = half of them
 
 
 @dataclass
@@ -136,6 +137,7 @@ class EngineConfig:
             (spec.prompt_lookup_min, spec.prompt_lookup_max),
             "1 <= prompt_lookup_min <= prompt_lookup_max <= 16",
         )
+        _require(spec.draft_layers >= 0, "speculative.draft_layers", spec.draft_layers, ">= 0 (0 = half)")
         ctl.controllers = tuple(ctl.controllers)
         for name in ctl.controllers:
             _require(name in CONTROLLERS, "control.controllers", name, ", ".join(CONTROLLERS))

@@ -10,6 +10,9 @@ from adaptserve.engine.request import SamplingParams
 # Stands in for a token the previous step sampled that the host has not read yet (async scheduling);
 # `ScheduledSequence.num_pending_tokens` says where they are. Out of range, so a missed fill fails.
 PENDING_TOKEN_ID = -1
+# Stands in for a draft the runner computes on the device before verifying it (self-speculative
+# drafting with the target's first layers); ScheduledSequence.num_draft_tokens counts them.
+DEVICE_DRAFT_TOKEN_ID = -2
 
 
 @dataclass(slots=True)

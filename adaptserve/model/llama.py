@@ -121,13 +121,16 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
         backend: AttentionBackend,
         precision: str = NATIVE,
+        num_layers: int | None = None,
     ) -> torch.Tensor:
         """input_ids, positions: [T] -> hidden states [T, hidden], the projections computed in
-        `precision` (a weight format the model holds; see model/projection.py)."""
+        `precision` (a weight format the model holds; see model/projection.py). `num_layers` runs only
+        the first layers, then the final norm (a self-speculative draft: spec/layer_drafter.py)."""
         x = self.embed_tokens(input_ids)  # [T, hidden]
         rope = self.rotary.context(positions, x.dtype)
         residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+        layers = self.layers if num_layers is None else self.layers[:num_layers]
+        for layer, kv_cache in zip(layers, kv_caches[: len(layers)], strict=True):
             x, residual = layer(x, residual, rope, kv_cache, meta, backend, precision)
         return self.norm(x, residual)[0]
 

@@ -37,6 +37,7 @@ from adaptserve.runner.launched_step import LaunchedStep
 from adaptserve.runner.memory import num_kv_blocks, profile_activation_bytes
 from adaptserve.runner.precision import StepPrecision
 from adaptserve.runner.sampler import Sampler, SamplingMetadata
+from adaptserve.spec.layer_drafter import LayerDrafter
 from adaptserve.spec.verify import verify_drafts
 
 logger = logging.getLogger(__name__)
@@ -79,9 +80,18 @@ class ModelRunner:
         self.graphs = self._build_graph_pool(config)
         self.autotuner = self._build_autotuner(config.kernels)
         self.sampler = Sampler()
+        self.layer_drafter = self._build_layer_drafter(config.speculative)
         self._generators: dict[str, torch.Generator] = {}  # per seeded request
         # the last step's sampled ids [N] on the device and each request's row in them
         self._last_sampled: tuple[torch.Tensor | None, dict[str, int]] = (None, {})
+
+    def _build_layer_drafter(self, spec) -> LayerDrafter | None:
+        if spec.spec_method != "layers":
+            return None
+        num_layers = spec.draft_layers or self.arch.num_layers // 2
+        return LayerDrafter(
+            self.model, self.kv_caches, self.attention, self.block_size, self.device, num_layers
+        )
 
     def _build_attention(self, kernels) -> tuple:
         backend = kernels.attention_backend
@@ -185,6 +195,11 @@ class ModelRunner:
         if scheduler_output.is_empty:
             return LaunchedStep.done(RunnerOutput([], [], []))
         ordered = order_for_batch(scheduler_output.sequences)
+        draft_probs: dict[str, torch.Tensor] = {}
+        if self.layer_drafter is not None and self.layer_drafter.wants(ordered):
+            ordered, draft_probs = self.layer_drafter.draft(
+                ordered, lambda s: self._generator(s.request_id, s.sampling_params.seed)
+            )
         rows = verify_as_decode_rows(ordered) if scheduler_output.num_draft_tokens else None
         batch = build_host_batch(ordered if rows is None else rows, self.block_size)
         pending = self._pending_inputs(batch)
@@ -200,7 +215,7 @@ class ModelRunner:
         shadow_logits = None if shadow is None else logits_in(shadow)  # first: the served run's KV stays
         logits = logits_in(precision)
         if scheduler_output.num_draft_tokens:  # logits: k + 1 rows per drafting sequence, in `ordered`
-            return LaunchedStep.done(self._verify(logits, [s for s in ordered if s.sample]))
+            return LaunchedStep.done(self._verify(logits, [s for s in ordered if s.sample], draft_probs))
         seqs = [s for s in batch.sequences if s.sample]
         if not seqs:
             return LaunchedStep.done(RunnerOutput([], [], []))
@@ -225,7 +240,9 @@ class ModelRunner:
             self._tune_after(batch, None if inputs is None else inputs.attn)
         return step
 
-    def _verify(self, logits: torch.Tensor, seqs: list[ScheduledSequence]) -> RunnerOutput:
+    def _verify(
+        self, logits: torch.Tensor, seqs: list[ScheduledSequence], draft_probs: dict[str, torch.Tensor]
+    ) -> RunnerOutput:
         """A step with drafts: `logits` [R, V] has k + 1 rows per sequence with k drafts. Drafting
         sequences are verified (spec/verify.py); the others are sampled as usual. Waits on the device."""
         counts = [s.num_draft_tokens + 1 for s in seqs]
@@ -241,6 +258,7 @@ class ModelRunner:
             [s.token_ids[-s.num_draft_tokens :] for s in (seqs[i] for i in drafting)],
             [seqs[i].sampling_params for i in drafting],
             [self._generator(seqs[i].request_id, seqs[i].sampling_params.seed) for i in drafting],
+            [draft_probs.get(seqs[i].request_id) for i in drafting],
         )
         for j, i in enumerate(drafting):
             accepted[i], token_ids[i] = verified.accepted_token_ids[j], verified.next_token_ids[j]

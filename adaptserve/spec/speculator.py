@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from adaptserve.adapt.speculation import SpeculationPolicy
 from adaptserve.config import SpeculativeConfig
-from adaptserve.engine.outputs import RunnerOutput, SchedulerOutput
+from adaptserve.engine.outputs import DEVICE_DRAFT_TOKEN_ID, RunnerOutput, SchedulerOutput
 from adaptserve.engine.request import Request, RequestStatus
 from adaptserve.spec.ngram import NgramProposer
 
@@ -19,7 +19,10 @@ class Speculator:
     """propose() before schedule(), observe() after the step's tokens are read."""
 
     def __init__(self, config: SpeculativeConfig, policy: SpeculationPolicy | None = None):
-        self.proposer = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
+        if config.spec_method == "layers":
+            self.proposer = DeviceDraftProposer()
+        else:
+            self.proposer = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
         self.policy = policy or SpeculationPolicy(config.num_speculative_tokens, config.spec_adaptive)
         self.drafter = self.proposer.name
 
@@ -64,6 +67,19 @@ class Speculator:
     def forget(self, request_id: str) -> None:
         self.proposer.forget(request_id)
         self.policy.forget(request_id)
+
+
+class DeviceDraftProposer:
+    """Drafts made by the runner on the device (spec/layer_drafter.py): the scheduler only needs
+    their count, so each is a placeholder that reserves its slot in the step."""
+
+    name = "layers"
+
+    def propose(self, request_id: str, token_ids: list[int], max_drafts: int) -> list[int]:
+        return [DEVICE_DRAFT_TOKEN_ID] * max(0, max_drafts)
+
+    def forget(self, request_id: str) -> None:
+        pass
 
 
 def can_speculate(request: Request) -> bool:

@@ -85,3 +85,23 @@ def test_requests_that_cannot_speculate_share_steps_with_those_that_do(smollm2):
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
     assert spec_out[1].outputs[0].logprobs is not None
     assert len(spec_out[1].outputs[0].logprobs) == len(spec_out[1].outputs[0].token_ids)
+
+
+@pytest.mark.parametrize("draft_layers", [8, 24])
+def test_self_speculative_layer_drafts_keep_greedy_output_exact(smollm2, draft_layers):
+    params = SamplingParams(temperature=0.0, max_tokens=24)
+    plain, _, _ = run(smollm2, GROUNDED + OPEN[:1], params)
+    options = {"spec_method": "layers", "draft_layers": draft_layers, "spec_adaptive": False}
+    spec, steps, llm = run(smollm2, GROUNDED + OPEN[:1], params, **options)
+    assert spec == plain
+    assert sum(s.num_draft_tokens for s in steps) > 0 and all(s.drafter == "layers" for s in steps)
+    assert llm.engine.kv_cache.num_free_blocks == llm.engine.runner.num_blocks
+
+
+def test_self_speculative_sampling_uses_the_draft_distribution(smollm2):
+    params = SamplingParams(temperature=1.0, max_tokens=24, seed=3)
+    options = {"spec_method": "layers", "draft_layers": 24, "spec_adaptive": False}
+    first, steps, llm = run(smollm2, OPEN, params, **options)
+    assert sum(s.num_accepted_tokens for s in steps) > 0
+    again = [c.token_ids for o in llm.chat(OPEN, params, use_tqdm=False) for c in o.outputs]
+    assert again == first
