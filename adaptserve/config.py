@@ -90,17 +90,19 @@ class ControlConfig:
     telemetry_window_s: float = 10.0  # telemetry window the controllers read
 
 
-SPEC_METHODS = ("off", "ngram", "layers")  # drafters the engine can speculate with (spec/)
+SPEC_METHODS = ("off", "ngram", "layers", "auto")  # drafters to speculate with (spec/); auto = all
 
 
 @dataclass
 class SpeculativeConfig:
-    spec_method: str = "off"  # off | ngram (prompt lookup) | layers (the target's first layers draft)
+    spec_method: str = "off"  # off | ngram (prompt lookup) | layers (the target's first layers) | auto (both)
     num_speculative_tokens: int = 4  # most tokens drafted per sequence and step (k)
     prompt_lookup_min: int = 1  # shortest suffix n-gram the lookup tries
     prompt_lookup_max: int = 4  # longest suffix n-gram the lookup tries (longest match wins)
     spec_adaptive: bool = True  # pick k (0 = off) each step from acceptance and measured step cost
-    draft_layers: int = 0  # layers: how many of the target's first layers draft; 0 = half of them
+    draft_layers: tuple[
+        int, ...
+    ] = ()  # layers/auto: depths of the layer drafts; () = 1/2 and 3/4 of the model
 
 
 @dataclass
@@ -137,7 +139,15 @@ class EngineConfig:
             (spec.prompt_lookup_min, spec.prompt_lookup_max),
             "1 <= prompt_lookup_min <= prompt_lookup_max <= 16",
         )
-        _require(spec.draft_layers >= 0, "speculative.draft_layers", spec.draft_layers, ">= 0 (0 = half)")
+        spec.draft_layers = (
+            (spec.draft_layers,) if isinstance(spec.draft_layers, int) else tuple(spec.draft_layers)
+        )
+        _require(
+            all(isinstance(d, int) and d >= 1 for d in spec.draft_layers),
+            "speculative.draft_layers",
+            spec.draft_layers,
+            "integers >= 1 (fewer than the model's layers)",
+        )
         ctl.controllers = tuple(ctl.controllers)
         for name in ctl.controllers:
             _require(name in CONTROLLERS, "control.controllers", name, ", ".join(CONTROLLERS))

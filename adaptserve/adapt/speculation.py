@@ -1,33 +1,33 @@
-"""How far to speculate: draft length per request and step (0 = off), from measured acceptance and
-the measured cost of steps with and without drafts.
+"""Which drafter and how far to speculate, each step, from measured acceptance and measured step cost.
 
-Signal: per-token acceptance alpha (the chance a draft is accepted given the ones before it were),
-counted globally and per request with exponential forgetting; the drafter's hit rate (share of
-requests it found a draft for); step time as a linear function of the step's tokens, fitted online
-separately for plain steps and for steps that verify drafts (on a GPU the two differ most in their
-intercept: verify steps run eagerly, plain decode steps replay CUDA graphs).
+Signal: per-token acceptance alpha of each drafter (the chance a draft is accepted given the ones
+before it were), globally and per request, with exponential forgetting; each drafter's hit rate
+(share of requests it found a draft for: n-gram lookup can miss, a layer draft cannot); step time as
+a line in the step's tokens, fitted online for plain steps and for each drafter's steps; and the
+tokens per second each (drafter, k) setting actually delivered, per batch-size bucket.
 
-Knob: `draft_len` (the most drafts per request this step; Knobs.draft_len shows it as a gauge) and
-each request's own k <= draft_len.
+Knob: the step's arm, (drafter, k) or off; Knobs.draft_len shows k. Each request's own k is at most
+the arm's k: its j-th draft is dropped when alpha_r^j falls below `min_draft_accept`.
 
 Rule: with k drafts a request yields E(k) = (1 - alpha^(k+1)) / (1 - alpha) tokens per step instead
-of one. Speculation is on while the predicted tokens per second with drafts beat those without:
-sum_r E_r(k_r) / t_spec(N + sum_r k_r) > B / t_plain(N). A request's j-th draft is worth its row when
-alpha_r^j exceeds the step's marginal cost per token in tokens, b_spec * B / t_spec(N): at batch 1 on
-a memory-bound GPU that threshold is tiny and long drafts pay; at large batches the step is compute
-bound, b grows, and the drafts stop (the issue's "off when the batch is compute bound").
+of one. An arm's value at batch B is the tokens/s it delivered in B's bucket once it has
+`min_samples` steps there, else the model's prediction B * (h E(k) + 1 - h) / t_d(B + h B k) against
+B / t_plain(B). The best arm wins; the current one is kept while it is within `keep_margin` of the
+best, so noise does not make the knob move. At large batches the step is compute bound: drafts cost
+their full share of the step, and "off" delivers the most.
 
-Guardrails: the on/off switch goes through a hysteresis band (on above +5 %, off below -5 % of the
-plain rate) and a SwitchGuard (confirmation, cooldown, switch cap). While off, a probe step with drafts
-runs every `probe_interval_s` so acceptance and cost stay measured; while on, a plain probe step does
-the same for the plain cost.
+Guardrails: a switch needs `confirm` consecutive steps proposing it and `cooldown_s` since the last
+one (the shared SwitchGuard); every `probe_interval_s` one step runs the least recently measured arm
+that the model does not rule out, so values stay current as acceptance and load change.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from adaptserve.adapt.switch_guard import Hysteresis, SwitchGuard
+from adaptserve.adapt.switch_guard import SwitchGuard
+
+OFF = ("", 0)  # the arm that drafts nothing
 
 
 @dataclass
@@ -90,121 +90,202 @@ def expected_tokens(alpha: float, k: int) -> float:
     return float(k + 1) if alpha >= 1.0 else (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
 
 
+def draft_lengths(max_draft: int) -> tuple[int, ...]:
+    """The k an adaptive policy tries: powers of two below max_draft, and max_draft."""
+    return tuple(sorted({k for k in (1, 2, 4, 8) if k < max_draft} | {max_draft}))
+
+
+@dataclass
+class _ArmValue:
+    tokens_per_s: float = 0.0  # exponentially weighted over this arm's steps in one batch bucket
+    samples: int = 0
+    last_step: int = -1
+
+
 class SpeculationPolicy:
-    """Decides each step whether to draft, and how many tokens per request (see the module doc)."""
+    """Picks each step's (drafter, k); see the module doc."""
 
     def __init__(
         self,
+        drafters: tuple[str, ...],
         max_draft: int,
         adaptive: bool = True,
         probe_interval_s: float = 2.0,
+        min_samples: int = 3,
+        keep_margin: float = 0.05,
+        min_draft_accept: float = 0.1,
         guard: SwitchGuard | None = None,
     ):
+        self.drafters = drafters
         self.max_draft = max_draft
         self.adaptive = adaptive
+        self.arms = [OFF] + [(d, k) for d in drafters for k in draft_lengths(max_draft)]
         self.probe_interval_s = probe_interval_s
-        self.guard = guard or SwitchGuard(cooldown_s=1.0, confirm=3, max_switches=20, window_s=60.0)
-        self.band = Hysteresis(low=0.95, high=1.05, is_high=True)  # ratio spec / plain, starts on
-        self.enabled = True  # optimistic start: the first steps measure acceptance and cost
-        self.global_acceptance = Acceptance()
-        self.request_acceptance: dict[str, Acceptance] = {}
-        self.hit_rate = 1.0  # share of requests the drafter found drafts for (decayed)
-        self.plain_cost = OnlineLinearCost()
-        self.spec_cost = OnlineLinearCost()
-        self._last_probe = float("-inf")
+        self.min_samples = min_samples
+        self.keep_margin = keep_margin
+        self.min_draft_accept = min_draft_accept
+        self.guard = guard or SwitchGuard(cooldown_s=0.5, confirm=3, max_switches=30, window_s=60.0)
+        self.current = (drafters[0], max_draft)  # optimistic start: the first steps measure it
+        self.acceptance = {d: Acceptance() for d in drafters}
+        self.request_acceptance: dict[tuple[str, str], Acceptance] = {}
+        self.hit_rate = dict.fromkeys(drafters, 1.0)
+        self.step_cost = OnlineLinearCost()  # every step, by its tokens (drafts included)
+        # what a drafter's steps cost beyond that line: per step for lookups (a host sync), per
+        # drafted token for layer drafts (a partial pass each); exponentially weighted
+        self.draft_overhead = dict.fromkeys(drafters, 0.0)
+        self.values: dict[tuple[int, tuple[str, int]], _ArmValue] = {}
         self.last_reason = "start"
+        self._step = 0
+        self._last_probe: float | None = None
+        self._probing: tuple[str, int] | None = None
+        self._probe_steps_left = 0
 
     # ---- before a step -------------------------------------------------------------------------------
 
-    def draft_budget(self, now: float, num_sequences: int) -> int:
-        """The most drafts per request this step (0: a plain step)."""
+    def choose(self, now: float, num_sequences: int) -> tuple[str, int]:
+        """(drafter, k) for the coming step; ("", 0) runs it without drafts."""
+        self._step += 1
         if not self.adaptive:
-            return self.max_draft
+            return self.current
         if num_sequences == 0:
-            return 0
-        self._update_switch(now, num_sequences)
-        if self._last_probe == float("-inf"):
-            self._last_probe = now  # the first probe comes one interval after the first step
-        probing = now - self._last_probe >= self.probe_interval_s
-        if probing:
-            self._last_probe = now
-        on = self.enabled != probing  # a probe runs the other kind of step
-        return self.max_draft if on else 0
+            return OFF
+        bucket = _bucket(num_sequences)
+        self._update_current(now, bucket, num_sequences)
+        self._probing = self._probe(now, bucket, num_sequences)
+        return self._probing or self.current
 
-    def request_draft_len(self, request_id: str, budget: int, num_sequences: int) -> int:
-        """This request's k <= budget: drafts while alpha_r^j beats the marginal cost threshold."""
-        if budget <= 0 or not self.adaptive:
-            return budget
-        return self._draft_len(self._acceptance(request_id).rate, budget, num_sequences)
-
-    def _draft_len(self, alpha: float, budget: int, num_sequences: int) -> int:
-        threshold = self._marginal_threshold(num_sequences)
-        k = 0
-        while k < budget and alpha ** (k + 1) > threshold:
-            k += 1
-        return max(k, 1)  # a drafted request always tests at least one token (keeps alpha measured)
+    def request_draft_len(self, drafter: str, request_id: str, k: int) -> int:
+        """This request's k: the arm's k, cut where its own alpha^j drops below `min_draft_accept`."""
+        if k <= 0 or not self.adaptive:
+            return k
+        alpha = self._request_acceptance(drafter, request_id).rate
+        j = 1  # a drafting request always tests at least one token, so its alpha stays measured
+        while j < k and alpha ** (j + 1) >= self.min_draft_accept:
+            j += 1
+        return j
 
     # ---- after a step --------------------------------------------------------------------------------
 
-    def observe_step(self, num_tokens: int, num_draft_tokens: int, seconds: float) -> None:
-        cost = self.spec_cost if num_draft_tokens else self.plain_cost
-        cost.add(num_tokens, seconds)
+    def observe_step(
+        self, arm: tuple[str, int], num_sequences: int, num_tokens: int, num_generated: int, seconds: float
+    ) -> None:
+        if seconds <= 0 or num_sequences == 0:
+            return
+        drafter, k = arm
+        if k:
+            residual = seconds - self.step_cost.predict(num_tokens) if self.step_cost.has_data else 0.0
+            units = _overhead_units(drafter, k)
+            self.draft_overhead[drafter] += 0.2 * (residual / units - self.draft_overhead[drafter])
+            self.step_cost.add(num_tokens, seconds - self.draft_overhead[drafter] * units)
+        else:
+            self.step_cost.add(num_tokens, seconds)
+        value = self.values.setdefault((_bucket(num_sequences), arm), _ArmValue())
+        rate = num_generated / seconds
+        weight = 1.0 if value.samples == 0 else 0.3
+        value.tokens_per_s += weight * (rate - value.tokens_per_s)
+        value.samples += 1
+        value.last_step = self._step
 
-    def observe_request(self, request_id: str, num_drafts: int, num_accepted: int) -> None:
-        self.global_acceptance.add(num_drafts, num_accepted)
-        self._acceptance(request_id).add(num_drafts, num_accepted)
+    def observe_request(self, drafter: str, request_id: str, num_drafts: int, num_accepted: int) -> None:
+        self.acceptance[drafter].add(num_drafts, num_accepted)
+        self._request_acceptance(drafter, request_id).add(num_drafts, num_accepted)
 
-    def observe_proposals(self, num_asked: int, num_found: int) -> None:
+    def observe_proposals(self, drafter: str, num_asked: int, num_found: int) -> None:
         if num_asked:
-            self.hit_rate = 0.9 * self.hit_rate + 0.1 * (num_found / num_asked)
+            self.hit_rate[drafter] = 0.9 * self.hit_rate[drafter] + 0.1 * (num_found / num_asked)
 
     def forget(self, request_id: str) -> None:
-        self.request_acceptance.pop(request_id, None)
+        for key in [key for key in self.request_acceptance if key[1] == request_id]:
+            del self.request_acceptance[key]
 
-    # ---- the model -----------------------------------------------------------------------------------
+    # ---- values --------------------------------------------------------------------------------------
 
-    def predicted_gain(self, num_sequences: int) -> float | None:
-        """Predicted tokens/s with drafts over without, at this batch size; None before both step
-        kinds were measured."""
-        if not (self.plain_cost.has_data and self.spec_cost.has_data):
+    def value(self, arm: tuple[str, int], num_sequences: int) -> float | None:
+        """Tokens/s the arm delivers at this batch size: measured when it has enough steps in the
+        bucket, else predicted; None when neither is possible yet."""
+        measured = self.values.get((_bucket(num_sequences), arm))
+        if measured is not None and measured.samples >= self.min_samples:
+            return measured.tokens_per_s
+        return self.predicted(arm, num_sequences)
+
+    def predicted(self, arm: tuple[str, int], num_sequences: int) -> float | None:
+        drafter, k = arm
+        batch = num_sequences
+        if not self.step_cost.has_data:
             return None
-        alpha = self.global_acceptance.rate
-        b = num_sequences
-        k = self._draft_len(alpha, self.max_draft, num_sequences)  # a request at the global alpha
-        drafted = self.hit_rate * b  # requests with a draft
-        tokens_spec = drafted * expected_tokens(alpha, k) + (b - drafted)
-        time_spec = self.spec_cost.predict(b + drafted * k)
-        time_plain = self.plain_cost.predict(b)
-        if time_spec <= 0 or time_plain <= 0:
-            return None
-        return (tokens_spec / time_spec) / (b / time_plain)
+        if not k:
+            return batch / max(self.step_cost.predict(batch), 1e-9)
+        hit = self.hit_rate[drafter]
+        alpha = self.acceptance[drafter].rate
+        tokens = batch * (hit * expected_tokens(alpha, k) + 1 - hit)
+        seconds = self.step_cost.predict(batch + hit * batch * k) + self.draft_overhead[
+            drafter
+        ] * _overhead_units(drafter, k)
+        return tokens / max(seconds, 1e-9)
 
-    def _update_switch(self, now: float, num_sequences: int) -> None:
-        gain = self.predicted_gain(num_sequences)
-        if gain is None:
+    def _update_current(self, now: float, bucket: int, num_sequences: int) -> None:
+        values = {arm: self.value(arm, num_sequences) for arm in self.arms}
+        known = {arm: v for arm, v in values.items() if v is not None}
+        if not known:
             return
-        wanted = self.band.update(gain)
-        if wanted == self.enabled:
+        best = max(known, key=known.get)
+        current = known.get(self.current)
+        if best == self.current or (current is not None and current >= (1 - self.keep_margin) * known[best]):
             self.guard.reset()
             return
-        if self.guard.allow(now, wanted):
+        if self.guard.allow(now, best):
             self.guard.switched(now)
-            self.enabled = wanted
+            previous, self.current = self.current, best
             self.last_reason = (
-                f"predicted speculative/plain tokens per second {gain:.2f} at batch {num_sequences}"
+                f"batch {num_sequences}: {_name(best)} {known[best]:.1f} tokens/s over "
+                f"{_name(previous)} {current if current is None else round(current, 1)}"
             )
 
-    def _marginal_threshold(self, num_sequences: int) -> float:
-        """Tokens one more drafted row must be expected to add to pay for its time."""
-        if not self.spec_cost.has_data:
-            return 0.0
-        _, slope = self.spec_cost.coefficients()
-        step = self.spec_cost.predict(num_sequences)
-        return slope * num_sequences / step if step > 0 else 0.0
+    def _probe(self, now: float, bucket: int, num_sequences: int) -> tuple[str, int] | None:
+        """Every probe interval, `min_samples` steps of the least recently measured arm worth
+        measuring (enough for its value to count)."""
+        if self._probing is not None and self._probe_steps_left > 0:
+            self._probe_steps_left -= 1
+            return self._probing
+        if self._last_probe is None:
+            self._last_probe = now
+            return None
+        if now - self._last_probe < self.probe_interval_s:
+            return None
+        self._last_probe = now
+        best = self.value(self.current, num_sequences) or 0.0
+        candidates = []
+        for arm in self.arms:
+            if arm == self.current:
+                continue
+            predicted = self.predicted(arm, num_sequences)
+            if predicted is not None and predicted < 0.5 * best:
+                continue  # the model rules it out
+            measured = self.values.get((bucket, arm))
+            candidates.append((measured.last_step if measured else -1, arm))
+        if not candidates:
+            return None
+        self._probe_steps_left = self.min_samples - 1
+        return min(candidates)[1]
 
-    def _acceptance(self, request_id: str) -> Acceptance:
-        acceptance = self.request_acceptance.get(request_id)
+    def _request_acceptance(self, drafter: str, request_id: str) -> Acceptance:
+        key = (drafter, request_id)
+        acceptance = self.request_acceptance.get(key)
         if acceptance is None:
-            prior = self.global_acceptance.rate
-            acceptance = self.request_acceptance[request_id] = Acceptance(prior=prior)
+            prior = self.acceptance[drafter].rate
+            acceptance = self.request_acceptance[key] = Acceptance(prior=prior)
         return acceptance
+
+
+def _overhead_units(drafter: str, k: int) -> int:
+    """Layer drafts pay a partial pass per drafted token; a lookup's extra is one per step."""
+    return k if drafter.startswith("layers") else 1
+
+
+def _bucket(num_sequences: int) -> int:
+    """Batch sizes share measurements within a power of two."""
+    return max(1, num_sequences).bit_length()
+
+
+def _name(arm: tuple[str, int]) -> str:
+    return "off" if not arm[1] else f"{arm[0]} k={arm[1]}"

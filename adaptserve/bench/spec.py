@@ -36,6 +36,9 @@ def add_spec_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-sizes", default="1,4,16", help="comma-separated concurrent requests")
     parser.add_argument("--draft-lens", default="1,2,4,8", help="fixed k settings to compare")
     parser.add_argument("--max-tokens", type=int, default=96, help="tokens generated per request")
+    parser.add_argument(
+        "--layer-drafts", default="", help="self-speculative settings as depth:k, comma-separated (e.g. 24:4)"
+    )
     parser.add_argument("--result-dir", default="docs/benchmarks")
 
 
@@ -80,9 +83,13 @@ def run_setting(checkpoint, conversations, max_tokens: int, options: dict) -> tu
     generated = sum(len(t) for t in token_ids)
     steps = [s for s in recorder.steps if s.num_scheduled_tokens]
     decode_steps = [s for s in steps if s.num_generation_tokens]
-    # steps that computed no prompt token: decoding alone, without the prefill both settings share
-    pure = [s for s in decode_steps if s.num_prefill_tokens == s.num_draft_tokens]
-    pure_seconds = sum(s.step_time for s in pure)
+    # decoding alone, without the prefill every setting shares: from the end of the last step that
+    # computed prompt tokens to the end of the run (wall clock, so async scheduling counts right)
+    last_prompt = max(i for i, s in enumerate(steps) if s.num_prefill_tokens > s.num_draft_tokens)
+    pure = steps[last_prompt + 1 :]
+    pure_seconds = (pure[-1].start_time + pure[-1].step_time) - (
+        steps[last_prompt].start_time + steps[last_prompt].step_time
+    )
     drafted = sum(s.num_draft_tokens for s in steps)
     accepted = sum(s.num_accepted_tokens for s in steps)
     row = {
@@ -111,6 +118,10 @@ def run_spec_benchmark(args: argparse.Namespace) -> None:
     settings = [("off", {})]
     fixed = {"spec_method": "ngram", "spec_adaptive": False}
     settings += [(f"ngram k={k}", {**fixed, "num_speculative_tokens": k}) for k in draft_lens]
+    for entry in filter(None, args.layer_drafts.split(",")):
+        depth, k = (int(v) for v in entry.split(":"))
+        layers = {"spec_method": "layers", "draft_layers": depth, "num_speculative_tokens": k}
+        settings.append((f"layers{depth} k={k}", {**layers, "spec_adaptive": False}))
     settings.append(
         (
             "adaptive",

@@ -82,7 +82,7 @@ class LLMEngine:
         self.knobs = Knobs.from_config(config)
         self.speculator: Speculator | None = None  # drafts and verifies when speculative.method is set
         if config.speculative.spec_method != "off":
-            self.speculator = Speculator(config.speculative)
+            self.speculator = Speculator(config.speculative, arch.num_layers)
             self.knobs.spec_mode = config.speculative.spec_method
         self.knob_ceilings = (config.scheduler.max_num_seqs, config.scheduler.max_num_batched_tokens)
         self.control: ControlPlane | None = None  # set by enable_control(); asked between steps
@@ -230,6 +230,8 @@ class LLMEngine:
         start = self.clock()
         outputs = self._propose_drafts(start) if self.speculator is not None else []
         scheduler_output = self.scheduler.schedule(start)
+        if self.speculator is not None:
+            self.speculator.label(scheduler_output)
         for seq in scheduler_output.sequences:
             request = self.scheduler.requests[seq.request_id]
             if request.first_scheduled_time is None:
@@ -247,14 +249,14 @@ class LLMEngine:
         """Drafts for the coming step. They extend each request's latest tokens, so a step still on
         the device is read first (its outputs are returned)."""
         outputs: list[RequestOutput] = []
-        budget = self.speculator.draft_budget(now, self.scheduler.running)
+        budget = self.speculator.choose(now, self.scheduler.running)
         self.knobs.draft_len = budget
         if budget == 0:
             return outputs
         if self._in_flight is not None:
             outputs += self._finish(self._in_flight)
             self._in_flight = None
-        self.speculator.propose(self.scheduler.running, budget)
+        self.speculator.propose(self.scheduler.running)
         return outputs
 
     def _launch_and_finish(self, scheduler_output: SchedulerOutput, start: float) -> list[RequestOutput]:
@@ -289,10 +291,11 @@ class LLMEngine:
         num_generated = sum(r.num_output_tokens - num_before[id(r)] for r in updated)
         stats = self._step_stats(step.start, execute_start, now, step.scheduled, num_generated)
         if self.speculator is not None:
-            drafted, accepted = self.speculator.observe(step.scheduled, runner_output, now - execute_start)
+            seconds = now - execute_start
+            drafted, accepted = self.speculator.observe(step.scheduled, runner_output, num_generated, seconds)
             stats.num_draft_tokens, stats.num_accepted_tokens = drafted, accepted
             stats.num_drafts = sum(1 for seq in step.scheduled.sequences if seq.num_draft_tokens)
-            stats.drafter, stats.draft_len = self.speculator.drafter, self.knobs.draft_len
+            stats.drafter, stats.draft_len = step.scheduled.drafter or "off", step.scheduled.draft_len
         touched: dict[str, ParentRequest] = {}  # parents with a child that got a token this step
         for request in updated:
             parent_id = self._child_to_parent[request.request_id]

@@ -37,6 +37,9 @@ class SchedulerOutput:
     num_batched_tokens: int
     finished_request_ids: list[str] = field(default_factory=list)  # the executor may drop their state
     preempted_request_ids: list[str] = field(default_factory=list)
+    drafter: str = ""  # the drafter whose drafts this step verifies ("" = none was asked)
+    draft_len: int = 0  # the most drafts per sequence the speculation policy allowed
+    draft_layers: int = 0  # layer drafts: the target's first layers that make DEVICE_DRAFT_TOKEN_IDs
 
     @property
     def is_empty(self) -> bool:

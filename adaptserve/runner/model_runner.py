@@ -86,12 +86,9 @@ class ModelRunner:
         self._last_sampled: tuple[torch.Tensor | None, dict[str, int]] = (None, {})
 
     def _build_layer_drafter(self, spec) -> LayerDrafter | None:
-        if spec.spec_method != "layers":
+        if spec.spec_method not in ("layers", "auto"):
             return None
-        num_layers = spec.draft_layers or self.arch.num_layers // 2
-        return LayerDrafter(
-            self.model, self.kv_caches, self.attention, self.block_size, self.device, num_layers
-        )
+        return LayerDrafter(self.model, self.kv_caches, self.attention, self.block_size, self.device)
 
     def _build_attention(self, kernels) -> tuple:
         backend = kernels.attention_backend
@@ -196,9 +193,11 @@ class ModelRunner:
             return LaunchedStep.done(RunnerOutput([], [], []))
         ordered = order_for_batch(scheduler_output.sequences)
         draft_probs: dict[str, torch.Tensor] = {}
-        if self.layer_drafter is not None and self.layer_drafter.wants(ordered):
+        if scheduler_output.draft_layers and self.layer_drafter is not None:
             ordered, draft_probs = self.layer_drafter.draft(
-                ordered, lambda s: self._generator(s.request_id, s.sampling_params.seed)
+                ordered,
+                scheduler_output.draft_layers,
+                lambda s: self._generator(s.request_id, s.sampling_params.seed),
             )
         rows = verify_as_decode_rows(ordered) if scheduler_output.num_draft_tokens else None
         batch = build_host_batch(ordered if rows is None else rows, self.block_size)

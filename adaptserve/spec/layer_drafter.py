@@ -27,34 +27,35 @@ from adaptserve.runner.sampler import sample_from_probs, sampling_probs
 class LayerDrafter:
     """draft(sequences) fills the DEVICE_DRAFT_TOKEN_ID placeholders of a step's sequences."""
 
-    def __init__(self, model, kv_caches, attention, block_size: int, device: torch.device, num_layers: int):
-        if not 1 <= num_layers < len(model.layers):
-            raise ValueError(f"draft layers must be in [1, {len(model.layers) - 1}], got {num_layers}")
+    def __init__(self, model, kv_caches, attention, block_size: int, device: torch.device):
         self.model, self.kv_caches, self.attention = model, kv_caches, attention
-        self.block_size, self.device, self.num_layers = block_size, device, num_layers
-
-    @staticmethod
-    def wants(sequences: list[ScheduledSequence]) -> bool:
-        return any(s.num_draft_tokens and s.token_ids[-1] == DEVICE_DRAFT_TOKEN_ID for s in sequences)
+        self.block_size, self.device = block_size, device
 
     def draft(
         self,
         sequences: list[ScheduledSequence],
+        num_layers: int,
         generator_of: Callable[[ScheduledSequence], torch.Generator | None],
     ) -> tuple[list[ScheduledSequence], dict[str, torch.Tensor]]:
-        """The sequences with their drafts filled in, and the draft distributions [k, V] of sampled
-        requests by request id (greedy drafts are deterministic: no entry)."""
+        """The sequences with their drafts filled in by the first `num_layers` layers, and the draft
+        distributions [k, V] of sampled requests by request id (greedy drafts: no entry)."""
+        if not 1 <= num_layers < len(self.model.layers):
+            raise ValueError(f"draft layers must be in [1, {len(self.model.layers) - 1}], got {num_layers}")
         todo = [
             i
             for i, s in enumerate(sequences)
             if s.num_draft_tokens and s.token_ids[-1] == DEVICE_DRAFT_TOKEN_ID
         ]
+        if not todo:
+            return sequences, {}
         tokens = {i: list(sequences[i].token_ids) for i in todo}
         probs: dict[int, list[torch.Tensor]] = {i: [] for i in todo}
         for j in range(max(sequences[i].num_draft_tokens for i in todo)):
             active = [i for i in todo if sequences[i].num_draft_tokens > j]
             rows = [self._row(sequences[i], tokens[i][j], j) for i in active]
-            for i, (token_id, q) in zip(active, self._next_tokens(rows, generator_of), strict=True):
+            for i, (token_id, q) in zip(
+                active, self._next_tokens(rows, num_layers, generator_of), strict=True
+            ):
                 tokens[i][j + 1] = token_id
                 if q is not None:
                     probs[i].append(q)
@@ -76,7 +77,7 @@ class LayerDrafter:
         )
 
     def _next_tokens(
-        self, rows: list[ScheduledSequence], generator_of
+        self, rows: list[ScheduledSequence], num_layers: int, generator_of
     ) -> list[tuple[int, torch.Tensor | None]]:
         inputs = to_device(build_host_batch(rows, self.block_size), self.device)
         self.attention.begin_step(inputs.attn)
@@ -87,7 +88,7 @@ class LayerDrafter:
             inputs.attn,
             self.attention,
             NATIVE,
-            num_layers=self.num_layers,
+            num_layers=num_layers,
         )  # [A, H]
         logits = self.model.compute_logits(hidden)  # [A, V]
         ids = logits.argmax(dim=-1)  # [A]

@@ -1,5 +1,5 @@
-"""The engine's side of speculative decoding: before a step, give running requests their drafts;
-after it, feed acceptance and step cost back to the policy that decides how far to draft.
+"""The engine's side of speculative decoding: before a step, pick the drafter and k and give running
+requests their drafts; after it, feed acceptance and step cost back to the policy.
 
 Drafts need a request's latest tokens, so a step that verifies drafts is scheduled only after the
 previous step's tokens are read (the engine drains async scheduling first), and its own tokens are
@@ -8,47 +8,91 @@ read as soon as it is launched. A step the policy runs without drafts keeps asyn
 
 from __future__ import annotations
 
-from adaptserve.adapt.speculation import SpeculationPolicy
+from adaptserve.adapt.speculation import OFF, SpeculationPolicy
 from adaptserve.config import SpeculativeConfig
 from adaptserve.engine.outputs import DEVICE_DRAFT_TOKEN_ID, RunnerOutput, SchedulerOutput
 from adaptserve.engine.request import Request, RequestStatus
 from adaptserve.spec.ngram import NgramProposer
 
 
+class DeviceDraftProposer:
+    """Drafts made by the runner with the target's first `num_layers` layers (spec/layer_drafter.py):
+    the scheduler only needs their count, so each is a placeholder that reserves its slot."""
+
+    def __init__(self, num_layers: int):
+        self.num_layers = num_layers
+        self.name = f"layers{num_layers}"
+
+    def propose(self, request_id: str, token_ids: list[int], max_drafts: int) -> list[int]:
+        return [DEVICE_DRAFT_TOKEN_ID] * max(0, max_drafts)
+
+    def forget(self, request_id: str) -> None:
+        pass
+
+
+def layer_draft_depths(config: SpeculativeConfig, num_model_layers: int) -> tuple[int, ...]:
+    depths = config.draft_layers or (num_model_layers // 2, 3 * num_model_layers // 4)
+    bad = [d for d in depths if not 1 <= d < num_model_layers]
+    if bad:
+        raise ValueError(f"speculative.draft_layers={bad} out of range; allowed: 1 to {num_model_layers - 1}")
+    return tuple(dict.fromkeys(depths))
+
+
 class Speculator:
-    """propose() before schedule(), observe() after the step's tokens are read."""
+    """choose() and propose() before schedule(), label() after it, observe() once tokens are read."""
 
-    def __init__(self, config: SpeculativeConfig, policy: SpeculationPolicy | None = None):
-        if config.spec_method == "layers":
-            self.proposer = DeviceDraftProposer()
-        else:
-            self.proposer = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
-        self.policy = policy or SpeculationPolicy(config.num_speculative_tokens, config.spec_adaptive)
-        self.drafter = self.proposer.name
+    def __init__(
+        self, config: SpeculativeConfig, num_model_layers: int, policy: SpeculationPolicy | None = None
+    ):
+        self.proposers: dict[str, NgramProposer | DeviceDraftProposer] = {}
+        if config.spec_method in ("ngram", "auto"):
+            ngram = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
+            self.proposers[ngram.name] = ngram
+        if config.spec_method in ("layers", "auto"):
+            for depth in layer_draft_depths(config, num_model_layers):
+                proposer = DeviceDraftProposer(depth)
+                self.proposers[proposer.name] = proposer
+        drafters = tuple(self.proposers)
+        self.policy = policy or SpeculationPolicy(
+            drafters, config.num_speculative_tokens, config.spec_adaptive
+        )
+        self.arm = OFF
 
-    def draft_budget(self, now: float, running: list[Request]) -> int:
-        """The most drafts per request in the coming step (0: a plain step, no need to drain)."""
-        return self.policy.draft_budget(now, len(running))
+    def choose(self, now: float, running: list[Request]) -> int:
+        """Pick the coming step's (drafter, k); returns k (0: a plain step, no need to drain)."""
+        self.arm = self.policy.choose(now, len(running))
+        return self.arm[1]
 
-    def propose(self, running: list[Request], budget: int) -> int:
+    def propose(self, running: list[Request]) -> int:
         """Set `spec_token_ids` of the running requests that may speculate; returns drafts proposed."""
+        drafter, k = self.arm
+        proposer = self.proposers[drafter]
         candidates = [r for r in running if can_speculate(r)]
         num_found = num_drafts = 0
         for request in candidates:
             room = request.max_output_tokens - request.num_output_tokens - 1  # the bonus token needs one
-            k = min(self.policy.request_draft_len(request.request_id, budget, len(running)), room)
-            drafts = self.proposer.propose(request.request_id, request.all_token_ids, k)
+            wanted = min(self.policy.request_draft_len(drafter, request.request_id, k), room)
+            drafts = proposer.propose(request.request_id, request.all_token_ids, wanted)
             request.spec_token_ids = drafts
             num_found += bool(drafts)
             num_drafts += len(drafts)
-        self.policy.observe_proposals(len(candidates), num_found)
+        self.policy.observe_proposals(drafter, len(candidates), num_found)
         return num_drafts
 
+    def label(self, scheduled: SchedulerOutput) -> None:
+        """Record on the step which arm it runs (the runner reads draft_layers; observe() the rest)."""
+        drafter, k = self.arm
+        scheduled.drafter, scheduled.draft_len = drafter, k
+        proposer = self.proposers.get(drafter)
+        scheduled.draft_layers = getattr(proposer, "num_layers", 0) if scheduled.num_draft_tokens else 0
+
     def observe(
-        self, scheduled: SchedulerOutput, output: RunnerOutput, execute_seconds: float
+        self, scheduled: SchedulerOutput, output: RunnerOutput, num_generated: int, seconds: float
     ) -> tuple[int, int]:
-        """Acceptance per request and the step's cost; returns (drafted, accepted) tokens."""
-        self.policy.observe_step(scheduled.num_batched_tokens, scheduled.num_draft_tokens, execute_seconds)
+        """Feed the step to the policy; returns (drafted, accepted) tokens."""
+        arm = (scheduled.drafter, scheduled.draft_len) if scheduled.draft_len else OFF
+        num_sequences = sum(1 for seq in scheduled.sequences if seq.sample)
+        self.policy.observe_step(arm, num_sequences, scheduled.num_batched_tokens, num_generated, seconds)
         if not scheduled.num_draft_tokens:
             return 0, 0
         accepted_by_id = {
@@ -59,27 +103,15 @@ class Speculator:
         for seq in scheduled.sequences:
             if seq.num_draft_tokens and seq.request_id in accepted_by_id:
                 accepted = accepted_by_id[seq.request_id]
-                self.policy.observe_request(seq.request_id, seq.num_draft_tokens, accepted)
+                self.policy.observe_request(scheduled.drafter, seq.request_id, seq.num_draft_tokens, accepted)
                 num_drafted += seq.num_draft_tokens
                 num_accepted += accepted
         return num_drafted, num_accepted
 
     def forget(self, request_id: str) -> None:
-        self.proposer.forget(request_id)
+        for proposer in self.proposers.values():
+            proposer.forget(request_id)
         self.policy.forget(request_id)
-
-
-class DeviceDraftProposer:
-    """Drafts made by the runner on the device (spec/layer_drafter.py): the scheduler only needs
-    their count, so each is a placeholder that reserves its slot in the step."""
-
-    name = "layers"
-
-    def propose(self, request_id: str, token_ids: list[int], max_drafts: int) -> list[int]:
-        return [DEVICE_DRAFT_TOKEN_ID] * max(0, max_drafts)
-
-    def forget(self, request_id: str) -> None:
-        pass
 
 
 def can_speculate(request: Request) -> bool:

@@ -2,18 +2,50 @@
 
 import pytest
 
-from adaptserve.adapt.speculation import Acceptance, OnlineLinearCost, SpeculationPolicy, expected_tokens
+from adaptserve.adapt.speculation import (
+    OFF,
+    Acceptance,
+    OnlineLinearCost,
+    SpeculationPolicy,
+    draft_lengths,
+    expected_tokens,
+)
 
 
-def feed(policy, *, intercept, slope, spec_intercept=None, alpha=0.8, batch=1, steps=40, k=4):
-    """Steps of both kinds at costs seconds = intercept + slope * tokens, drafts accepted at alpha."""
-    spec_intercept = intercept if spec_intercept is None else spec_intercept
+def simulate(policy, *, batch, steps, plain_cost, draft_cost, alpha, hit=1.0, start=0.0, dt=0.05):
+    """Run `steps` steps: the policy picks an arm, the synthetic engine 'runs' it and reports back.
+    Costs are functions of the step's tokens; each draft is accepted while a deterministic stream of
+    Bernoulli(alpha) outcomes says so. Returns the arms chosen."""
+    chosen = []
+    flips = iter([(i * 0.6180339) % 1.0 for i in range(1, 100000)])
     for i in range(steps):
-        policy.observe_step(batch + i % 3, 0, intercept + slope * (batch + i % 3))
-        tokens = batch * (1 + k) + i % 5
-        policy.observe_step(tokens, batch * k, spec_intercept + slope * tokens)
-        accepted = int(alpha * k + 0.5) if i % 2 else int(alpha * k)
-        policy.observe_request("r", k, min(k, accepted))
+        now = start + i * dt
+        drafter, k = policy.choose(now, batch)
+        chosen.append((drafter, k))
+        generated = tokens = batch
+        if k:
+            drafting = int(round(hit * batch))
+            tokens += drafting * k
+            for _ in range(drafting):
+                accepted = 0
+                while accepted < k and next(flips) < alpha[drafter]:
+                    accepted += 1
+                generated += accepted
+                policy.observe_request(drafter, "r", k, accepted)
+            policy.observe_proposals(drafter, batch, drafting)
+            seconds = draft_cost[drafter](tokens, k)
+        else:
+            seconds = plain_cost(tokens)
+        policy.observe_step((drafter, k) if k else OFF, batch, tokens, generated, seconds)
+    return chosen
+
+
+def memory_bound(tokens, k=0):
+    return 0.010 + 0.00002 * tokens
+
+
+def compute_bound(tokens, k=0):
+    return 0.002 + 0.001 * tokens
 
 
 def test_linear_cost_recovers_the_line_and_follows_change():
@@ -26,77 +58,85 @@ def test_linear_cost_recovers_the_line_and_follows_change():
     assert cost.coefficients()[0] == pytest.approx(0.008, rel=0.01)
 
 
-def test_expected_tokens_and_acceptance():
+def test_expected_tokens_acceptance_and_draft_lengths():
     assert expected_tokens(0.0, 4) == 1.0
     assert expected_tokens(0.5, 2) == pytest.approx(1.75)
     acceptance = Acceptance(prior=0.5, prior_trials=2, forget=1.0)
     for _ in range(50):
-        acceptance.add(4, 4)  # all accepted: 4 trials, 4 successes
+        acceptance.add(4, 4)
     assert acceptance.rate > 0.98
+    assert draft_lengths(8) == (1, 2, 4, 8) and draft_lengths(6) == (1, 2, 4, 6) and draft_lengths(1) == (1,)
 
 
-def test_memory_bound_batch_one_speculates_with_long_drafts():
-    policy = SpeculationPolicy(max_draft=4, probe_interval_s=1e9)
-    feed(policy, intercept=0.010, slope=0.00005)
-    assert policy.predicted_gain(1) > 2
-    assert policy.draft_budget(0.0, 1) == 4
-    assert policy.request_draft_len("r", 4, 1) == 4
+def test_memory_bound_batch_one_settles_on_long_drafts():
+    policy = SpeculationPolicy(("ngram",), max_draft=8)
+    chosen = simulate(policy, batch=1, steps=400, plain_cost=memory_bound,
+                      draft_cost={"ngram": memory_bound}, alpha={"ngram": 0.8})  # fmt: skip
+    assert policy.current == ("ngram", 8)
+    assert sum(arm == ("ngram", 8) for arm in chosen[-100:]) >= 90
 
 
 def test_compute_bound_large_batch_turns_speculation_off():
-    policy = SpeculationPolicy(max_draft=4, probe_interval_s=1e9)
-    feed(policy, intercept=0.002, slope=0.001, batch=64)
-    assert policy.predicted_gain(64) < 0.95
-    budgets = [policy.draft_budget(t * 0.5, 64) for t in range(12)]
-    assert budgets[-1] == 0 and not policy.enabled
+    policy = SpeculationPolicy(("ngram",), max_draft=4)
+    chosen = simulate(policy, batch=64, steps=400, plain_cost=compute_bound,
+                      draft_cost={"ngram": compute_bound}, alpha={"ngram": 0.6})  # fmt: skip
+    assert policy.current == OFF
+    assert sum(arm == OFF for arm in chosen[-100:]) >= 85  # the rest are probes
     assert "batch 64" in policy.last_reason
 
 
-def test_costly_verify_steps_turn_it_off_even_at_batch_one():
-    """On a GPU a verify step loses the CUDA graph: a large intercept can outweigh the drafts."""
-    policy = SpeculationPolicy(max_draft=4, probe_interval_s=1e9)
-    feed(policy, intercept=0.006, spec_intercept=0.030, slope=0.00001, alpha=0.3)
-    assert policy.predicted_gain(1) < 0.95
-    for t in range(12):
-        policy.draft_budget(t * 0.5, 1)
-    assert not policy.enabled
+def test_the_better_drafter_wins():
+    """A layer draft costs a partial pass per drafted token; the free n-gram draft with higher
+    acceptance should win, and a weak layer draft should never become current."""
+    policy = SpeculationPolicy(("ngram", "layers15", "layers22"), max_draft=4)
+    costs = {
+        "ngram": memory_bound,
+        "layers15": lambda tokens, k: memory_bound(tokens) + k * 0.005,
+        "layers22": lambda tokens, k: memory_bound(tokens) + k * 0.007,
+    }
+    simulate(policy, batch=1, steps=600, plain_cost=memory_bound, draft_cost=costs,
+             alpha={"ngram": 0.7, "layers15": 0.1, "layers22": 0.3})  # fmt: skip
+    assert policy.current[0] == "ngram"
 
 
-def test_a_gain_oscillating_inside_the_band_never_flips_the_switch():
-    policy = SpeculationPolicy(max_draft=4, probe_interval_s=1e9)
-    gains = iter([1.04, 0.96, 1.03, 0.97] * 20)
-    policy.predicted_gain = lambda batch: next(gains)
+def test_noise_around_equal_values_does_not_make_the_knob_move():
+    """Two arms delivering the same tokens/s up to +-3 % noise: the current one stays."""
+    policy = SpeculationPolicy(("ngram",), max_draft=2, probe_interval_s=1e9)
+    policy.current = ("ngram", 2)
+    for arm in policy.arms:  # every arm measured at the same rate first
+        for _ in range(3):
+            policy.observe_step(arm, 4, 4, 4, 0.01)
     switches = 0
-    for t in range(80):
-        before = policy.enabled
-        policy.draft_budget(t * 0.5, 8)
-        switches += policy.enabled != before
-    assert switches == 0 and policy.enabled
+    for i in range(400):
+        before = policy.current
+        arm = policy.choose(i * 0.05, 4)
+        switches += policy.current != before
+        noise = 1.03 if i % 2 else 0.97
+        policy.observe_step(arm, 4, 4, 4, 0.01 * noise)  # every arm: 400 tokens/s +- 3 %
+    assert switches == 0
 
 
-def test_a_gain_alternating_across_the_band_switches_at_most_by_the_guard():
-    policy = SpeculationPolicy(max_draft=4, probe_interval_s=1e9)
-    gains = iter([1.5, 1.5, 0.5, 0.5] * 100)
-    policy.predicted_gain = lambda batch: next(gains)
-    switches = 0
-    for t in range(400):
-        before = policy.enabled
-        policy.draft_budget(t * 0.01, 8)  # 4 s of steps, 10 ms apart
-        switches += policy.enabled != before
-    assert switches == 0  # never 3 confirmations in a row
+def test_probes_keep_other_arms_measured_but_stay_rare():
+    policy = SpeculationPolicy(("ngram",), max_draft=4, probe_interval_s=1.0)
+    chosen = simulate(policy, batch=64, steps=400, plain_cost=compute_bound,
+                      draft_cost={"ngram": compute_bound}, alpha={"ngram": 0.6}, dt=0.05)  # fmt: skip
+    probes = sum(arm != OFF for arm in chosen[200:])  # 10 s of steps at 50 ms: ~10 probes of 3 steps
+    assert 15 <= probes <= 45
 
 
-def test_probes_keep_the_other_step_kind_measured():
-    policy = SpeculationPolicy(max_draft=4, probe_interval_s=1.0)
-    feed(policy, intercept=0.002, slope=0.001, batch=64)
-    for t in range(30):
-        policy.draft_budget(t * 0.5, 64)
-    assert not policy.enabled
-    budgets = [policy.draft_budget(15 + t * 0.1, 64) for t in range(40)]  # 4 s at 100 ms per step
-    assert 3 <= sum(b > 0 for b in budgets) <= 5  # one probe step per second
+def test_per_request_draft_length_follows_its_acceptance():
+    policy = SpeculationPolicy(("ngram",), max_draft=8, min_draft_accept=0.1)
+    for _ in range(30):
+        policy.observe_request("ngram", "good", 8, 8)
+        policy.observe_request("ngram", "bad", 8, 0)
+    assert policy.request_draft_len("ngram", "good", 8) == 8
+    assert policy.request_draft_len("ngram", "bad", 8) == 1  # still tested, so it can recover
+    policy.forget("bad")
+    assert ("ngram", "bad") not in policy.request_acceptance
 
 
 def test_fixed_policy_always_drafts_the_maximum():
-    policy = SpeculationPolicy(max_draft=3, adaptive=False)
-    feed(policy, intercept=0.002, slope=0.001, batch=64)
-    assert policy.draft_budget(0.0, 64) == 3 and policy.request_draft_len("r", 3, 64) == 3
+    policy = SpeculationPolicy(("ngram",), max_draft=3, adaptive=False)
+    simulate(policy, batch=64, steps=50, plain_cost=compute_bound, draft_cost={"ngram": compute_bound},
+             alpha={"ngram": 0.1})  # fmt: skip
+    assert policy.choose(10.0, 64) == ("ngram", 3) and policy.request_draft_len("ngram", "r", 3) == 3

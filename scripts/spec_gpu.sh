@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# On the GPU machine (issue 9): speculative decoding on the real SmolLM2 over a batch sweep. The GGUF
+# (98 MB) travels in two halves, build/carry1 and build/carry2 (split -b 50000000), carried on two
+# calls to one warm machine; this joins them. Usage: bash scripts/spec_gpu.sh [extra bench spec flags]
+set -uo pipefail
+out="${OUT:-docs/benchmarks}"
+# gguf (the loader's reader) is not in the GPU image: it travels as a wheel in .whl (carry it)
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=.:/tmp/site PYTHONUNBUFFERED=1
+model=/tmp/SmolLM2-135M-Instruct.Q4_1.gguf
+cat build/carry1/smol.part.aa build/carry2/smol.part.ab > "$model"
+echo "a1231443440b107ff29f02bdb38c9d0a  $model" | md5sum -c - || exit 1
+timeout 540 python3 -c "import sys; from adaptserve.cli import main; sys.exit(main())" bench spec \
+  --model "$model" --batch-sizes 1,8,32,64,128 --draft-lens 2,4,8 --layer-drafts 24:4 --max-tokens 128 \
+  --result-dir "$out" "$@" 2>&1 | grep -v "it/s\]" | tail -40
