@@ -17,7 +17,7 @@ best, so noise does not make the knob move. At large batches the step is compute
 their full share of the step, and "off" delivers the most.
 
 Guardrails: a switch needs `confirm` consecutive steps proposing it and `cooldown_s` since the last
-one (the shared SwitchGuard); every `probe_interval_s` one step runs the least recently measured arm
+one (the shared SwitchGuard); every `probe_every` steps a short burst runs the least recently measured arm
 that the model does not rule out, so values stay current as acceptance and load change.
 """
 
@@ -110,7 +110,7 @@ class SpeculationPolicy:
         drafters: tuple[str, ...],
         max_draft: int,
         adaptive: bool = True,
-        probe_interval_s: float = 2.0,
+        probe_every: int = 64,
         min_samples: int = 3,
         keep_margin: float = 0.05,
         min_draft_accept: float = 0.1,
@@ -120,7 +120,7 @@ class SpeculationPolicy:
         self.max_draft = max_draft
         self.adaptive = adaptive
         self.arms = [OFF] + [(d, k) for d in drafters for k in draft_lengths(max_draft)]
-        self.probe_interval_s = probe_interval_s
+        self.probe_every = probe_every  # steps between probe bursts (~5 % of steps probe)
         self.min_samples = min_samples
         self.keep_margin = keep_margin
         self.min_draft_accept = min_draft_accept
@@ -136,7 +136,7 @@ class SpeculationPolicy:
         self.values: dict[tuple[int, tuple[str, int]], _ArmValue] = {}
         self.last_reason = "start"
         self._step = 0
-        self._last_probe: float | None = None
+        self._last_probe = 0  # the step of the last probe burst
         self._probing: tuple[str, int] | None = None
         self._probe_steps_left = 0
 
@@ -242,17 +242,14 @@ class SpeculationPolicy:
             )
 
     def _probe(self, now: float, bucket: int, num_sequences: int) -> tuple[str, int] | None:
-        """Every probe interval, `min_samples` steps of the least recently measured arm worth
+        """Every `probe_every` steps, `min_samples` steps of the least recently measured arm worth
         measuring (enough for its value to count)."""
         if self._probing is not None and self._probe_steps_left > 0:
             self._probe_steps_left -= 1
             return self._probing
-        if self._last_probe is None:
-            self._last_probe = now
+        if self._step - self._last_probe < self.probe_every:
             return None
-        if now - self._last_probe < self.probe_interval_s:
-            return None
-        self._last_probe = now
+        self._last_probe = self._step
         best = self.value(self.current, num_sequences) or 0.0
         candidates = []
         for arm in self.arms:

