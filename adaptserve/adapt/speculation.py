@@ -223,9 +223,13 @@ class SpeculationPolicy:
         ] * _overhead_units(drafter, k)
         return tokens / max(seconds, 1e-9)
 
+    def _measured(self, bucket: int, arm: tuple[str, int]) -> float | None:
+        value = self.values.get((bucket, arm))
+        return value.tokens_per_s if value is not None and value.samples >= self.min_samples else None
+
     def _update_current(self, now: float, bucket: int, num_sequences: int) -> None:
-        values = {arm: self.value(arm, num_sequences) for arm in self.arms}
-        known = {arm: v for arm, v in values.items() if v is not None}
+        """Switch to the best *measured* arm (predictions only decide what to measure)."""
+        known = {arm: v for arm in self.arms if (v := self._measured(bucket, arm)) is not None}
         if not known:
             return
         best = max(known, key=known.get)
@@ -242,14 +246,13 @@ class SpeculationPolicy:
             )
 
     def _probe(self, now: float, bucket: int, num_sequences: int) -> tuple[str, int] | None:
-        """Every `probe_every` steps, `min_samples` steps of the least recently measured arm worth
-        measuring (enough for its value to count)."""
+        """A burst of `min_samples` steps (enough for a value to count) of an arm worth measuring:
+        at once for an arm never measured at this batch size, else every `probe_every` steps for the
+        most promising one (measured or predicted) not probed lately. An arm is not worth it when the
+        model predicts under half the current arm's tokens/s."""
         if self._probing is not None and self._probe_steps_left > 0:
             self._probe_steps_left -= 1
             return self._probing
-        if self._step - self._last_probe < self.probe_every:
-            return None
-        self._last_probe = self._step
         best = self.value(self.current, num_sequences) or 0.0
         candidates = []
         for arm in self.arms:
@@ -259,11 +262,22 @@ class SpeculationPolicy:
             if predicted is not None and predicted < 0.5 * best:
                 continue  # the model rules it out
             measured = self.values.get((bucket, arm))
-            candidates.append((measured.last_step if measured else -1, arm))
+            promise = max(v for v in (predicted, self._measured(bucket, arm), 0.0) if v is not None)
+            candidates.append((measured.last_step if measured else -1, -promise, arm))
         if not candidates:
             return None
+        never = [c for c in candidates if c[0] < 0]
+        if never:
+            arm = min(never)[2]
+        elif self._step - self._last_probe < self.probe_every:
+            return None
+        else:  # the most promising arm not probed in the last two bursts, else the stalest
+            fresh_enough = self._step - 2 * self.probe_every
+            stale = [c for c in candidates if c[0] < fresh_enough]
+            arm = min(stale, key=lambda c: c[1])[2] if stale else min(candidates)[2]
+        self._last_probe = self._step
         self._probe_steps_left = self.min_samples - 1
-        return min(candidates)[1]
+        return arm
 
     def _request_acceptance(self, drafter: str, request_id: str) -> Acceptance:
         key = (drafter, request_id)
