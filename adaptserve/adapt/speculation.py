@@ -97,9 +97,17 @@ def draft_lengths(max_draft: int) -> tuple[int, ...]:
 
 @dataclass
 class _ArmValue:
-    tokens_per_s: float = 0.0  # exponentially weighted over this arm's steps in one batch bucket
+    """Tokens over seconds of one arm's steps in one batch bucket, both sums decayed per step: a
+    ratio of sums, so a step that happened to accept everything does not swing it."""
+
+    tokens: float = 0.0
+    seconds: float = 0.0
     samples: int = 0
     last_step: int = -1
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
 class SpeculationPolicy:
@@ -180,9 +188,8 @@ class SpeculationPolicy:
         else:
             self.step_cost.add(num_tokens, seconds)
         value = self.values.setdefault((_bucket(num_sequences), arm), _ArmValue())
-        rate = num_generated / seconds
-        weight = 1.0 if value.samples == 0 else 0.3
-        value.tokens_per_s += weight * (rate - value.tokens_per_s)
+        value.tokens = value.tokens * 0.9 + num_generated
+        value.seconds = value.seconds * 0.9 + seconds
         value.samples += 1
         value.last_step = self._step
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections import Counter
 from importlib import resources
 
 from tqdm import tqdm
@@ -78,7 +79,7 @@ def run_setting(checkpoint, conversations, max_tokens: int, options: dict) -> tu
     from adaptserve import LLM
 
     llm = LLM.from_checkpoint(checkpoint, max_num_seqs=max(64, len(conversations)), **options)
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)  # stops at EOS: the answer, no filler
     # warm up on the same workload (untimed): kernels compile, and the adaptive policy measures its
     # options, as it would in the first seconds of serving
     llm.chat(conversations, params, use_tqdm=False)
@@ -111,6 +112,8 @@ def run_setting(checkpoint, conversations, max_tokens: int, options: dict) -> tu
         "accepted_tokens": accepted,
         "acceptance_rate": round(accepted / drafted, 4) if drafted else None,
         "verify_steps": sum(1 for s in steps if s.num_drafts),
+        # the policy's choice per decode step, "drafter k" (the adaptive setting's mix)
+        "arms": dict(Counter(f"{s.drafter} {s.draft_len}" if s.draft_len else "off" for s in pure)),
     }
     return row, token_ids
 

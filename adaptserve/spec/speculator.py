@@ -92,7 +92,9 @@ class Speculator:
         """Feed the step to the policy; returns (drafted, accepted) tokens."""
         arm = (scheduled.drafter, scheduled.draft_len) if scheduled.draft_len else OFF
         num_sequences = sum(1 for seq in scheduled.sequences if seq.sample)
-        self.policy.observe_step(arm, num_sequences, scheduled.num_batched_tokens, num_generated, seconds)
+        computes_prompt = any(len(seq.token_ids) > seq.num_draft_tokens + 1 for seq in scheduled.sequences)
+        if not computes_prompt:  # a prompt chunk's time says nothing about decoding with this arm
+            self.policy.observe_step(arm, num_sequences, scheduled.num_batched_tokens, num_generated, seconds)
         if not scheduled.num_draft_tokens:
             return 0, 0
         accepted_by_id = {
