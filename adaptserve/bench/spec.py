@@ -107,7 +107,10 @@ def run_setting(checkpoint, conversations, max_tokens: int, options: dict) -> tu
         "tokens_per_s": round(generated / seconds, 2),
         "decode_tokens_per_s": round(sum(s.num_generation_tokens for s in pure) / pure_seconds, 2),
         "forward_passes": len(steps),
-        "passes_per_token_per_seq": round(len(decode_steps) * len(conversations) / generated, 4),
+        # each decoding sequence in a step is one target pass over its next token(s)
+        "passes_per_token_per_seq": round(
+            sum(s.num_decode_sequences for s in pure) / max(1, sum(s.num_generation_tokens for s in pure)), 4
+        ),
         "draft_tokens": drafted,
         "accepted_tokens": accepted,
         "acceptance_rate": round(accepted / drafted, 4) if drafted else None,
