@@ -91,7 +91,6 @@ def run_setting(checkpoint, conversations, max_tokens: int, options: dict) -> tu
     token_ids = [c.token_ids for o in outputs for c in o.outputs]
     generated = sum(len(t) for t in token_ids)
     steps = [s for s in recorder.steps if s.num_scheduled_tokens]
-    decode_steps = [s for s in steps if s.num_generation_tokens]
     # decoding alone, without the prefill every setting shares: from the end of the last step that
     # computed prompt tokens to the end of the run (wall clock, so async scheduling counts right)
     last_prompt = max(i for i, s in enumerate(steps) if s.num_prefill_tokens > s.num_draft_tokens)
