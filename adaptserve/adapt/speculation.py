@@ -97,8 +97,8 @@ def draft_lengths(max_draft: int) -> tuple[int, ...]:
 
 @dataclass
 class _ArmValue:
-    """Tokens over seconds of one arm's steps in one batch bucket, both sums decayed per step: a
-    ratio of sums, so a step that happened to accept everything does not swing it."""
+    """Tokens per sequence over seconds of one arm's steps in one batch bucket, both sums decayed per
+    step: a ratio of sums, so a step that happened to accept everything does not swing it."""
 
     tokens: float = 0.0
     seconds: float = 0.0
@@ -107,6 +107,7 @@ class _ArmValue:
 
     @property
     def tokens_per_s(self) -> float:
+        """Per sequence."""
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
 
@@ -188,7 +189,7 @@ class SpeculationPolicy:
         else:
             self.step_cost.add(num_tokens, seconds)
         value = self.values.setdefault((_bucket(num_sequences), arm), _ArmValue())
-        value.tokens = value.tokens * 0.9 + num_generated
+        value.tokens = value.tokens * 0.9 + num_generated / num_sequences  # per sequence: buckets compare
         value.seconds = value.seconds * 0.9 + seconds
         value.samples += 1
         value.last_step = self._step
@@ -210,10 +211,8 @@ class SpeculationPolicy:
     def value(self, arm: tuple[str, int], num_sequences: int) -> float | None:
         """Tokens/s the arm delivers at this batch size: measured when it has enough steps in the
         bucket, else predicted; None when neither is possible yet."""
-        measured = self.values.get((_bucket(num_sequences), arm))
-        if measured is not None and measured.samples >= self.min_samples:
-            return measured.tokens_per_s
-        return self.predicted(arm, num_sequences)
+        measured = self._measured(_bucket(num_sequences), arm, num_sequences)
+        return measured if measured is not None else self.predicted(arm, num_sequences)
 
     def predicted(self, arm: tuple[str, int], num_sequences: int) -> float | None:
         drafter, k = arm
@@ -230,13 +229,19 @@ class SpeculationPolicy:
         ] * _overhead_units(drafter, k)
         return tokens / max(seconds, 1e-9)
 
-    def _measured(self, bucket: int, arm: tuple[str, int]) -> float | None:
-        value = self.values.get((bucket, arm))
-        return value.tokens_per_s if value is not None and value.samples >= self.min_samples else None
+    def _measured(self, bucket: int, arm: tuple[str, int], num_sequences: int) -> float | None:
+        """Measured tokens/s at this batch size: from this bucket, else from the next smaller or
+        larger one (values are kept per sequence, so a batch that shrinks as requests finish reuses
+        what its neighbours measured); None when none has `min_samples` steps."""
+        for near in (bucket, bucket - 1, bucket + 1):
+            value = self.values.get((near, arm))
+            if value is not None and value.samples >= self.min_samples:
+                return value.tokens_per_s * num_sequences
+        return None
 
     def _update_current(self, now: float, bucket: int, num_sequences: int) -> None:
         """Switch to the best *measured* arm (predictions only decide what to measure)."""
-        known = {arm: v for arm in self.arms if (v := self._measured(bucket, arm)) is not None}
+        known = {arm: v for arm in self.arms if (v := self._measured(bucket, arm, num_sequences)) is not None}
         if not known:
             return
         best = max(known, key=known.get)
@@ -268,9 +273,11 @@ class SpeculationPolicy:
             predicted = self.predicted(arm, num_sequences)
             if predicted is not None and predicted < 0.5 * best:
                 continue  # the model rules it out
-            measured = self.values.get((bucket, arm))
-            promise = max(v for v in (predicted, self._measured(bucket, arm), 0.0) if v is not None)
-            candidates.append((measured.last_step if measured else -1, -promise, arm))
+            nearby = [v for near in (bucket, bucket - 1, bucket + 1) if (v := self.values.get((near, arm)))]
+            last_step = max((v.last_step for v in nearby), default=-1)
+            measured_value = self._measured(bucket, arm, num_sequences)
+            promise = max(v for v in (predicted, measured_value, 0.0) if v is not None)
+            candidates.append((last_step, -promise, arm))
         if not candidates:
             return None
         never = [c for c in candidates if c[0] < 0]

@@ -140,3 +140,15 @@ def test_fixed_policy_always_drafts_the_maximum():
     simulate(policy, batch=64, steps=50, plain_cost=compute_bound, draft_cost={"ngram": compute_bound},
              alpha={"ngram": 0.1})  # fmt: skip
     assert policy.choose(10.0, 64) == ("ngram", 3) and policy.request_draft_len("ngram", "r", 3) == 3
+
+
+def test_a_shrinking_batch_reuses_what_the_neighbouring_bucket_measured():
+    """Values are per sequence, so at batch 3 (bucket 2) the arms measured at batch 4 (bucket 3)
+    count: the choice carries over, and no never-measured probe burst runs."""
+    policy = SpeculationPolicy(("ngram",), max_draft=4, probe_every=10**9)
+    simulate(policy, batch=4, steps=200, plain_cost=memory_bound,
+             draft_cost={"ngram": memory_bound}, alpha={"ngram": 0.7})  # fmt: skip
+    best = policy.current
+    assert best != OFF
+    arms = [policy.choose(100.0 + i, 3) for i in range(20)]
+    assert set(arms) == {best}
