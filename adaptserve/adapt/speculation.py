@@ -160,7 +160,7 @@ class SpeculationPolicy:
             return OFF
         bucket = _bucket(num_sequences)
         self._update_current(now, bucket, num_sequences)
-        self._probing = self._probe(now, bucket, num_sequences)
+        self._probing = self._probe(bucket, num_sequences)
         return self._probing or self.current
 
     def request_draft_len(self, drafter: str, request_id: str, k: int) -> int:
@@ -257,7 +257,7 @@ class SpeculationPolicy:
                 f"{_name(previous)} {current if current is None else round(current, 1)}"
             )
 
-    def _probe(self, now: float, bucket: int, num_sequences: int) -> tuple[str, int] | None:
+    def _probe(self, bucket: int, num_sequences: int) -> tuple[str, int] | None:
         """A burst of `min_samples` steps (enough for a value to count) of an arm worth measuring:
         at once for an arm never measured at this batch size, else every `probe_every` steps for the
         most promising one (measured or predicted) not probed lately. An arm is not worth it when the

@@ -253,17 +253,18 @@ class LLMEngine:
         self.knobs.draft_len = budget
         if budget == 0:
             return outputs
-        if self._in_flight is not None:
-            outputs += self._finish(self._in_flight)
-            self._in_flight = None
+        outputs += self._drain()
         self.speculator.propose(self.scheduler.running)
         return outputs
 
+    def _drain(self) -> list[RequestOutput]:
+        """Read the step still on the device now (the next one needs every earlier token on the host)."""
+        step, self._in_flight = self._in_flight, None
+        return [] if step is None else self._finish(step)
+
     def _launch_and_finish(self, scheduler_output: SchedulerOutput, start: float) -> list[RequestOutput]:
-        outputs: list[RequestOutput] = []
-        if self._in_flight is not None and _needs_token_history(scheduler_output):
-            outputs += self._finish(self._in_flight)  # penalties read every earlier token on the host
-            self._in_flight = None
+        # penalties read every earlier token on the host
+        outputs = self._drain() if _needs_token_history(scheduler_output) else []
         # memory pressure for the precision policy: the share of KV blocks in use after scheduling
         self.runner.precision.memory_pressure = self.kv_cache.usage
         launch_time = self.clock()  # a CPU computes inside launch(): its time counts as the step's
@@ -292,9 +293,8 @@ class LLMEngine:
         stats = self._step_stats(step.start, execute_start, now, step.scheduled, num_generated)
         if self.speculator is not None:
             seconds = now - execute_start
-            drafted, accepted = self.speculator.observe(step.scheduled, runner_output, num_generated, seconds)
-            stats.num_draft_tokens, stats.num_accepted_tokens = drafted, accepted
-            stats.num_drafts = sum(1 for seq in step.scheduled.sequences if seq.num_draft_tokens)
+            counts = self.speculator.observe(step.scheduled, runner_output, num_generated, seconds)
+            stats.num_drafts, stats.num_draft_tokens, stats.num_accepted_tokens = counts
             stats.drafter, stats.draft_len = step.scheduled.drafter or "off", step.scheduled.draft_len
         touched: dict[str, ParentRequest] = {}  # parents with a child that got a token this step
         for request in updated:

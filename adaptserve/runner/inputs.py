@@ -6,6 +6,7 @@ goes to the device in one copy per tensor; nothing here waits on the device.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,20 +65,21 @@ def verify_as_decode_rows(sequences: list[ScheduledSequence]) -> list[ScheduledS
         if not seq.num_draft_tokens:
             rows.append(seq)
             continue
-        for j, token in enumerate(seq.token_ids):
-            rows.append(
-                ScheduledSequence(
-                    request_id=seq.request_id,
-                    token_ids=[token],
-                    num_computed_tokens=seq.num_computed_tokens + j,
-                    block_ids=seq.block_ids,
-                    sample=True,
-                    sampling_params=seq.sampling_params,
-                    prompt_token_ids=seq.prompt_token_ids,
-                    output_token_ids=seq.output_token_ids,
-                )
-            )
+        rows += (decode_row(seq, token, j) for j, token in enumerate(seq.token_ids))
     return rows
+
+
+def decode_row(seq: ScheduledSequence, token_id: int, offset: int) -> ScheduledSequence:
+    """A one-token row of `seq`: `token_id` at position start + offset, sampled, over the same block
+    table (it attends to start + offset + 1 tokens)."""
+    return dataclasses.replace(
+        seq,
+        token_ids=[token_id],
+        num_computed_tokens=seq.num_computed_tokens + offset,
+        sample=True,
+        num_pending_tokens=0,
+        num_draft_tokens=0,
+    )
 
 
 def build_host_batch(sequences: list[ScheduledSequence], block_size: int) -> HostBatch:

@@ -199,7 +199,8 @@ class ModelRunner:
                 scheduler_output.draft_layers,
                 lambda s: self._generator(s.request_id, s.sampling_params.seed),
             )
-        rows = verify_as_decode_rows(ordered) if scheduler_output.num_draft_tokens else None
+        verifies_drafts = scheduler_output.num_draft_tokens > 0
+        rows = verify_as_decode_rows(ordered) if verifies_drafts else None
         batch = build_host_batch(ordered if rows is None else rows, self.block_size)
         pending = self._pending_inputs(batch)
         precision, shadow = self.precision.choose(batch.is_decode_only)
@@ -213,19 +214,13 @@ class ModelRunner:
             logits_in = self._eager_logits(inputs)
         shadow_logits = None if shadow is None else logits_in(shadow)  # first: the served run's KV stays
         logits = logits_in(precision)
-        if scheduler_output.num_draft_tokens:  # logits: k + 1 rows per drafting sequence, in `ordered`
+        if verifies_drafts:  # logits: k + 1 rows per drafting sequence, in `ordered`
             return LaunchedStep.done(self._verify(logits, [s for s in ordered if s.sample], draft_probs))
         seqs = [s for s in batch.sequences if s.sample]
         if not seqs:
             return LaunchedStep.done(RunnerOutput([], [], []))
         self.precision.observe(logits, precision, shadow_logits)
-        metadata = SamplingMetadata(
-            params=[s.sampling_params for s in seqs],
-            prompt_token_ids=[s.prompt_token_ids for s in seqs],
-            output_token_ids=[s.output_token_ids for s in seqs],
-            generators=[self._generator(s.request_id, s.sampling_params.seed) for s in seqs],
-            blocked_token_ids=[self._blocked_token_ids(s) for s in seqs],
-        )
+        metadata = self._sampling_metadata(seqs)
         request_ids = [s.request_id for s in seqs]
         if metadata.needs_logprobs:  # the logprobs are gathered on the host now
             sampled = self.sampler(logits, metadata)
@@ -262,21 +257,24 @@ class ModelRunner:
         for j, i in enumerate(drafting):
             accepted[i], token_ids[i] = verified.accepted_token_ids[j], verified.next_token_ids[j]
         if plain:
-            plain_seqs = [seqs[i] for i in plain]
             sampled = self.sampler(
                 logits[torch.tensor([int(starts[i]) for i in plain], device=logits.device)],  # [P, V]
-                SamplingMetadata(
-                    params=[s.sampling_params for s in plain_seqs],
-                    prompt_token_ids=[s.prompt_token_ids for s in plain_seqs],
-                    output_token_ids=[s.output_token_ids for s in plain_seqs],
-                    generators=[self._generator(s.request_id, s.sampling_params.seed) for s in plain_seqs],
-                    blocked_token_ids=[self._blocked_token_ids(s) for s in plain_seqs],
-                ),
+                self._sampling_metadata([seqs[i] for i in plain]),
             )
             for j, i in enumerate(plain):
                 token_ids[i], logprobs[i] = sampled.token_ids[j], sampled.logprobs[j]
         self._last_sampled = None, {}  # nothing is pending after a verify step: the host has every token
         return RunnerOutput([s.request_id for s in seqs], token_ids, logprobs, accepted)
+
+    def _sampling_metadata(self, seqs: list[ScheduledSequence]) -> SamplingMetadata:
+        """What the sampler needs for one row per sequence in `seqs`."""
+        return SamplingMetadata(
+            params=[s.sampling_params for s in seqs],
+            prompt_token_ids=[s.prompt_token_ids for s in seqs],
+            output_token_ids=[s.output_token_ids for s in seqs],
+            generators=[self._generator(s.request_id, s.sampling_params.seed) for s in seqs],
+            blocked_token_ids=[self._blocked_token_ids(s) for s in seqs],
+        )
 
     def _pending_inputs(self, batch: HostBatch) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(rows [P], ids [P]) on the device: the input tokens that the previous step sampled and

@@ -90,37 +90,28 @@ class ServerMetrics:
         self._hit_rate = gauge(
             "adaptserve:prefix_cache_hit_rate", "Prefix-cache hits / queries since start, 0 to 1."
         )
+
         # speculative decoding, as vLLM's spec_decode counters: acceptance rate = accepted / draft
         # tokens; mean acceptance length = 1 + accepted / drafts (tokens per verify pass)
-        self._spec_drafts = Counter(
-            "adaptserve:spec_decode_num_drafts",
-            "Sequences that verified drafts (one per sequence and step).",
-            ["model_name", "drafter"],
-            registry=r,
+        def by_drafter(kind: type, name: str, doc: str):
+            return kind(name, doc, ["model_name", "drafter"], registry=r)
+
+        self._spec_drafts = by_drafter(
+            Counter, "adaptserve:spec_decode_num_drafts", "Sequences that verified drafts (one per step)."
         )
-        self._spec_draft_tokens = Counter(
-            "adaptserve:spec_decode_num_draft_tokens",
-            "Drafted tokens verified.",
-            ["model_name", "drafter"],
-            registry=r,
+        self._spec_draft_tokens = by_drafter(
+            Counter, "adaptserve:spec_decode_num_draft_tokens", "Drafted tokens verified."
         )
-        self._spec_accepted_tokens = Counter(
-            "adaptserve:spec_decode_num_accepted_tokens",
-            "Drafted tokens accepted.",
-            ["model_name", "drafter"],
-            registry=r,
+        self._spec_accepted_tokens = by_drafter(
+            Counter, "adaptserve:spec_decode_num_accepted_tokens", "Drafted tokens accepted."
         )
-        self._spec_acceptance_rate = Gauge(
-            "adaptserve:spec_decode_acceptance_rate",
-            "Accepted / drafted tokens since start, 0 to 1.",
-            ["model_name", "drafter"],
-            registry=r,
+        self._spec_acceptance_rate = by_drafter(
+            Gauge, "adaptserve:spec_decode_acceptance_rate", "Accepted / drafted tokens since start, 0 to 1."
         )
-        self._spec_mean_length = Gauge(
+        self._spec_mean_length = by_drafter(
+            Gauge,
             "adaptserve:spec_decode_mean_acceptance_length",
             "Tokens per verify pass since start: 1 + accepted / drafts.",
-            ["model_name", "drafter"],
-            registry=r,
         )
         self._spec_totals: dict[str, list[int]] = {}  # drafter -> [drafts, draft tokens, accepted]
         self._knobs: dict[str, Gauge] = {}  # one gauge per run-time knob: adaptserve:knob_<name>

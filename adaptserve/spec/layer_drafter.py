@@ -20,7 +20,7 @@ import torch
 
 from adaptserve.engine.outputs import DEVICE_DRAFT_TOKEN_ID, ScheduledSequence
 from adaptserve.model.projection import NATIVE
-from adaptserve.runner.inputs import build_host_batch, to_device
+from adaptserve.runner.inputs import build_host_batch, decode_row, to_device
 from adaptserve.runner.sampler import sample_from_probs, sampling_probs
 
 
@@ -52,7 +52,7 @@ class LayerDrafter:
         probs: dict[int, list[torch.Tensor]] = {i: [] for i in todo}
         for j in range(max(sequences[i].num_draft_tokens for i in todo)):
             active = [i for i in todo if sequences[i].num_draft_tokens > j]
-            rows = [self._row(sequences[i], tokens[i][j], j) for i in active]
+            rows = [decode_row(sequences[i], tokens[i][j], j) for i in active]
             for i, (token_id, q) in zip(
                 active, self._next_tokens(rows, num_layers, generator_of), strict=True
             ):
@@ -64,17 +64,6 @@ class LayerDrafter:
             drafted[i] = dataclasses.replace(sequences[i], token_ids=tokens[i])
         draft_probs = {sequences[i].request_id: torch.cat(probs[i]) for i in todo if probs[i]}
         return drafted, draft_probs
-
-    @staticmethod
-    def _row(seq: ScheduledSequence, token_id: int, j: int) -> ScheduledSequence:
-        """The one-token decode row of draft step j: the token at position start + j."""
-        return dataclasses.replace(
-            seq,
-            token_ids=[token_id],
-            num_computed_tokens=seq.num_computed_tokens + j,
-            sample=True,
-            num_draft_tokens=0,
-        )
 
     def _next_tokens(
         self, rows: list[ScheduledSequence], num_layers: int, generator_of

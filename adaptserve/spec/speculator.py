@@ -88,27 +88,28 @@ class Speculator:
 
     def observe(
         self, scheduled: SchedulerOutput, output: RunnerOutput, num_generated: int, seconds: float
-    ) -> tuple[int, int]:
-        """Feed the step to the policy; returns (drafted, accepted) tokens."""
+    ) -> tuple[int, int, int]:
+        """Feed the step to the policy; returns (sequences that drafted, drafted tokens, accepted)."""
         arm = (scheduled.drafter, scheduled.draft_len) if scheduled.draft_len else OFF
         num_sequences = sum(1 for seq in scheduled.sequences if seq.sample)
         computes_prompt = any(len(seq.token_ids) > seq.num_draft_tokens + 1 for seq in scheduled.sequences)
         if not computes_prompt:  # a prompt chunk's time says nothing about decoding with this arm
             self.policy.observe_step(arm, num_sequences, scheduled.num_batched_tokens, num_generated, seconds)
         if not scheduled.num_draft_tokens:
-            return 0, 0
+            return 0, 0, 0
         accepted_by_id = {
             request_id: len(output.accepted_token_ids[i]) if output.accepted_token_ids else 0
             for i, request_id in enumerate(output.request_ids)
         }
-        num_drafted = num_accepted = 0
+        num_drafts = num_drafted = num_accepted = 0
         for seq in scheduled.sequences:
             if seq.num_draft_tokens and seq.request_id in accepted_by_id:
                 accepted = accepted_by_id[seq.request_id]
                 self.policy.observe_request(scheduled.drafter, seq.request_id, seq.num_draft_tokens, accepted)
+                num_drafts += 1
                 num_drafted += seq.num_draft_tokens
                 num_accepted += accepted
-        return num_drafted, num_accepted
+        return num_drafts, num_drafted, num_accepted
 
     def forget(self, request_id: str) -> None:
         for proposer in self.proposers.values():
