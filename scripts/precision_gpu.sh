@@ -13,15 +13,16 @@ decode() {  # precision, timeout in seconds
     --baselines none --result-dir "$out/decode-$1" 2>&1 | grep -v "it/s" | tail -4
   rm -f "$out/decode-$1"/*.png
 }
-for step in "${@:-tests gemv decode}"; do
+steps=("$@"); [ ${#steps[@]} -gt 0 ] || steps=(tests gemv decode)
+for step in "${steps[@]}"; do
   case "$step" in
-    tests) timeout 150 python3 -m pytest -q -x -p no:cacheprovider -m cuda tests/kernels/test_triton_quant_gemv.py \
+    tests) timeout 100 python3 -m pytest -q -x -p no:cacheprovider -m cuda tests/kernels/test_triton_quant_gemv.py \
              tests/kernels/test_quant_fp8.py tests/kernels/test_quant_int4.py > "$out/tests.log" 2>&1
            tail -5 "$out/tests.log" ;;
-    gemv) timeout 150 python3 scripts/quant_gemv_bench.py --rows 1,32 --out "$out/quant_gemv.json" > "$out/gemv.log" 2>&1
+    gemv) timeout 120 python3 scripts/quant_gemv_bench.py --rows 1,32 --out "$out/quant_gemv.json" > "$out/gemv.log" 2>&1
           grep -v SKIP "$out/gemv.log" | tail -40 ;;
-    decode) for precision in native fp8 int4; do decode "$precision" 60; done ;;
-    adaptive) decode adaptive 60 ;;
+    decode) for precision in native fp8 int4; do decode "$precision" 85; done ;;
+    adaptive) decode adaptive 85 ;;
     *) echo "unknown step $step" ;;
   esac
 done

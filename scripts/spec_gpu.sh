@@ -10,6 +10,9 @@ export PYTHONPATH=.:/tmp/site PYTHONUNBUFFERED=1
 model=/tmp/SmolLM2-135M-Instruct.Q4_1.gguf
 cat build/carry1/smol.part.aa build/carry2/smol.part.ab > "$model"
 echo "a1231443440b107ff29f02bdb38c9d0a  $model" | md5sum -c - || exit 1
-timeout 540 python3 -c "import sys; from adaptserve.cli import main; sys.exit(main())" bench spec \
+# the CUDA runner tests (graphs, prewarm) first: verify steps replay the decode graphs
+timeout 90 python3 -m pytest -q -x -p no:cacheprovider -m cuda tests/runner > "$out/runner-tests.log" 2>&1
+tail -3 "$out/runner-tests.log"
+timeout 450 python3 -c "import sys; from adaptserve.cli import main; sys.exit(main())" bench spec \
   --model "$model" --batch-sizes 1,8,32,64,128 --draft-lens 2,4,8 --layer-drafts 24:4 --max-tokens 128 \
-  --result-dir "$out" "$@" 2>&1 | grep -v "it/s\]" | tail -40
+  --repeats 3 --result-dir "$out" "$@" 2>&1 | grep -v "it/s\]" | tail -40

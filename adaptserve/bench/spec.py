@@ -46,6 +46,12 @@ def add_spec_bench_args(parser: argparse.ArgumentParser) -> None:
         choices=["auto", "ngram"],
         help="drafters the adaptive setting has",
     )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="timed passes per setting, interleaved across settings (median kept)",
+    )
     parser.add_argument("--result-dir", default="docs/benchmarks")
 
 
@@ -74,20 +80,29 @@ class _StepRecorder:
         self.steps.append(stats)
 
 
-def run_setting(checkpoint, conversations, max_tokens: int, options: dict) -> tuple[dict, list[list[int]]]:
-    """One engine, one batch of chats at once; returns the row and the generated ids."""
+def build_engine(checkpoint, conversations, max_tokens: int, options: dict):
+    """An engine for one setting, warmed up on the same workload (untimed): kernels compile, and the
+    adaptive policy measures its options, as it would in the first seconds of serving."""
     from adaptserve import LLM
 
     llm = LLM.from_checkpoint(checkpoint, max_num_seqs=max(64, len(conversations)), **options)
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)  # stops at EOS: the answer, no filler
-    # warm up on the same workload (untimed): kernels compile, and the adaptive policy measures its
-    # options, as it would in the first seconds of serving
-    llm.chat(conversations, params, use_tqdm=False)
+    llm.chat(conversations, _greedy(max_tokens), use_tqdm=False)
+    return llm
+
+
+def _greedy(max_tokens: int) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens)  # stops at EOS: the answer, no filler
+
+
+def run_setting(llm, conversations, max_tokens: int) -> tuple[dict, list[list[int]]]:
+    """One timed pass of a batch of chats at once; returns the row and the generated ids."""
+    params = _greedy(max_tokens)
     recorder = _StepRecorder()
     llm.engine.stat_loggers.append(recorder)
     start = time.perf_counter()
     outputs = llm.chat(conversations, params, use_tqdm=False)
     seconds = time.perf_counter() - start
+    llm.engine.stat_loggers.remove(recorder)
     token_ids = [c.token_ids for o in outputs for c in o.outputs]
     generated = sum(len(t) for t in token_ids)
     steps = [s for s in recorder.steps if s.num_scheduled_tokens]
@@ -137,33 +152,42 @@ def run_spec_benchmark(args: argparse.Namespace) -> None:
         settings.append((f"layers{depth} k={k}", {**layers, "spec_adaptive": False}))
     adaptive = {"spec_method": args.adaptive_method, "num_speculative_tokens": max(draft_lens)}
     settings.append(("adaptive", {**adaptive, "spec_adaptive": True}))
+    # every setting of a batch size holds an engine at once: each gets a fixed KV budget, not a share of
+    # the device
     base = {"device": args.device, "dtype": args.dtype}
-    rows = []
-    with tqdm(total=len(batch_sizes) * len(settings), desc="bench spec") as bar:
+    if args.device != "cpu" and torch.cuda.is_available():
+        base["kv_cache_memory_gib"] = 4.0
+    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    rows, path = [], None
+    with tqdm(total=len(batch_sizes) * len(settings) * args.repeats, desc="bench spec") as bar:
         for batch in batch_sizes:
             conversations = grounded_conversations(batch)
-            reference = None
-            for name, options in settings:
-                row, token_ids = run_setting(checkpoint, conversations, args.max_tokens, {**base, **options})
-                reference = token_ids if reference is None else reference
-                row.update(setting=name, batch_size=batch, identical_to_off=token_ids == reference)
+            engines = {
+                name: build_engine(checkpoint, conversations, args.max_tokens, {**base, **options})
+                for name, options in settings
+            }
+            passes = {name: [] for name, _ in settings}
+            for _ in range(args.repeats):  # interleaved, so drift in the machine's speed hits every setting
+                for name, _ in settings:
+                    passes[name].append(run_setting(engines[name], conversations, args.max_tokens))
+                    bar.set_postfix_str(f"batch {batch} {name}: {passes[name][-1][0]['tokens_per_s']} tok/s")
+                    bar.update()
+            del engines
+            reference = passes["off"][0][1]
+            for name, _ in settings:
+                row = _median_pass(passes[name])
+                row.update(setting=name, batch_size=batch, repeats=args.repeats)
+                row["identical_to_off"] = all(ids == reference for _, ids in passes[name])
                 rows.append(row)
-                bar.set_postfix_str(f"batch {batch} {name}: {row['tokens_per_s']} tok/s")
-                bar.update()
-    for batch in batch_sizes:
-        at_batch = [r for r in rows if r["batch_size"] == batch]
-        off = next(r for r in at_batch if r["setting"] == "off")
-        for r in at_batch:
-            r["speedup_vs_off"] = round(r["tokens_per_s"] / off["tokens_per_s"], 3)
-            r["decode_speedup_vs_off"] = round(r["decode_tokens_per_s"] / off["decode_tokens_per_s"], 3)
-    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
-    payload = {
-        "model": args.model or DEFAULT_MODEL_LABEL,
-        "max_tokens": args.max_tokens,
-        "batch_sizes": batch_sizes,
-        "rows": rows,
-    }
-    path = write_results("spec", device, payload, args.result_dir)
+            _add_speedups(rows)
+            payload = {
+                "model": args.model or DEFAULT_MODEL_LABEL,
+                "max_tokens": args.max_tokens,
+                "batch_sizes": batch_sizes,
+                "rows": rows,
+            }
+            # written after each batch size, so a run cut short keeps the rows it has
+            path = write_results("spec", device, payload, args.result_dir)
     print(f"wrote {path}")
     for r in rows:
         print(
@@ -176,3 +200,20 @@ def run_spec_benchmark(args: argparse.Namespace) -> None:
     from adaptserve.bench.plot import plot_after_run
 
     plot_after_run(path)
+
+
+def _median_pass(passes: list[tuple[dict, list[list[int]]]]) -> dict:
+    """The timed pass with the median tokens/s, with every pass's tokens/s beside it."""
+    ordered = sorted((row for row, _ in passes), key=lambda r: r["tokens_per_s"])
+    row = dict(ordered[len(ordered) // 2])
+    row["tokens_per_s_passes"] = [r["tokens_per_s"] for r, _ in passes]
+    return row
+
+
+def _add_speedups(rows: list[dict]) -> None:
+    for batch in {r["batch_size"] for r in rows}:
+        at_batch = [r for r in rows if r["batch_size"] == batch]
+        off = next(r for r in at_batch if r["setting"] == "off")
+        for r in at_batch:
+            r["speedup_vs_off"] = round(r["tokens_per_s"] / off["tokens_per_s"], 3)
+            r["decode_speedup_vs_off"] = round(r["decode_tokens_per_s"] / off["decode_tokens_per_s"], 3)
