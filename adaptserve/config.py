@@ -31,6 +31,20 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.85  # share of device memory the engine may use (CUDA)
     num_blocks: int | None = None  # force the number of KV blocks (tests), overrides the budget
     enable_prefix_caching: bool = True  # reuse KV of shared prompt prefixes
+    kv_format: str = "bf16"  # new KV blocks' format: bf16 (the model's dtype) | fp8 | int8 | int4
+    kv_policy: str = "static"  # static (kv_format always) | adaptive (the KV policy picks from kv_ladder)
+    kv_ladder: tuple[str, ...] = ("bf16", "int8", "int4")  # adaptive: formats under rising memory pressure
+    kv_int4_group_size: int = 64  # channels per int4 scale/minimum
+    kv_chunk_blocks: int = 16  # bf16 blocks' worth of memory per chunk (a chunk holds one format)
+    kv_requantize_blocks: int = 64  # most cold blocks requantized to the write format per step
+    kv_keep_recent_blocks: int = 1  # newest blocks of a sequence never requantized (they still fill)
+    kv_error_budget: float = 0.05  # adaptive: most attention-output error before a format is undone
+    kv_monitor_rate: float = 0.05  # share of steps whose KV error is sampled (compressed caches)
+
+    @property
+    def compressed(self) -> bool:
+        """Whether the cache holds quantized formats (chunked memory; see engine/kv_cache/formats.py)."""
+        return self.kv_format != "bf16" or self.kv_policy == "adaptive"
 
 
 @dataclass
@@ -208,6 +222,7 @@ class EngineConfig:
             c.kv_cache_memory_gib,
             "> 0",
         )
+        _validate_kv_compression(c)
         _require(s.max_num_seqs >= 1, "scheduler.max_num_seqs", s.max_num_seqs, ">= 1")
         _require(
             s.max_num_batched_tokens >= 1,
@@ -265,6 +280,33 @@ class EngineConfig:
                 raise ConfigError(f"unknown engine option {key!r}; known: {sorted(owners)}")
             nested.setdefault(owners[key], {})[key] = value
         return cls.from_dict(nested)
+
+
+def _validate_kv_compression(c: CacheConfig) -> None:
+    formats = ("bf16", "fp8", "int8", "int4")
+    _require(c.kv_format in formats, "cache.kv_format", c.kv_format, "bf16, fp8, int8 or int4")
+    _require(c.kv_policy in ("static", "adaptive"), "cache.kv_policy", c.kv_policy, "'static' or 'adaptive'")
+    ladder = tuple(c.kv_ladder)
+    _require(
+        len(ladder) >= 2
+        and ladder[0] == "bf16"
+        and all(f in formats for f in ladder)
+        and list(ladder) == sorted(set(ladder), key=formats.index),
+        "cache.kv_ladder",
+        ladder,
+        "bf16 first, then lower formats among fp8, int8, int4, each once, high to low",
+    )
+    _require(
+        c.kv_int4_group_size in (16, 32, 64, 128),
+        "cache.kv_int4_group_size",
+        c.kv_int4_group_size,
+        "16, 32, 64 or 128 (and a divisor of the head size)",
+    )
+    _require(1 <= c.kv_chunk_blocks <= 256, "cache.kv_chunk_blocks", c.kv_chunk_blocks, "[1, 256]")
+    _require(c.kv_requantize_blocks >= 0, "cache.kv_requantize_blocks", c.kv_requantize_blocks, ">= 0")
+    _require(c.kv_keep_recent_blocks >= 1, "cache.kv_keep_recent_blocks", c.kv_keep_recent_blocks, ">= 1")
+    _require(0 < c.kv_error_budget <= 1, "cache.kv_error_budget", c.kv_error_budget, "(0, 1]")
+    _require(0 <= c.kv_monitor_rate <= 1, "cache.kv_monitor_rate", c.kv_monitor_rate, "[0, 1]")
 
 
 _SECTIONS = {

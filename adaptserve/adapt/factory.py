@@ -16,7 +16,9 @@ def enable_configured_control(engine, prior: StepCostModel | None = None):
     """Attach the configured controllers to `engine` (an LLMEngine); returns its ControlPlane or None.
     `prior`: a step cost model to start from (a device profile, or the simulator's model)."""
     control = engine.config.control
-    if not control.controllers:
+    compressed = getattr(engine.runner, "compressed_kv", None) is not None
+    kv_adaptive = engine.config.cache.kv_policy == "adaptive" and compressed
+    if not control.controllers and not kv_adaptive:
         return None
     telemetry = Telemetry(window_s=control.telemetry_window_s, scheduler=engine.scheduler)
     cost = OnlineStepCost(prior)
@@ -29,6 +31,8 @@ def enable_configured_control(engine, prior: StepCostModel | None = None):
             prewarm = _prewarm(engine)
             if prewarm is not None:
                 controllers.append(prewarm)
+    if kv_adaptive:
+        controllers.append(_kv_policy(engine, telemetry))
     plane = engine.enable_control(controllers, telemetry, control.control_interval_s)
     plane.step_cost = cost
     return plane
@@ -56,3 +60,31 @@ def _prewarm(engine):
         logger.info("prewarm: no CUDA-graph pool on this executor; the prewarm controller is not started")
         return None
     return PrewarmController(pool)
+
+
+def _kv_policy(engine, telemetry: Telemetry):
+    """The KV format policy over the configured ladder, fed the runner's sampled KV error."""
+    from adaptserve.adapt.kv_policy import KVFormatPolicy, KVPolicySettings
+
+    cache = engine.config.cache
+    engine.stat_loggers.append(KVErrorReporter(engine, telemetry))
+    return KVFormatPolicy(KVPolicySettings(ladder=tuple(cache.kv_ladder), error_budget=cache.kv_error_budget))
+
+
+class KVErrorReporter:
+    """After each step, hands telemetry the attention-output error of the format new KV blocks are
+    written in, as the runner's monitor last measured it (a new sample only)."""
+
+    def __init__(self, engine, telemetry: Telemetry):
+        self.engine = engine
+        self.telemetry = telemetry
+        self._seen = 0
+
+    def record(self, stats) -> None:
+        monitor = self.engine.runner.attention.monitor
+        if monitor.num_samples == self._seen:
+            return
+        self._seen = monitor.num_samples
+        error = monitor.error(self.engine.knobs.kv_format)
+        if error is not None:
+            self.telemetry.report("kv_error", error, self.engine.clock())

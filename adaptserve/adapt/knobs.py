@@ -10,7 +10,7 @@ from typing import Any
 from adaptserve.config import EngineConfig
 
 # the values a knob may take that later issues build; a controller may only choose among them
-KV_FORMATS = ("bf16", "int8", "int4")  # KV-cache element format (issue: KV compression)
+KV_FORMATS = ("bf16", "int8", "int4", "fp8")  # KV-cache format of new blocks (fp8 last: gauge values stay)
 SPEC_MODES = ("off", "ngram", "layers")  # speculative decoding drafter (issue: speculation)
 PARALLELISM_MODES = ("single", "tp", "pp", "dp")  # how a request's work is spread over GPUs
 
@@ -41,6 +41,7 @@ class Knobs:
             prefill_chunk=s.long_prefill_token_threshold,
             batch_wait_s=s.batch_wait_s,
             precision_policy=config.precision.precision_policy,
+            kv_format=config.cache.kv_format,
         )
 
     def replace(self, **changes: Any) -> Knobs:

@@ -15,6 +15,8 @@ from adaptserve.adapt.telemetry import Telemetry
 from adaptserve.config import EngineConfig
 from adaptserve.engine.detokenizer import IncrementalDetokenizer
 from adaptserve.engine.kv_cache import KVCacheManager
+from adaptserve.engine.kv_cache.chunk_pool import ChunkedBlockPool
+from adaptserve.engine.kv_cache.compression import attach_kv_changes, build_block_pool, requantize_cold_blocks
 from adaptserve.engine.output_processor import ParentRequest, finalize_text, find_stop_string
 from adaptserve.engine.outputs import Executor, SchedulerOutput
 from adaptserve.engine.request import (
@@ -58,14 +60,15 @@ class LLMEngine:
             runner = ModelRunner(config, checkpoint, self.max_model_len, self.eos_token_ids)
         self.runner = runner
         self.runner.warm_up()
-        capacity = self.runner.num_blocks * config.cache.block_size
+        pool = build_block_pool(config.cache, self.runner)
+        capacity = pool.num_free_blocks * config.cache.block_size
         if capacity < self.max_model_len:
             raise ValueError(
-                f"the KV cache holds {capacity} tokens ({self.runner.num_blocks} blocks), fewer than "
+                f"the KV cache holds {capacity} tokens ({pool.num_free_blocks} blocks), fewer than "
                 f"max_model_len={self.max_model_len}; lower model.max_model_len or raise the KV budget"
             )
         self.kv_cache = KVCacheManager(
-            self.runner.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching
+            pool.num_blocks, config.cache.block_size, config.cache.enable_prefix_caching, block_pool=pool
         )
         self.scheduler = Scheduler(config.scheduler, self.kv_cache)
         self._parents: dict[str, ParentRequest] = {}
@@ -122,6 +125,8 @@ class LLMEngine:
             s.long_prefill_token_threshold = value
         elif name == "batch_wait_s":
             s.batch_wait_s = float(value)
+        elif name == "kv_format" and isinstance(self.kv_cache.block_pool, ChunkedBlockPool):
+            self.kv_cache.block_pool.write_format = value
         elif getattr(self.knobs, name) != value:
             raise ValueError(f"knob {name} cannot change at run time in this build")
         setattr(self.knobs, name, value)
@@ -229,7 +234,9 @@ class LLMEngine:
         for the host's bookkeeping."""
         start = self.clock()
         outputs = self._propose_drafts(start) if self.speculator is not None else []
+        migrations = requantize_cold_blocks(self.kv_cache, self.config.cache)  # before: steps see the moves
         scheduler_output = self.scheduler.schedule(start)
+        attach_kv_changes(scheduler_output, self.kv_cache, migrations)
         if self.speculator is not None:
             self.speculator.label(scheduler_output)
         for seq in scheduler_output.sequences:

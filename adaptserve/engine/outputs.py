@@ -40,6 +40,9 @@ class SchedulerOutput:
     drafter: str = ""  # the drafter whose drafts this step verifies ("" = none was asked)
     draft_len: int = 0  # the most drafts per sequence the speculation policy allowed
     draft_layers: int = 0  # layer drafts: the target's first layers that make DEVICE_DRAFT_TOKEN_IDs
+    # KV compression: chunks handed to a format, and blocks to copy (requantized) before the step
+    kv_chunk_formats: list[tuple[int, str]] = field(default_factory=list)  # (chunk, format)
+    kv_migrations: list[tuple[int, int]] = field(default_factory=list)  # (source block, destination block)
 
     @property
     def is_empty(self) -> bool:

@@ -11,6 +11,7 @@ import torch
 
 from adaptserve.config import EngineConfig
 from adaptserve.engine.outputs import RunnerOutput, ScheduledSequence, SchedulerOutput
+from adaptserve.kernels.attention.compressed import CompressedKVAttention, KVErrorMonitor
 from adaptserve.kernels.attention.dispatch import TunedAttention
 from adaptserve.kernels.attention.metadata import AttentionMetadata
 from adaptserve.kernels.attention.variants import build_registry
@@ -33,6 +34,7 @@ from adaptserve.runner.inputs import (
     to_device,
     verify_as_decode_rows,
 )
+from adaptserve.runner.kv_compression import CompressedKVCache, KVGeometry
 from adaptserve.runner.launched_step import LaunchedStep
 from adaptserve.runner.memory import num_kv_blocks, profile_activation_bytes
 from adaptserve.runner.precision import StepPrecision
@@ -75,15 +77,33 @@ class ModelRunner:
             self.num_blocks = num_kv_blocks(
                 config.cache, self.arch, self.dtype, self.device, activation_bytes
             )
-            self.kv_caches = self._allocate_kv_caches(self.num_blocks + 1)  # last block: padded rows' slot
+            self.compressed_kv = self._build_compressed_kv(config.cache)
+            if self.compressed_kv is None:
+                # the last block is the padded rows' slot
+                self.kv_caches = self._allocate_kv_caches(self.num_blocks + 1)
         self.pad_slot = self.num_blocks * self.block_size
-        self.graphs = self._build_graph_pool(config)
-        self.autotuner = self._build_autotuner(config.kernels)
+        # a compressed cache runs its steps eagerly, with its own attention (no graphs, no autotuning)
+        self.graphs = self._build_graph_pool(config) if self.compressed_kv is None else None
+        self.autotuner = self._build_autotuner(config.kernels) if self.compressed_kv is None else None
         self.sampler = Sampler()
         self.layer_drafter = self._build_layer_drafter(config.speculative)
         self._generators: dict[str, torch.Generator] = {}  # per seeded request
         # the last step's sampled ids [N] on the device and each request's row in them
         self._last_sampled: tuple[torch.Tensor | None, dict[str, int]] = (None, {})
+
+    def _build_compressed_kv(self, cache) -> CompressedKVCache | None:
+        """Chunked KV memory of several formats (cache.kv_format / kv_policy), or None for plain bf16."""
+        if not cache.compressed:
+            return None
+        geometry = KVGeometry.plan(cache, self.arch, self.dtype, self.num_blocks)
+        compressed = CompressedKVCache(geometry, self.arch.num_layers, self.device)
+        self.num_blocks = geometry.num_block_ids
+        self.kv_caches = compressed.layer_caches()
+        ladder = cache.kv_ladder if cache.kv_policy == "adaptive" else (cache.kv_format,)
+        monitor = KVErrorMonitor(tuple(ladder), cache.kv_monitor_rate)
+        use_triton = self.device.type == "cuda" and triton_available()
+        self.attention = CompressedKVAttention(self.arch.num_layers, monitor, use_triton=use_triton)
+        return compressed
 
     def _build_layer_drafter(self, spec) -> LayerDrafter | None:
         if spec.spec_method not in ("layers", "auto"):
@@ -189,6 +209,8 @@ class ModelRunner:
         waits on the device unless a row asks for logprobs or the precision policy is adaptive."""
         for request_id in scheduler_output.finished_request_ids:
             self._generators.pop(request_id, None)
+        if self.compressed_kv is not None:
+            self.compressed_kv.apply(scheduler_output.kv_chunk_formats, scheduler_output.kv_migrations)
         if scheduler_output.is_empty:
             return LaunchedStep.done(RunnerOutput([], [], []))
         ordered = order_for_batch(scheduler_output.sequences)

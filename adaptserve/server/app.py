@@ -21,6 +21,7 @@ from adaptserve.server.admission import AdmissionController, StepTimeModel
 from adaptserve.server.async_engine import AsyncEngine
 from adaptserve.server.config import ServerConfig
 from adaptserve.server.errors import APIError
+from adaptserve.server.kv_metrics import kv_report_of
 from adaptserve.server.metrics import ServerMetrics
 from adaptserve.server.precision_metrics import report_of
 from adaptserve.server.protocol import ChatCompletionRequest, CompletionRequest
@@ -74,6 +75,8 @@ class ServerState:
             self.metrics.attach_control(engine.control, engine.control.telemetry, clock=engine.clock)
         runner = engine.runner
         self.metrics.attach_precision(lambda: report_of(runner.precision, runner.format_bytes))
+        if getattr(runner, "compressed_kv", None) is not None:
+            self.metrics.attach_kv_compression(lambda: kv_report_of(engine))
         self.engine = AsyncEngine(engine, admission)
         return engine
 

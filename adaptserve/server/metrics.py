@@ -19,6 +19,7 @@ from adaptserve.adapt.knobs import Switch
 from adaptserve.adapt.snapshot import LatencySummary, TelemetrySnapshot
 from adaptserve.adapt.telemetry import LATER_SIGNALS
 from adaptserve.engine.stats import StepStats
+from adaptserve.server.kv_metrics import KVCollector, KVReport
 from adaptserve.server.precision_metrics import PrecisionCollector, PrecisionReport
 
 _LATENCY_BUCKETS = (
@@ -208,6 +209,10 @@ class ServerMetrics:
             self.registry.unregister(self._telemetry)
         self._telemetry = TelemetryCollector(self.model_name, _latest_snapshot(control_plane, source, clock))
         self.registry.register(self._telemetry)
+
+    def attach_kv_compression(self, read: Callable[[], KVReport]) -> None:
+        """Export KV compression (`read` is called at scrape time). Call once."""
+        self.registry.register(KVCollector(self.model_name, read))
 
     def attach_precision(self, read: Callable[[], PrecisionReport]) -> None:
         """Export the weight-precision policy (`read` is called at scrape time). Call once."""

@@ -93,6 +93,10 @@ class BlockPool:
         """Blocks with no references, cached or not: all can be handed out."""
         return self.free_block_queue.num_free_blocks
 
+    def free_capacity_after(self, hit_blocks: Iterable[KVCacheBlock]) -> int:
+        """`num_free_blocks` once the prefix hits `hit_blocks` are referenced (free hits leave the queue)."""
+        return self.num_free_blocks - sum(1 for block in hit_blocks if block.ref_cnt == 0)
+
     @property
     def num_cached_blocks(self) -> int:
         """Blocks registered in the prefix cache, referenced or not."""

@@ -6,6 +6,7 @@ from typing import Protocol
 
 from adaptserve.engine.kv_cache.block import KVCacheBlock
 from adaptserve.engine.kv_cache.block_pool import BlockPool
+from adaptserve.engine.kv_cache.chunk_pool import ChunkedBlockPool
 from adaptserve.engine.kv_cache.hashing import hash_block_tokens
 
 
@@ -38,13 +39,20 @@ class KVCacheManager:
     writes all KV of a step before attention reads it.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        enable_prefix_caching: bool = True,
+        block_pool: BlockPool | ChunkedBlockPool | None = None,
+    ):
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
-        self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
-        self.block_pool = BlockPool(num_blocks, enable_prefix_caching)
+        # a ChunkedBlockPool when the cache holds several KV formats (KV compression)
+        self.block_pool = block_pool or BlockPool(num_blocks, enable_prefix_caching)
+        self.num_blocks = self.block_pool.num_blocks
         self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
         # Hashes of the request's full blocks so far, computed once each (incremental hashing).
         self.req_to_block_hashes: dict[str, list[int]] = {}
@@ -121,8 +129,7 @@ class KVCacheManager:
         num_required_blocks = -(-num_tokens_after // self.block_size)
         num_new_blocks = max(0, num_required_blocks - len(req_blocks) - len(hit_blocks))
         # Touching a free hit block takes it out of the free queue, so it cannot also be handed out.
-        num_free_hit_blocks = sum(1 for block in hit_blocks if block.ref_cnt == 0)
-        if num_new_blocks > self.block_pool.num_free_blocks - num_free_hit_blocks:
+        if num_new_blocks > self.block_pool.free_capacity_after(hit_blocks):
             return None
 
         self.block_pool.touch(hit_blocks)
@@ -156,6 +163,32 @@ class KVCacheManager:
             surplus = req_blocks[num_needed:]
             del req_blocks[num_needed:]
             self.block_pool.free_blocks(reversed(surplus))
+
+    def requantize_cold(self, max_blocks: int, keep_recent_blocks: int) -> list[tuple[int, int]]:
+        """Move up to `max_blocks` cold blocks (all but each request's last `keep_recent_blocks`,
+        held by one request only) whose format is above the write format into new blocks of the write
+        format. Blocks of the emptiest chunks go first, so whole chunks come free. Returns the
+        (source, destination) block ids; the runner copies them before the next step's writes."""
+        pool = self.block_pool
+        if not isinstance(pool, ChunkedBlockPool) or max_blocks <= 0:
+            return []
+        target = pool.write_format
+        rank = list(pool.blocks_per_chunk)  # formats, high to low precision
+        candidates = []  # (chunk's referenced blocks, request id, position)
+        for request_id, blocks in self.req_to_blocks.items():
+            for i, block in enumerate(blocks[: max(0, len(blocks) - keep_recent_blocks)]):
+                if block.ref_cnt == 1 and rank.index(pool.format_of(block)) < rank.index(target):
+                    candidates.append((pool.chunk_referenced[pool.chunk_of(block)], request_id, i))
+        candidates.sort()
+        moves = []
+        for _, request_id, i in candidates[: min(max_blocks, pool.num_free_blocks)]:
+            blocks = self.req_to_blocks[request_id]
+            src, (dst,) = blocks[i], pool.get_new_blocks(1)
+            pool.move_hash(src, dst)
+            blocks[i] = dst
+            pool.free_blocks([src])
+            moves.append((src.block_id, dst.block_id))
+        return moves
 
     def reset_prefix_cache(self) -> bool:
         """Forget all cached blocks; only possible (returns True) when no block is referenced."""

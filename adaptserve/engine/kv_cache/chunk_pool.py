@@ -1,0 +1,214 @@
+"""A block pool over chunks of memory that each hold blocks of one KV format.
+
+KV memory is cut into equal chunks; a chunk holds `chunk_bytes // block_bytes(format)` blocks of the
+format it was handed to, so a chunk of int4 blocks holds about 3.5 times as many as one of bf16
+blocks. New blocks are taken in `write_format` (the KV policy's knob). A chunk whose blocks are all
+unreferenced goes back to the free chunks (at once when none holds a cached prefix; otherwise when a
+format needs a chunk, evicting those prefixes), so memory freed in one format is usable by another.
+
+Block ids are `chunk * max_blocks_per_chunk + index`. Every chunk handed to a format is recorded in
+`chunk_format_changes` (drained into each step's SchedulerOutput: the runner's chunk-format table
+follows it). Same interface as BlockPool, which the KV cache manager uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from adaptserve.engine.kv_cache.block import KVCacheBlock
+from adaptserve.engine.kv_cache.block_pool import FreeBlockQueue
+
+
+class ChunkedBlockPool:
+    def __init__(
+        self,
+        num_chunks: int,
+        blocks_per_chunk: dict[str, int],
+        block_bytes: dict[str, int],
+        write_format: str,
+        enable_prefix_caching: bool,
+    ):
+        if num_chunks < 1:
+            raise ValueError(f"the KV cache needs at least one chunk, got {num_chunks}")
+        self.num_chunks = num_chunks
+        self.blocks_per_chunk = dict(blocks_per_chunk)
+        self.block_bytes = dict(block_bytes)
+        self.max_blocks_per_chunk = max(blocks_per_chunk.values())
+        self.num_blocks = num_chunks * self.max_blocks_per_chunk  # the id space (not all usable at once)
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [KVCacheBlock(block_id=i) for i in range(self.num_blocks)]
+        self.queues = {name: FreeBlockQueue([]) for name in blocks_per_chunk}
+        self.chunk_format: list[str | None] = [None] * num_chunks
+        self.chunk_referenced = [0] * num_chunks  # blocks with ref_cnt > 0, per chunk
+        self.free_chunks = list(range(num_chunks - 1, -1, -1))  # a stack: lowest chunk first
+        self.idle_chunks: dict[str, set[int]] = {name: set() for name in blocks_per_chunk}
+        self.referenced_blocks = dict.fromkeys(blocks_per_chunk, 0)
+        self.cached_blocks: dict[int, KVCacheBlock] = {}
+        self.chunk_format_changes: list[tuple[int, str]] = []
+        self.write_format = write_format
+
+    @property
+    def write_format(self) -> str:
+        return self._write_format
+
+    @write_format.setter
+    def write_format(self, name: str) -> None:
+        if name not in self.blocks_per_chunk:
+            raise ValueError(f"unknown KV format {name!r}; known: {sorted(self.blocks_per_chunk)}")
+        self._write_format = name
+
+    def chunk_of(self, block: KVCacheBlock) -> int:
+        return block.block_id // self.max_blocks_per_chunk
+
+    def format_of(self, block: KVCacheBlock) -> str:
+        return self.chunk_format[self.chunk_of(block)]
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks of the write format that can be handed out now (reclaiming idle chunks included)."""
+        name = self._write_format
+        spare = len(self.free_chunks) + sum(len(c) for n, c in self.idle_chunks.items() if n != name)
+        return len(self.queues[name]) + spare * self.blocks_per_chunk[name]
+
+    def free_capacity_after(self, hit_blocks: Iterable[KVCacheBlock]) -> int:
+        """`num_free_blocks` once the prefix hits `hit_blocks` are referenced."""
+        name, lost, lost_chunks = self._write_format, 0, set()
+        for block in hit_blocks:
+            if block.ref_cnt:
+                continue
+            chunk = self.chunk_of(block)
+            if self.chunk_format[chunk] == name:
+                lost += 1
+            elif chunk in self.idle_chunks[self.chunk_format[chunk]]:
+                lost_chunks.add(chunk)
+        return self.num_free_blocks - lost - len(lost_chunks) * self.blocks_per_chunk[name]
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self.cached_blocks)
+
+    @property
+    def usage(self) -> float:
+        """Share of the KV memory held by referenced blocks, by bytes, in [0, 1]."""
+        held = sum(n * self.block_bytes[name] for name, n in self.referenced_blocks.items())
+        chunk_bytes = max(n * self.block_bytes[name] for name, n in self.blocks_per_chunk.items())
+        return held / (self.num_chunks * chunk_bytes)
+
+    def usage_by_format(self) -> dict[str, int]:
+        """Referenced blocks per format."""
+        return dict(self.referenced_blocks)
+
+    def get_cached_block(self, block_hash: int) -> KVCacheBlock | None:
+        return self.cached_blocks.get(block_hash)
+
+    def get_new_blocks(self, num_blocks: int) -> list[KVCacheBlock]:
+        """`num_blocks` blocks of the write format, each with ref_cnt 1 and no hash."""
+        if num_blocks > self.num_free_blocks:
+            raise ValueError(f"asked for {num_blocks} blocks, only {self.num_free_blocks} are free")
+        queue = self.queues[self._write_format]
+        new_blocks = []
+        for _ in range(num_blocks):
+            if not len(queue):
+                self._take_chunk(self._write_format)
+            block = queue.popleft()
+            self._evict(block)
+            self._reference(block)
+            new_blocks.append(block)
+        return new_blocks
+
+    def cache_block(self, block: KVCacheBlock, block_hash: int) -> bool:
+        if block.block_hash is not None:
+            if block.block_hash != block_hash:
+                raise ValueError(f"block {block.block_id} is already cached under another hash")
+            return True
+        if block_hash in self.cached_blocks:
+            return False
+        block.block_hash = block_hash
+        self.cached_blocks[block_hash] = block
+        return True
+
+    def move_hash(self, src: KVCacheBlock, dst: KVCacheBlock) -> None:
+        """dst takes src's place in the prefix cache (a requantized copy of the same tokens)."""
+        if src.block_hash is not None:
+            dst.block_hash, src.block_hash = src.block_hash, None
+            self.cached_blocks[dst.block_hash] = dst
+
+    def touch(self, blocks: Iterable[KVCacheBlock]) -> None:
+        for block in blocks:
+            if block.ref_cnt == 0:
+                self.queues[self.format_of(block)].remove(block)
+                self._reference(block)
+            else:
+                block.ref_cnt += 1
+
+    def free_blocks(self, ordered_blocks: Iterable[KVCacheBlock]) -> None:
+        for block in ordered_blocks:
+            if block.ref_cnt <= 0:
+                raise ValueError(f"block {block.block_id} freed more often than it was referenced")
+            block.ref_cnt -= 1
+            if block.ref_cnt > 0:
+                continue
+            chunk, name = self.chunk_of(block), self.format_of(block)
+            queue = self.queues[name]
+            queue.append(block) if block.block_hash is not None else queue.appendleft(block)
+            self.referenced_blocks[name] -= 1
+            self.chunk_referenced[chunk] -= 1
+            if self.chunk_referenced[chunk] == 0:
+                self.idle_chunks[name].add(chunk)
+                if not any(b.block_hash is not None for b in self._chunk_blocks(chunk)):
+                    self._release(chunk)
+
+    def reset_prefix_cache(self) -> bool:
+        if any(self.referenced_blocks.values()):
+            return False
+        for block in self.cached_blocks.values():
+            block.block_hash = None
+        self.cached_blocks.clear()
+        for chunks in self.idle_chunks.values():
+            for chunk in list(chunks):
+                self._release(chunk)
+        return True
+
+    def drain_chunk_format_changes(self) -> list[tuple[int, str]]:
+        changes, self.chunk_format_changes = self.chunk_format_changes, []
+        return changes
+
+    def _chunk_blocks(self, chunk: int) -> list[KVCacheBlock]:
+        start = chunk * self.max_blocks_per_chunk
+        return self.blocks[start : start + self.blocks_per_chunk[self.chunk_format[chunk]]]
+
+    def _reference(self, block: KVCacheBlock) -> None:
+        chunk, name = self.chunk_of(block), self.format_of(block)
+        block.ref_cnt = 1
+        self.referenced_blocks[name] += 1
+        if self.chunk_referenced[chunk] == 0:
+            self.idle_chunks[name].discard(chunk)
+        self.chunk_referenced[chunk] += 1
+
+    def _take_chunk(self, name: str) -> None:
+        """Hand a free chunk (or an idle one of another format, evicting its prefixes) to `name`."""
+        if not self.free_chunks:
+            donor = next(n for n, chunks in self.idle_chunks.items() if chunks and n != name)
+            self._release(next(iter(self.idle_chunks[donor])))
+        chunk = self.free_chunks.pop()
+        self.chunk_format[chunk] = name
+        self.chunk_format_changes.append((chunk, name))
+        queue = self.queues[name]
+        start = chunk * self.max_blocks_per_chunk
+        for block in reversed(self.blocks[start : start + self.blocks_per_chunk[name]]):
+            queue.appendleft(block)  # lowest index first
+
+    def _release(self, chunk: int) -> None:
+        """An idle chunk leaves its format: its free blocks leave the queue, cached prefixes are evicted."""
+        name = self.chunk_format[chunk]
+        for block in self._chunk_blocks(chunk):
+            self.queues[name].remove(block)
+            self._evict(block)
+        self.idle_chunks[name].discard(chunk)
+        self.chunk_format[chunk] = None
+        self.free_chunks.append(chunk)
+
+    def _evict(self, block: KVCacheBlock) -> None:
+        if block.block_hash is not None:
+            del self.cached_blocks[block.block_hash]
+            block.block_hash = None

@@ -1,0 +1,36 @@
+"""The engine's side of KV compression: which block pool a cache gets, the cold blocks requantized
+into the write format before each step, and the memory changes a step carries to the runner."""
+
+from __future__ import annotations
+
+from adaptserve.config import CacheConfig
+from adaptserve.engine.kv_cache.block_pool import BlockPool
+from adaptserve.engine.kv_cache.chunk_pool import ChunkedBlockPool
+from adaptserve.engine.kv_cache.manager import KVCacheManager
+from adaptserve.engine.outputs import SchedulerOutput
+
+
+def build_block_pool(cache: CacheConfig, runner) -> BlockPool | ChunkedBlockPool:
+    """A ChunkedBlockPool over the runner's chunks when its cache is compressed, else a BlockPool."""
+    compressed = getattr(runner, "compressed_kv", None)
+    if compressed is None:
+        return BlockPool(runner.num_blocks, cache.enable_prefix_caching)
+    g = compressed.geometry
+    return ChunkedBlockPool(
+        g.num_chunks, g.blocks_per_chunk, g.block_bytes, cache.kv_format, cache.enable_prefix_caching
+    )
+
+
+def requantize_cold_blocks(kv_cache: KVCacheManager, cache: CacheConfig) -> list[tuple[int, int]]:
+    """Up to `kv_requantize_blocks` cold blocks moved into the write format (none for a plain cache)."""
+    if not isinstance(kv_cache.block_pool, ChunkedBlockPool):
+        return []
+    return kv_cache.requantize_cold(cache.kv_requantize_blocks, cache.kv_keep_recent_blocks)
+
+
+def attach_kv_changes(output: SchedulerOutput, kv_cache: KVCacheManager, migrations: list[tuple[int, int]]):
+    """Give the step the chunks handed to a format since the last step, and the block moves."""
+    pool = kv_cache.block_pool
+    if isinstance(pool, ChunkedBlockPool):
+        output.kv_chunk_formats = pool.drain_chunk_format_changes()
+        output.kv_migrations = migrations

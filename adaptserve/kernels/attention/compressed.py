@@ -1,0 +1,159 @@
+"""Attention over a compressed KV cache (KVArena): every block is read in its own format and
+dequantized on the fly; no full-precision copy of the cache exists.
+
+New K/V are quantized as they are written, in the format of the chunk their block lives in. A prompt
+chunk with nothing cached before it attends to its own exact K/V (as every engine's prefill does);
+everything else reads the cache. The torch path is the reference and runs everywhere; on CUDA the
+Triton kernels (triton_kv_compressed.py) write and read the same bytes.
+
+The error monitor (KVErrorMonitor) samples steps; on a sampled step it takes one layer's fresh prompt
+K/V, whose exact values are at hand, and measures for each format what storing them would cost:
+the relative reconstruction error of K and V, and the relative error of the prompt's attention
+output (same queries, exact K/V against the format's round trip): a bf16 shadow of exactly the
+tokens being measured.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+import torch.nn.functional as F
+
+from adaptserve.kernels.attention.metadata import AttentionMetadata
+from adaptserve.kernels.attention.torch_ref import _attention, _context_slots, _decode_views
+from adaptserve.kernels.kv_quant import dequantize, quantize
+from adaptserve.model.rope import apply_rope
+from adaptserve.runner.kv_arena import KVArena
+
+
+class KVErrorMonitor:
+    """Decayed per-format errors of compressed K/V, measured on sampled prompt chunks."""
+
+    def __init__(self, formats: tuple[str, ...], rate: float, decay: float = 0.8, seed: int = 0):
+        self.formats = tuple(f for f in formats if f != "bf16")
+        self.rate = rate
+        self.decay = decay
+        self.attention_error: dict[str, float] = {}  # format -> decayed relative attention-output error
+        self.reconstruction_error: dict[str, float] = {}  # format -> decayed relative K/V error
+        self.num_samples = 0
+        self._random = random.Random(seed)
+        self._armed_layer: int | None = None
+
+    def begin_step(self, num_layers: int) -> None:
+        """Arm one random layer of this step for measuring, with probability `rate`."""
+        sampled = self.formats and self._random.random() < self.rate
+        self._armed_layer = self._random.randrange(num_layers) if sampled else None
+
+    def wants(self, layer: int) -> bool:
+        return self._armed_layer == layer
+
+    def measure(self, q, k, v, scale: float, layout) -> None:
+        """q [Q, H, D], k, v [Q, KVH, D]: one fresh prompt chunk's exact values (causal)."""
+        self._armed_layer = None
+        exact = _attention(q, k, v, scale).float()  # [Q, H, D]
+        for name in self.formats:
+            k_hat = _round_trip(k, name, layout)
+            v_hat = _round_trip(v, name, layout)
+            approx = _attention(q, k_hat, v_hat, scale).float()
+            self._update(self.attention_error, name, _relative(approx, exact))
+            self._update(self.reconstruction_error, name, (_relative(k_hat, k) + _relative(v_hat, v)) / 2)
+        self.num_samples += 1
+
+    def error(self, name: str) -> float | None:
+        """The attention-output error of format `name` (0 for bf16; None before any sample)."""
+        return 0.0 if name == "bf16" else self.attention_error.get(name)
+
+    def _update(self, table: dict[str, float], name: str, value: float) -> None:
+        old = table.get(name)
+        table[name] = value if old is None else self.decay * old + (1 - self.decay) * value
+
+
+class CompressedKVAttention:
+    name = "compressed_kv"
+
+    def __init__(self, num_layers: int, monitor: KVErrorMonitor | None = None, use_triton: bool = False):
+        self.num_layers = num_layers
+        self.monitor = monitor
+        self.use_triton = use_triton
+        self._layer = 0  # counts layers within a step (the monitor samples one)
+
+    def begin_step(self, meta: AttentionMetadata, decode=None) -> None:
+        self._layer = 0
+        if self.monitor is not None:
+            self.monitor.begin_step(self.num_layers)
+
+    def rope_and_write_kv(self, q, k, v, rope, arena: KVArena, _v_cache, meta: AttentionMetadata):
+        cos, sin = rope.lookup()
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        slots = meta.slot_mapping
+        if self.use_triton:
+            from adaptserve.kernels.attention.triton_kv_compressed import write_kv_compressed
+
+            write_kv_compressed(arena, slots, k, v)
+        else:
+            keep = (slots >= 0).nonzero().squeeze(1)  # [t] (-1 = a padded row: nothing to write)
+            arena.write(slots[keep], k[keep], v[keep])
+        return q, k
+
+    def attend(self, q, k, v, arena: KVArena, _v_cache, meta: AttentionMetadata, scale: float):
+        """q: [T, H, D]; k, v: this step's [T, KVH, D] (already in the cache) -> [T, H, D]."""
+        layer, self._layer = self._layer, self._layer + 1
+        out = torch.empty_like(q)
+        num_decode = meta.num_decode_tokens
+        if num_decode:
+            out[:num_decode] = self._decode(q[:num_decode], arena, meta, scale)
+        for index, seq in enumerate(meta.prefills, start=num_decode):
+            rows = slice(seq.query_start, seq.query_start + seq.query_len)
+            if seq.context_len == seq.query_len:  # a fresh prompt: its own exact K/V
+                out[rows] = _attention(q[rows], k[rows], v[rows], scale)
+                if self.monitor is not None and self.monitor.wants(layer):
+                    self.monitor.measure(q[rows], k[rows], v[rows], scale, arena.layout)
+                continue
+            slots = seq.context_slots
+            if slots is None:
+                slots = _context_slots(meta.block_table[index], seq.context_len, arena.layout.block_size)
+            out[rows] = self._prefill(q[rows], arena, slots, seq, scale)
+        return out
+
+    def _decode(self, q, arena: KVArena, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        if self.use_triton:
+            from adaptserve.kernels.attention.triton_kv_compressed import decode_attention_compressed
+
+            out = torch.empty_like(q)
+            num = q.shape[0]
+            decode_attention_compressed(q, arena, meta.block_table[:num], meta.context_lens[:num], scale, out)
+            return out
+        block_table, context_mask = meta.decode_block_table, meta.decode_context_mask
+        if context_mask is None:
+            block_table, context_mask = _decode_views(meta, arena.layout.block_size)
+        num_seqs, num_heads, head_dim = q.shape
+        k, v = arena.read_blocks(block_table.flatten(), q.dtype)  # [N * MB, bs, KVH, D]
+        num_kv_heads = k.shape[2]
+        k = k.view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)  # [N, KVH, L, D]
+        v = v.view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)  # [N, KVH, L, D]
+        qg = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [N, KVH, G, D]
+        mask = context_mask[:, None, None, :]  # [N, 1, 1, L]
+        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)  # [N, KVH, G, D]
+        return o.reshape(num_seqs, num_heads, head_dim)
+
+    def _prefill(self, q, arena: KVArena, slots: torch.Tensor, seq, scale: float) -> torch.Tensor:
+        """A prompt chunk after cached tokens: the whole context read from the cache, masked causally."""
+        block_size = arena.layout.block_size
+        block_ids = slots[::block_size] // block_size  # [MB] the context's blocks in order
+        k, v = arena.read_blocks(block_ids, q.dtype)  # [MB, bs, KVH, D]
+        k = k.flatten(0, 1)[: seq.context_len]  # [L, KVH, D]
+        v = v.flatten(0, 1)[: seq.context_len]  # [L, KVH, D]
+        offset = seq.context_len - seq.query_len
+        rows = torch.arange(seq.query_len, device=q.device)[:, None] + offset
+        cols = torch.arange(seq.context_len, device=q.device)[None, :]
+        return _attention(q, k, v, scale, mask=cols <= rows)  # mask: [Q, L]
+
+
+def _round_trip(x: torch.Tensor, name: str, layout) -> torch.Tensor:
+    data, scales = quantize(x, name, layout.int4_group_size, layout.native_dtype)
+    return dequantize(data, scales, name, layout.int4_group_size, x.dtype)
+
+
+def _relative(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    return float((approx.float() - exact.float()).norm() / exact.float().norm().clamp(min=1e-12))

@@ -1,0 +1,60 @@
+"""Quantize and dequantize K/V head vectors in each KV format (the torch reference; the Triton kernels
+follow it bit for bit where they can). See engine/kv_cache/formats.py for the formats' scales.
+
+x: [N, H, D] float -> (data [N, H, D'] in the format's storage dtype, scales [N, H, S] fp16), and back.
+Scales are rounded to fp16 before dividing, so the stored scale is the one that was used.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from adaptserve.engine.kv_cache.formats import SCALE_DTYPE
+
+FP8_MAX = 448.0  # largest finite e4m3 value
+_SMALLEST_SCALE = 1e-6  # floor of a scale (an all-zero vector would divide by zero)
+STORAGE_DTYPES = {"fp8": torch.float8_e4m3fn, "int8": torch.int8, "int4": torch.uint8}
+
+
+def quantize(x: torch.Tensor, name: str, group_size: int, native_dtype: torch.dtype):
+    """x [N, H, D] -> (data, scales) of format `name` (scales is None for bf16, the native format)."""
+    if name == "bf16":
+        return x.to(native_dtype), None
+    xf = x.float()
+    if name in ("fp8", "int8"):
+        limit = FP8_MAX if name == "fp8" else 127.0
+        scale = _fp16_scale(xf.abs().amax(dim=-1, keepdim=True) / limit)  # [N, H, 1]
+        scaled = xf / scale
+        if name == "fp8":
+            return scaled.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale.to(SCALE_DTYPE)
+        return scaled.round().clamp(-127, 127).to(torch.int8), scale.to(SCALE_DTYPE)
+    if name == "int4":
+        n, h, d = xf.shape
+        groups = xf.view(n, h, d // group_size, group_size)  # [N, H, G, gs]
+        low = groups.amin(dim=-1, keepdim=True).to(SCALE_DTYPE).float()  # [N, H, G, 1]
+        scale = _fp16_scale((groups.amax(dim=-1, keepdim=True) - low) / 15.0)  # [N, H, G, 1]
+        codes = ((groups - low) / scale).round().clamp(0, 15).to(torch.uint8).view(n, h, d)
+        packed = codes[..., 0::2] | (codes[..., 1::2] << 4)  # [N, H, D/2]
+        scales = torch.cat([scale, low], dim=-1).view(n, h, -1).to(SCALE_DTYPE)  # [N, H, 2G]: scale, min
+        return packed, scales
+    raise ValueError(f"unknown KV format {name!r}")
+
+
+def dequantize(data: torch.Tensor, scales: torch.Tensor | None, name: str, group_size: int, dtype):
+    """(data, scales) of format `name` -> [N, H, D] in `dtype`."""
+    if name == "bf16":
+        return data.to(dtype)
+    if name in ("fp8", "int8"):
+        return (data.float() * scales.float()).to(dtype)
+    if name == "int4":
+        n, h, half = data.shape
+        codes = torch.stack([data & 0xF, data >> 4], dim=-1).view(n, h, 2 * half).float()  # [N, H, D]
+        groups = codes.view(n, h, -1, group_size)  # [N, H, G, gs]
+        pairs = scales.float().view(n, h, -1, 2)  # [N, H, G, 2]
+        return (groups * pairs[..., :1] + pairs[..., 1:]).view(n, h, 2 * half).to(dtype)
+    raise ValueError(f"unknown KV format {name!r}")
+
+
+def _fp16_scale(scale: torch.Tensor) -> torch.Tensor:
+    """The scale as it will be stored (fp16), back in fp32, never zero."""
+    return scale.clamp(min=_SMALLEST_SCALE).to(SCALE_DTYPE).float()

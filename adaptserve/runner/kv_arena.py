@@ -1,0 +1,117 @@
+"""One layer's compressed KV memory: chunks of bytes, each holding blocks of one format.
+
+A block id is `chunk * max_blocks_per_chunk + index`; `chunk_formats[chunk]` (a device tensor every
+layer shares, updated by the runner when the pool hands a chunk to another format) says how to read
+it. For each format the arena keeps typed, strided views over the same bytes:
+data [chunks, blocks, block_size, H, D'] and scales [chunks, blocks, block_size, H, S], for K and V.
+This is the torch reference; the Triton kernels read the same bytes through the same offsets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from adaptserve.engine.kv_cache.formats import KV_FORMATS, SCALE_DTYPE, FormatLayout, KVLayout
+from adaptserve.kernels.kv_quant import STORAGE_DTYPES, dequantize, quantize
+
+
+@dataclass
+class _FormatViews:
+    fmt: FormatLayout
+    k_data: torch.Tensor  # [C, n, bs, H, D']
+    v_data: torch.Tensor
+    k_scales: torch.Tensor | None  # [C, n, bs, H, S]
+    v_scales: torch.Tensor | None
+    blocks_per_chunk: int
+
+
+class KVArena:
+    def __init__(
+        self,
+        layout: KVLayout,
+        num_chunks: int,
+        chunk_bytes: int,
+        max_blocks_per_chunk: int,
+        chunk_formats: torch.Tensor,
+        device: torch.device,
+    ):
+        self.layout = layout
+        self.chunk_bytes = chunk_bytes
+        self.max_blocks_per_chunk = max_blocks_per_chunk
+        self.chunk_formats = chunk_formats  # [C] int8, shared by every layer
+        self.bytes = torch.zeros(num_chunks, chunk_bytes, dtype=torch.uint8, device=device)  # [C, bytes]
+        self.views = {name: self._views(layout.format(name)) for name in KV_FORMATS}
+
+    def _views(self, fmt: FormatLayout) -> _FormatViews:
+        layout, num_chunks = self.layout, self.bytes.shape[0]
+        count = self.chunk_bytes // fmt.block_bytes
+        blocks = self.bytes[:, : count * fmt.block_bytes].view(num_chunks, count, fmt.block_bytes)
+        dtype = layout.native_dtype if fmt.name == "bf16" else STORAGE_DTYPES[fmt.name]
+        shape = (num_chunks, count, layout.block_size, layout.num_kv_heads, -1)
+
+        def region(start: int, size: int, region_dtype) -> torch.Tensor:
+            return blocks[..., start : start + size].view(region_dtype).view(shape)
+
+        scales = (None, None)
+        if fmt.scale_bytes:
+            scales = (
+                region(fmt.k_scales, fmt.scale_bytes, SCALE_DTYPE),
+                region(fmt.v_scales, fmt.scale_bytes, SCALE_DTYPE),
+            )
+        return _FormatViews(
+            fmt,
+            region(fmt.k_data, fmt.data_bytes, dtype),
+            region(fmt.v_data, fmt.data_bytes, dtype),
+            *scales,
+            count,
+        )
+
+    def _locate(self, block_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """block ids [N] -> (chunk [N], index in chunk [N], format code [N])."""
+        block_ids = block_ids.long()
+        chunks = block_ids // self.max_blocks_per_chunk
+        return chunks, block_ids % self.max_blocks_per_chunk, self.chunk_formats[chunks].long()
+
+    def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: [T, H, D] quantized into their slots [T] (block_id * block_size + offset)."""
+        layout = self.layout
+        block_size = layout.block_size
+        chunks, index, codes = self._locate(slots // block_size)
+        offsets = slots.long() % block_size
+        for code in codes.unique().tolist():
+            views = self.views[KV_FORMATS[code]]
+            rows = (codes == code).nonzero().squeeze(1)  # [t]
+            where = (chunks[rows], index[rows].clamp(max=views.blocks_per_chunk - 1), offsets[rows])
+            for x, data, scales in ((k, views.k_data, views.k_scales), (v, views.v_data, views.v_scales)):
+                q, s = quantize(x[rows], views.fmt.name, layout.int4_group_size, layout.native_dtype)
+                data[where] = q
+                if scales is not None:
+                    scales[where] = s
+
+    def read_blocks(self, block_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """block ids [N] -> dequantized (k, v), each [N, block_size, H, D] in `dtype`."""
+        layout = self.layout
+        shape = (block_ids.shape[0], layout.block_size, layout.num_kv_heads, layout.head_dim)
+        k = torch.empty(shape, dtype=dtype, device=self.bytes.device)
+        v = torch.empty(shape, dtype=dtype, device=self.bytes.device)
+        chunks, index, codes = self._locate(block_ids)
+        for code in codes.unique().tolist():
+            views = self.views[KV_FORMATS[code]]
+            rows = (codes == code).nonzero().squeeze(1)  # [n]
+            # a padded table entry may point past a chunk's blocks: its rows are masked, any block will do
+            where = (chunks[rows], index[rows].clamp(max=views.blocks_per_chunk - 1))
+            for out, data, scales in ((k, views.k_data, views.k_scales), (v, views.v_data, views.v_scales)):
+                flat = data[where].flatten(0, 1)  # [n * bs, H, D']
+                flat_scales = None if scales is None else scales[where].flatten(0, 1)
+                values = dequantize(flat, flat_scales, views.fmt.name, layout.int4_group_size, dtype)
+                out[rows] = values.view(rows.shape[0], *shape[1:])
+        return k, v
+
+    def migrate(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy whole blocks src [M] -> dst [M], requantizing into each destination's format."""
+        layout = self.layout
+        k, v = self.read_blocks(src, torch.float32)  # [M, bs, H, D]
+        slots = dst.long()[:, None] * layout.block_size + torch.arange(layout.block_size, device=dst.device)
+        self.write(slots.flatten(), k.flatten(0, 1), v.flatten(0, 1))

@@ -1,0 +1,93 @@
+"""The runner's side of KV compression: the chunk geometry the block pool mirrors, one KVArena per
+layer, the chunk-format table they share, and applying a step's chunk hand-overs and block
+requantizations before its forward pass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from adaptserve.config import CacheConfig
+from adaptserve.engine.kv_cache.formats import FORMAT_CODES, KV_FORMATS, KVLayout
+from adaptserve.model.config import ModelArchConfig
+from adaptserve.runner.kv_arena import KVArena
+
+
+@dataclass(frozen=True)
+class KVGeometry:
+    """How KV memory is cut: `num_chunks` chunks of `chunk_bytes` per layer (plus one padding chunk);
+    a chunk of format f holds `blocks_per_chunk[f]` blocks of `block_bytes[f]` bytes."""
+
+    layout: KVLayout
+    num_chunks: int
+    chunk_bytes: int
+    blocks_per_chunk: dict[str, int]
+    block_bytes: dict[str, int]
+
+    @property
+    def max_blocks_per_chunk(self) -> int:
+        return max(self.blocks_per_chunk.values())
+
+    @property
+    def num_block_ids(self) -> int:
+        """The block-id space, padding chunk excluded: id = chunk * max_blocks_per_chunk + index."""
+        return self.num_chunks * self.max_blocks_per_chunk
+
+    @classmethod
+    def plan(cls, cache: CacheConfig, arch: ModelArchConfig, dtype: torch.dtype, num_native_blocks: int):
+        """Cut the memory of `num_native_blocks` blocks in the model's dtype into chunks."""
+        group = cache.kv_int4_group_size
+        layout = KVLayout(cache.block_size, arch.num_kv_heads, arch.head_dim, dtype, int4_group_size=group)
+        chunk_bytes = cache.kv_chunk_blocks * layout.format("bf16").block_bytes
+        block_bytes = {name: layout.format(name).block_bytes for name in KV_FORMATS}
+        return cls(
+            layout=layout,
+            num_chunks=max(1, num_native_blocks // cache.kv_chunk_blocks),
+            chunk_bytes=chunk_bytes,
+            blocks_per_chunk={name: chunk_bytes // size for name, size in block_bytes.items()},
+            block_bytes=block_bytes,
+        )
+
+
+class CompressedKVCache:
+    """Every layer's arena over one chunk-format table."""
+
+    def __init__(self, geometry: KVGeometry, num_layers: int, device: torch.device):
+        self.geometry = geometry
+        g = geometry
+        # the padding chunk (last) stays bf16: padded rows write and read there
+        self.chunk_formats = torch.zeros(g.num_chunks + 1, dtype=torch.int8, device=device)  # [C + 1]
+        num_chunks, formats = g.num_chunks + 1, self.chunk_formats
+        self.arenas = [
+            KVArena(g.layout, num_chunks, g.chunk_bytes, g.max_blocks_per_chunk, formats, device)
+            for _ in range(num_layers)
+        ]
+        self.num_requantized_blocks = 0
+
+    def layer_caches(self) -> list[tuple[KVArena, KVArena]]:
+        """The per-layer (k_cache, v_cache) pairs the model passes on: both are the layer's arena."""
+        return [(arena, arena) for arena in self.arenas]
+
+    def apply(self, chunk_formats: list[tuple[int, str]], migrations: list[tuple[int, int]]) -> None:
+        """A step's memory changes, before its forward pass: every moved block is read in its old
+        chunk's format, then the chunks handed to a format take it, then the copies are written (a
+        chunk a move emptied may already hold the next move's destination)."""
+        device = self.chunk_formats.device
+        moved = []
+        if migrations:
+            src = torch.tensor([s for s, _ in migrations], device=device)
+            dtype = self.geometry.layout.native_dtype
+            moved = [arena.read_blocks(src, dtype) for arena in self.arenas]  # per layer ([M, bs, H, D],) * 2
+        if chunk_formats:
+            chunks = torch.tensor([c for c, _ in chunk_formats], device=device)
+            codes = torch.tensor([FORMAT_CODES[f] for _, f in chunk_formats], dtype=torch.int8, device=device)
+            self.chunk_formats[chunks] = codes
+        if migrations:
+            block_size = self.geometry.layout.block_size
+            dst = torch.tensor([d for _, d in migrations], device=device)
+            offsets = torch.arange(block_size, device=device)  # [bs]
+            slots = (dst[:, None] * block_size + offsets).flatten()  # [M * bs]
+            for arena, (k, v) in zip(self.arenas, moved, strict=True):
+                arena.write(slots, k.flatten(0, 1), v.flatten(0, 1))
+            self.num_requantized_blocks += len(migrations)
