@@ -27,6 +27,7 @@ class ChunkedBlockPool:
         block_bytes: dict[str, int],
         write_format: str,
         enable_prefix_caching: bool,
+        reserve_chunks: int = 0,
     ):
         if num_chunks < 1:
             raise ValueError(f"the KV cache needs at least one chunk, got {num_chunks}")
@@ -46,6 +47,8 @@ class ChunkedBlockPool:
         self.cached_blocks: dict[int, KVCacheBlock] = {}
         self.chunk_format_changes: list[tuple[int, str]] = []
         self.write_format = write_format
+        # chunks only requantization may take: moving blocks to a lower format needs room to move into
+        self.reserve_chunks = reserve_chunks
 
     @property
     def write_format(self) -> str:
@@ -65,10 +68,19 @@ class ChunkedBlockPool:
 
     @property
     def num_free_blocks(self) -> int:
-        """Blocks of the write format that can be handed out now (reclaiming idle chunks included)."""
+        """Blocks of the write format that can be handed out now (reclaiming idle chunks included),
+        the reserve kept back."""
+        return self._free_blocks(self.reserve_chunks)
+
+    @property
+    def num_free_blocks_for_moves(self) -> int:
+        """Blocks of the write format requantization may take: the reserve included."""
+        return self._free_blocks(0)
+
+    def _free_blocks(self, reserve: int) -> int:
         name = self._write_format
         spare = len(self.free_chunks) + sum(len(c) for n, c in self.idle_chunks.items() if n != name)
-        return len(self.queues[name]) + spare * self.blocks_per_chunk[name]
+        return len(self.queues[name]) + max(0, spare - reserve) * self.blocks_per_chunk[name]
 
     def free_capacity_after(self, hit_blocks: Iterable[KVCacheBlock]) -> int:
         """`num_free_blocks` once the prefix hits `hit_blocks` are referenced."""
@@ -101,10 +113,11 @@ class ChunkedBlockPool:
     def get_cached_block(self, block_hash: int) -> KVCacheBlock | None:
         return self.cached_blocks.get(block_hash)
 
-    def get_new_blocks(self, num_blocks: int) -> list[KVCacheBlock]:
+    def get_new_blocks(self, num_blocks: int, use_reserve: bool = False) -> list[KVCacheBlock]:
         """`num_blocks` blocks of the write format, each with ref_cnt 1 and no hash."""
-        if num_blocks > self.num_free_blocks:
-            raise ValueError(f"asked for {num_blocks} blocks, only {self.num_free_blocks} are free")
+        free = self.num_free_blocks_for_moves if use_reserve else self.num_free_blocks
+        if num_blocks > free:
+            raise ValueError(f"asked for {num_blocks} blocks, only {free} are free")
         queue = self.queues[self._write_format]
         new_blocks = []
         for _ in range(num_blocks):

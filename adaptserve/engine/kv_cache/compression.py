@@ -16,8 +16,10 @@ def build_block_pool(cache: CacheConfig, runner) -> BlockPool | ChunkedBlockPool
     if compressed is None:
         return BlockPool(runner.num_blocks, cache.enable_prefix_caching)
     g = compressed.geometry
+    # an adaptive cache keeps one chunk back, so cold blocks always have room to move down into
+    reserve = 1 if cache.kv_policy == "adaptive" and g.num_chunks > 1 else 0
     return ChunkedBlockPool(
-        g.num_chunks, g.blocks_per_chunk, g.block_bytes, cache.kv_format, cache.enable_prefix_caching
+        g.num_chunks, g.blocks_per_chunk, g.block_bytes, cache.kv_format, cache.enable_prefix_caching, reserve
     )
 
 

@@ -181,9 +181,9 @@ class KVCacheManager:
                     candidates.append((pool.chunk_referenced[pool.chunk_of(block)], request_id, i))
         candidates.sort()
         moves = []
-        for _, request_id, i in candidates[: min(max_blocks, pool.num_free_blocks)]:
+        for _, request_id, i in candidates[: min(max_blocks, pool.num_free_blocks_for_moves)]:
             blocks = self.req_to_blocks[request_id]
-            src, (dst,) = blocks[i], pool.get_new_blocks(1)
+            src, (dst,) = blocks[i], pool.get_new_blocks(1, use_reserve=True)
             pool.move_hash(src, dst)
             blocks[i] = dst
             pool.free_blocks([src])
