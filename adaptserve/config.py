@@ -39,7 +39,7 @@ class CacheConfig:
     kv_requantize_blocks: int = 64  # most cold blocks requantized to the write format per step
     kv_keep_recent_blocks: int = 1  # newest blocks of a sequence never requantized (they still fill)
     kv_error_budget: float = 0.05  # adaptive: most attention-output error before a format is undone
-    kv_monitor_rate: float = 0.05  # share of steps whose KV error is sampled (compressed caches)
+    kv_monitor_rate: float = 0.25  # share of steps whose KV error is sampled (compressed caches)
 
     @property
     def compressed(self) -> bool:

@@ -67,17 +67,21 @@ def _kv_policy(engine, telemetry: Telemetry):
     from adaptserve.adapt.kv_policy import KVFormatPolicy, KVPolicySettings
 
     cache = engine.config.cache
-    engine.stat_loggers.append(KVErrorReporter(engine, telemetry))
-    return KVFormatPolicy(KVPolicySettings(ladder=tuple(cache.kv_ladder), error_budget=cache.kv_error_budget))
+    policy = KVFormatPolicy(
+        KVPolicySettings(ladder=tuple(cache.kv_ladder), error_budget=cache.kv_error_budget)
+    )
+    engine.stat_loggers.append(KVErrorReporter(engine, telemetry, policy))
+    return policy
 
 
 class KVErrorReporter:
-    """After each step, hands telemetry the attention-output error of the format new KV blocks are
-    written in, as the runner's monitor last measured it (a new sample only)."""
+    """After each step with a new sample, hands telemetry the attention-output error of the format new
+    KV blocks are written in, and the policy every format's error, as the runner's monitor measured them."""
 
-    def __init__(self, engine, telemetry: Telemetry):
+    def __init__(self, engine, telemetry: Telemetry, policy):
         self.engine = engine
         self.telemetry = telemetry
+        self.policy = policy
         self._seen = 0
 
     def record(self, stats) -> None:
@@ -85,6 +89,7 @@ class KVErrorReporter:
         if monitor.num_samples == self._seen:
             return
         self._seen = monitor.num_samples
+        self.policy.format_errors = dict(monitor.attention_error)
         error = monitor.error(self.engine.knobs.kv_format)
         if error is not None:
             self.telemetry.report("kv_error", error, self.engine.clock())

@@ -105,6 +105,9 @@ class KVFormatPolicy:
         self._quiet_since: float | None = None  # kv_error under half the budget since then
         self._pressure = 0.0
         self._last_reason = ""
+        # format -> its last measured error (the runner's monitor samples every ladder format, so a
+        # format over budget is never entered, not only left once it hurt); unknown = allowed
+        self.format_errors: dict[str, float] = {}
 
     @property
     def level(self) -> int:
@@ -113,8 +116,14 @@ class KVFormatPolicy:
 
     @property
     def floor_level(self) -> int:
-        """The deepest level allowed now: len(ladder) - 1 unless the quality floor holds."""
-        return len(self.ladder) - 1 if self._floor is None else self._floor
+        """The deepest level allowed now: above the first format measured over the error budget, and
+        above the floor a broken budget set."""
+        deepest = len(self.ladder) - 1
+        for level, fmt in enumerate(self.ladder[1:], start=1):
+            if self.format_errors.get(fmt, 0.0) > self.settings.error_budget:
+                deepest = level - 1
+                break
+        return deepest if self._floor is None else min(deepest, self._floor)
 
     @property
     def last_reason(self) -> str:

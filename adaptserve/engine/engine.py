@@ -295,11 +295,15 @@ class LLMEngine:
         now = self.clock()
         # the device ran this step from its launch or the previous step's end, whichever was later
         execute_start = max(step.launch_time, self._last_finish)
+        # the whole cycle this step cost, host work included (drafting, scheduling, verifying): a
+        # verify step is finished at once while a plain one overlaps the next step's host work, so
+        # device time alone would make speculation look cheaper than it is
+        cycle_start = max(step.start, self._last_finish)
         self._last_finish = now
         num_generated = sum(r.num_output_tokens - num_before[id(r)] for r in updated)
         stats = self._step_stats(step.start, execute_start, now, step.scheduled, num_generated)
         if self.speculator is not None:
-            seconds = now - execute_start
+            seconds = now - cycle_start
             counts = self.speculator.observe(step.scheduled, runner_output, num_generated, seconds)
             stats.num_drafts, stats.num_draft_tokens, stats.num_accepted_tokens = counts
             stats.drafter, stats.draft_len = step.scheduled.drafter or "off", step.scheduled.draft_len

@@ -102,6 +102,13 @@ class ModelRunner:
         ladder = cache.kv_ladder if cache.kv_policy == "adaptive" else (cache.kv_format,)
         monitor = KVErrorMonitor(tuple(ladder), cache.kv_monitor_rate)
         use_triton = self.device.type == "cuda" and triton_available()
+        if use_triton:
+            from adaptserve.kernels.attention.triton_kv_compressed import unsupported_reason
+
+            reason = unsupported_reason(compressed.arenas[0])
+            if reason is not None:
+                logger.warning("compressed KV runs the torch reference attention: %s", reason)
+                use_triton = False
         self.attention = CompressedKVAttention(self.arch.num_layers, monitor, use_triton=use_triton)
         return compressed
 

@@ -170,3 +170,18 @@ def test_a_ladder_with_fp8_writes_fp8():
     for t, usage in enumerate([0.85, 0.85, 0.95, 0.95, 0.95, 0.95]):
         loop.round(float(t), usage)
     assert loop.formats() == [(1.0, "fp8"), (3.0, "int4")]
+
+
+def test_a_format_measured_over_budget_is_never_entered():
+    """The monitor measures every ladder format before it is used: int4 over budget caps the ladder
+    at int8 even under preemptions; once int4 measures under budget it is allowed again."""
+    loop = Loop(horizon_s=0, cooldown_s=0.0)
+    loop.policy.format_errors = {"int8": 0.01, "int4": 0.15}
+    for t in range(6):
+        loop.round(float(t), 0.97, preemptions=1)
+    assert loop.formats() == [(1.0, "int8")] and loop.policy.floor_level == 1
+    assert loop.switches[0][2].endswith("held at the quality floor: write int8")
+    loop.policy.format_errors = {"int8": 0.01, "int4": 0.03}
+    for t in range(6, 10):
+        loop.round(float(t), 0.97, preemptions=1)
+    assert loop.formats() == [(1.0, "int8"), (7.0, "int4")]
