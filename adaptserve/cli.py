@@ -138,6 +138,8 @@ def _bench(args: argparse.Namespace) -> int:
         from adaptserve.bench.precision_cli import run_precision_quality_benchmark as run
     elif args.bench_command == "spec":
         from adaptserve.bench.spec import run_spec_benchmark as run
+    elif args.bench_command == "kv":
+        from adaptserve.bench.kv_cli import run_kv_benchmark as run
     else:
         from adaptserve.bench.plot import run_plot as run
     run(args)
@@ -146,6 +148,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _add_bench_commands(commands) -> None:
     from adaptserve.bench.decode import add_decode_args
+    from adaptserve.bench.kv_cli import add_kv_bench_args
     from adaptserve.bench.offline import add_offline_args
     from adaptserve.bench.plot import add_plot_args
     from adaptserve.bench.precision_cli import add_precision_args
@@ -185,9 +188,14 @@ def _add_bench_commands(commands) -> None:
     )
     add_spec_bench_args(spec)
     _add_engine_args(spec)
+    kv = bench_commands.add_parser(
+        "kv", help="KV-cache compression: quality and capacity per format, a load ramp with the policy"
+    )
+    add_kv_bench_args(kv)
+    _add_engine_args(kv)
     plot = bench_commands.add_parser("plot", help="draw PNGs from benchmark JSON files")
     add_plot_args(plot)
-    for parser in (serve, offline, decode, prefill, startup, precision, spec, plot):
+    for parser in (serve, offline, decode, prefill, startup, precision, spec, kv, plot):
         parser.set_defaults(func=_bench)
 
 

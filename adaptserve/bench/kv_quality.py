@@ -1,0 +1,438 @@
+"""What each KV-cache format costs in quality and buys in room, on the embedded SmolLM2 (CPU by default).
+
+Quality (`measure_kv_quality`). The reference is the plain cache in the model's dtype (float32 on a CPU,
+kv_format "bf16"). Each format runs in its own engine (kv_policy "static") built from the same
+checkpoint, and is measured on the chat prompts and the fixed text of the weight-precision bench
+(precision_quality.py):
+
+- free-running agreement: its greedy replies against the reference's (`compare_free_running`);
+- teacher-forced top-1 agreement with the reference's greedy replies (prompt + reply[:-1] scored, the
+  positions that predict the reply), and the perplexity of the text in windows of `window` tokens.
+
+A fresh prompt attends to its own exact K/V and never reads the cache, so scoring a sequence in one
+forward pass would measure nothing. Both are scored in steps of `chunk` tokens instead: step j
+computes tokens [j * chunk, (j + 1) * chunk) of every sequence in a pack, which attend to the earlier
+steps' tokens (and their own) through the cache, in the measured format. The reference is scored the
+same way over its plain cache, so every row differs from it only in the cache's format.
+
+Capacity (`measure_kv_capacity`). At one KV memory budget, many more requests than bf16 can hold run
+through `LLM.generate` at once, in the model's bf16 (a real 2-byte cache); a stat logger records each
+step's running sequences. "bf16" is measured twice: the plain cache, and the chunked compressed
+layout (kv_policy "adaptive", its KV policy removed so it stays at bf16), which shows what the layout
+itself costs; its row reports the chunks an adaptive pool keeps back for requantization.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Any
+
+import torch
+
+from adaptserve.bench.precision_quality import (
+    _generate,
+    _perplexity,
+    _release,
+    _Timer,
+    chat_prompts,
+    compare_free_running,
+    text_tokens,
+)
+from adaptserve.bench.runner_scoring import LOGIT_ROWS, scheduled_sequence
+from adaptserve.config import CacheConfig
+from adaptserve.engine.kv_cache.formats import FORMAT_CODES, KV_FORMATS
+from adaptserve.engine.request import SamplingParams
+from adaptserve.engine.stats import StepStats
+from adaptserve.model.loaders import LoadedCheckpoint
+from adaptserve.runner.inputs import HostBatch, build_host_batch, to_device
+from adaptserve.runner.kv_compression import KVGeometry
+
+BF16_SEQUENCES = 8  # the default capacity budget holds this many whole sequences in plain bf16
+
+
+@dataclass(frozen=True)
+class KVQualitySpec:
+    """What to measure; the defaults are the committed CPU run."""
+
+    num_prompts: int = 50  # chat prompts: the first ones of data/chat_prompts.txt
+    max_tokens: int = 48  # greedy reply length (shorter where the reference stops at EOS)
+    num_text_tokens: int = 20480  # tokens of data/pydoc_topics.txt scored for perplexity
+    window: int = 1024  # perplexity window
+    chunk: int = 16  # tokens per scoring step: each step reads the earlier ones through the cache
+    formats: tuple[str, ...] = ("fp8", "int8", "int4")  # measured beside the bf16 reference
+    int4_group_size: int = 64  # channels per int4 KV scale/minimum
+    device: str = "cpu"  # cpu | cuda | cuda:N
+    forward_tokens: int = 2048  # most tokens per scoring step (sequences are packed up to it)
+
+
+def measure_kv_quality(
+    checkpoint: LoadedCheckpoint,
+    spec: KVQualitySpec | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Every quality measure of the module docstring; returns plain data. `log` gets a line per
+    finished phase with its seconds."""
+    spec = spec or KVQualitySpec()
+    unknown = [f for f in spec.formats if f not in KV_FORMATS or f == "bf16"]
+    if unknown:
+        raise ValueError(f"KVQualitySpec.formats has {unknown}; measure some of {KV_FORMATS[1:]}")
+    timed = _Timer(log or (lambda _: None))
+    prompts = chat_prompts(checkpoint.tokenizer, spec.num_prompts)
+    text_ids = text_tokens(checkpoint.tokenizer, spec.num_text_tokens)
+    windows = [text_ids[i : i + spec.window] for i in range(0, len(text_ids), spec.window)]
+    windows = [w for w in windows if len(w) > 1]  # a last window of one token predicts nothing
+    sizes = _quality_sizes(prompts, windows, spec)
+
+    llm = _quality_engine(checkpoint, spec, "bf16", sizes)
+    reference = timed("bf16_generation", lambda: _generate(llm, prompts, spec.max_tokens))
+    rows = {"bf16": _quality_row(llm, "bf16", prompts, reference, reference, windows, spec, timed)}
+    for name in spec.formats:
+        llm = _quality_engine(checkpoint, spec, name, sizes)
+        replies = timed(f"{name}_generation", lambda llm=llm: _generate(llm, prompts, spec.max_tokens))
+        rows[name] = _quality_row(llm, name, prompts, reference, replies, windows, spec, timed)
+    base = rows["bf16"]
+    for row in rows.values():
+        row["delta_vs_bf16"] = {
+            "teacher_forced_agreement": row["teacher_forced"]["agreement"]
+            - base["teacher_forced"]["agreement"],
+            "perplexity": row["perplexity"] - base["perplexity"],
+            "perplexity_ratio": row["perplexity"] / base["perplexity"],
+        }
+    return {
+        "reference": "the plain KV cache in the model's dtype (float32 on CPU), greedy",
+        "settings": {
+            **asdict(spec),
+            "formats": list(spec.formats),
+            "num_text_windows": len(windows),
+            "num_reference_tokens": sum(len(r) for r in reference),
+        },
+        "formats": rows,
+        "seconds": timed.seconds,
+    }
+
+
+def _quality_row(llm, name, prompts, reference, replies, windows, spec, timed) -> dict[str, Any]:
+    """One format's numbers from its engine (which is released after)."""
+    forced = [p + r[:-1] for p, r in zip(prompts, reference, strict=True)]
+    runner = llm.engine.runner
+    scored = timed(
+        f"{name}_scoring",
+        lambda: score_in_steps(runner, forced + windows, name, spec.chunk, spec.forward_tokens),
+    )
+    _release(llm)
+    agree = total = 0
+    for prompt, reply, (argmax, _) in zip(prompts, reference, scored[: len(prompts)], strict=True):
+        predicted = argmax[len(prompt) - 1 :].tolist()  # row len(prompt) - 1 + i predicts reply[i]
+        agree += sum(a == b for a, b in zip(predicted, reply, strict=True))
+        total += len(reply)
+    text = scored[len(prompts) :]
+    nll = (sum(float(n.double().sum()) for _, n in text), sum(len(n) for _, n in text))
+    return {
+        "teacher_forced": {"agreement": agree / total, "tokens": total},
+        "free_running": compare_free_running(reference, replies),
+        **_perplexity(nll),
+    }
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    max_model_len: int
+    num_blocks: int
+    max_num_batched_tokens: int
+
+
+def _quality_sizes(prompts, windows, spec: KVQualitySpec, block_size: int = 16) -> _Sizes:
+    """Room for every reply at once, or for one pack of the longest scored sequences."""
+    longest = max(len(p) for p in prompts) + spec.max_tokens
+    generation = -(-longest // block_size) * len(prompts)
+    lengths = sorted([len(p) + spec.max_tokens for p in prompts] + [len(w) for w in windows], reverse=True)
+    scoring = sum(-(-n // block_size) for n in lengths[: max(1, spec.forward_tokens // spec.chunk)])
+    chunk_blocks = CacheConfig.kv_chunk_blocks  # whole chunks, so every engine has the same room
+    num_blocks = -(-max(generation, scoring) // chunk_blocks) * chunk_blocks
+    # every prompt in one step: a prompt split over steps would read the cache for its second part
+    batched = max(spec.forward_tokens, sum(len(p) for p in prompts), longest)
+    return _Sizes(max(longest, spec.window) + block_size, num_blocks, batched)
+
+
+def _quality_engine(checkpoint, spec: KVQualitySpec, kv_format: str, sizes: _Sizes):
+    from adaptserve import LLM
+
+    return LLM.from_checkpoint(
+        checkpoint,
+        device=spec.device,
+        dtype="float32",
+        kv_format=kv_format,
+        kv_policy="static",
+        kv_int4_group_size=spec.int4_group_size,
+        max_model_len=sizes.max_model_len,
+        max_num_batched_tokens=sizes.max_num_batched_tokens,
+        max_num_seqs=spec.num_prompts,
+        num_blocks=sizes.num_blocks,
+        # off: the scoring steps write KV blocks the engine's bookkeeping does not know of
+        enable_prefix_caching=False,
+        autotune="off",
+    )
+
+
+# ---- scoring in steps of `chunk` tokens, through the cache ------------------------------------------
+
+
+@torch.inference_mode()
+def score_in_steps(
+    runner, sequences: list[list[int]], kv_format: str, chunk: int, forward_tokens: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per sequence: (argmax [T], NLL of each next token [T - 1]), computed `chunk` tokens a step so
+    every step reads the earlier ones from the cache, in `kv_format`. Up to forward_tokens // chunk
+    sequences share a step. The runner's engine must be idle: every block is taken."""
+    if min(len(s) for s in sequences) < 2:
+        raise ValueError("each scored sequence needs >= 2 tokens")
+    block_ids = _claim_blocks(runner, kv_format)
+    block_size, max_seqs = runner.block_size, max(1, forward_tokens // chunk)
+    results, pack, tables, next_block = [], [], [], 0
+    for ids in sequences:
+        num_blocks = -(-len(ids) // block_size)
+        if num_blocks > len(block_ids):
+            raise ValueError(
+                f"a {len(ids)}-token sequence needs {num_blocks} KV blocks; the runner has {len(block_ids)}"
+            )
+        if pack and (len(pack) == max_seqs or next_block + num_blocks > len(block_ids)):
+            results += _score_pack(runner, pack, tables, chunk)
+            pack, tables, next_block = [], [], 0
+        pack.append(ids)
+        tables.append(block_ids[next_block : next_block + num_blocks])
+        next_block += num_blocks
+    return results + _score_pack(runner, pack, tables, chunk)
+
+
+def _claim_blocks(runner, kv_format: str) -> list[int]:
+    """Hand every chunk of a compressed cache to `kv_format`; the block ids usable in it."""
+    compressed = runner.compressed_kv
+    if compressed is None:
+        if kv_format != "bf16":
+            raise ValueError(f"kv_format={kv_format!r} needs a compressed cache; this runner's is plain")
+        return list(range(runner.num_blocks))
+    g = compressed.geometry
+    compressed.chunk_formats[: g.num_chunks] = FORMAT_CODES[kv_format]  # the padding chunk stays bf16
+    return [
+        chunk * g.max_blocks_per_chunk + index
+        for chunk in range(g.num_chunks)
+        for index in range(g.blocks_per_chunk[kv_format])
+    ]
+
+
+def _score_pack(runner, sequences, tables, chunk: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    argmax = [torch.empty(len(ids), dtype=torch.long) for ids in sequences]
+    nll = [torch.empty(len(ids) - 1) for ids in sequences]
+    for start in range(0, max(len(ids) for ids in sequences), chunk):
+        scheduled = [
+            scheduled_sequence(str(i), ids[start : start + chunk], start, tables[i], ids, [])
+            for i, ids in enumerate(sequences)
+            if len(ids) > start
+        ]
+        batch = build_host_batch(scheduled, runner.block_size)  # one-token rows move first
+        targets = []  # the next token of each row, in batch order
+        for seq in batch.sequences:
+            num_rows = len(seq.token_ids)
+            next_ids = sequences[int(seq.request_id)][start + 1 : start + num_rows + 1]
+            targets += next_ids + [0] * (num_rows - len(next_ids))  # a sequence's last row: none (0)
+        step_argmax, step_nll = _forward(runner, batch, targets)
+        bounds = batch.query_start_loc.tolist()
+        for seq, lo, hi in zip(batch.sequences, bounds[:-1], bounds[1:], strict=True):
+            i = int(seq.request_id)
+            argmax[i][start : start + hi - lo] = step_argmax[lo:hi]
+            num_predicted = min(hi - lo, len(sequences[i]) - 1 - start)
+            nll[i][start : start + num_predicted] = step_nll[lo : lo + num_predicted]
+    return list(zip(argmax, nll, strict=True))
+
+
+def _forward(runner, batch: HostBatch, targets: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step through the model: each row's argmax [T] and NLL of its target [T], on the host."""
+    inputs = to_device(batch, runner.device)
+    runner.attention.begin_step(inputs.attn)
+    hidden = runner.model(
+        inputs.input_ids,
+        inputs.positions,
+        runner.kv_caches,
+        inputs.attn,
+        runner.attention,
+        runner.precision.fixed,
+    )  # [T, H]
+    targets = torch.tensor(targets, device=hidden.device)  # [T]
+    argmax = torch.empty_like(targets)  # [T]
+    nll = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)  # [T]
+    for lo in range(0, len(targets), LOGIT_ROWS):
+        logits = runner.model.compute_logits(hidden[lo : lo + LOGIT_ROWS])  # [R, V] float32
+        rows = slice(lo, lo + len(logits))
+        argmax[rows] = logits.argmax(dim=-1)
+        nll[rows] = -torch.log_softmax(logits, dim=-1).gather(1, targets[rows, None])[:, 0]
+    return argmax.cpu(), nll.cpu()
+
+
+# ---- capacity at one memory budget ------------------------------------------------------------------
+
+
+class _RunningRecorder:
+    """A stat logger keeping each step's running and waiting sequences and preemptions."""
+
+    def __init__(self):
+        self.steps: list[tuple[int, int, int]] = []
+
+    def record(self, stats: StepStats) -> None:
+        if stats.num_scheduled_tokens:
+            self.steps.append((stats.num_running, stats.num_waiting, stats.num_preemptions))
+
+
+def measure_kv_capacity(
+    checkpoint: LoadedCheckpoint,
+    formats: tuple[str, ...] = KV_FORMATS,
+    kv_cache_memory_gib: float | None = None,
+    prompt_tokens: int = 256,
+    max_tokens: int = 64,
+    device: str = "cpu",
+    num_requests: int | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Sequences running at once per format at one KV budget (None: room for BF16_SEQUENCES whole
+    sequences in plain bf16). `num_requests` greedy requests (None: 1.2 times as many prompts as the
+    lowest format's blocks hold) of `prompt_tokens` fixed random ids and `max_tokens` new tokens each
+    (EOS ignored) run at once through LLM.generate, in bfloat16."""
+    arch = checkpoint.arch
+    cache = CacheConfig()
+    seq_tokens = prompt_tokens + max_tokens
+    block_bytes = arch.kv_bytes_per_token(2) * cache.block_size  # a bf16 block over every layer
+    if kv_cache_memory_gib is None:
+        whole = -(-seq_tokens // cache.block_size) * BF16_SEQUENCES
+        num_native = -(-whole // cache.kv_chunk_blocks) * cache.kv_chunk_blocks  # whole chunks
+        kv_cache_memory_gib = (num_native + 0.5) * block_bytes / 2**30
+    geometry = KVGeometry.plan(cache, arch, torch.bfloat16, int(kv_cache_memory_gib * 2**30 // block_bytes))
+    if num_requests is None:
+        most_blocks = geometry.num_chunks * max(geometry.blocks_per_chunk[f] for f in formats)
+        num_requests = int(1.2 * most_blocks / -(-prompt_tokens // cache.block_size)) + 1
+    rng = random.Random(0)
+    prompts = [
+        [rng.randrange(100, arch.vocab_size) for _ in range(prompt_tokens)] for _ in range(num_requests)
+    ]
+    runs = [("bf16", "static"), ("bf16", "adaptive")] if "bf16" in formats else []
+    runs += [(f, "static") for f in formats if f != "bf16"]
+    timed = _Timer(log or (lambda _: None))
+    rows = {}
+    for kv_format, policy in runs:
+        label = "bf16_chunked" if policy == "adaptive" else kv_format
+        args = (kv_cache_memory_gib, prompts, max_tokens, device, geometry.layout)
+        rows[label] = timed(label, partial(_capacity_row, checkpoint, kv_format, policy, *args))
+    base = rows.get("bf16")
+    if base is not None:
+        for row in rows.values():
+            row["peak_vs_bf16"] = row["peak_running"] / base["peak_running"]
+            row["saturated_vs_bf16"] = row["saturated_mean_running"] / base["saturated_mean_running"]
+    return {
+        "settings": {
+            "kv_cache_memory_gib": kv_cache_memory_gib,
+            "prompt_tokens": prompt_tokens,
+            "max_tokens": max_tokens,
+            "num_requests": num_requests,
+            "dtype": "bfloat16",
+            "block_size": cache.block_size,
+            "device": device,
+        },
+        "formats": rows,
+        "seconds": timed.seconds,
+    }
+
+
+def _capacity_row(checkpoint, kv_format, policy, memory_gib, prompts, max_tokens, device, layout) -> dict:
+    from adaptserve import LLM
+
+    llm = LLM.from_checkpoint(
+        checkpoint,
+        device=device,
+        dtype="bfloat16",
+        kv_format=kv_format,
+        kv_policy=policy,
+        kv_cache_memory_gib=memory_gib,
+        max_model_len=len(prompts[0]) + max_tokens + layout.block_size,
+        max_num_seqs=len(prompts),
+        enable_prefix_caching=False,
+        autotune="off",
+    )
+    engine = llm.engine
+    if engine.control is not None:  # hold the adaptive policy at bf16: the layout alone is measured
+        engine.control.controllers = [c for c in engine.control.controllers if c.name != "kv_format"]
+    recorder = _RunningRecorder()
+    engine.stat_loggers.append(recorder)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    pool, compressed = engine.kv_cache.block_pool, engine.runner.compressed_kv
+    if compressed is None:
+        num_blocks = engine.runner.num_blocks
+    else:
+        num_blocks = compressed.geometry.num_chunks * compressed.geometry.blocks_per_chunk[kv_format]
+    saturated = [running for running, waiting, _ in recorder.steps if waiting] or [0]
+    row = {
+        "layout": "plain" if compressed is None else "chunked",
+        "write_format": getattr(pool, "write_format", kv_format),
+        "kv_bytes_per_token_per_layer": layout.bytes_per_token(kv_format),
+        "num_blocks": num_blocks,
+        "reserve_chunks": getattr(pool, "reserve_chunks", 0),  # kept back for requantization (adaptive)
+        "peak_running": max(running for running, _, _ in recorder.steps),
+        "saturated_mean_running": sum(saturated) / len(saturated),
+        "num_preemptions": sum(preempted for _, _, preempted in recorder.steps),
+        "num_steps": len(recorder.steps),
+        "generated_tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
+    }
+    _release(llm)
+    return row
+
+
+def summary_table(quality: dict[str, Any] | None = None, capacity: dict[str, Any] | None = None) -> str:
+    """The results as compact markdown tables."""
+    tables = []
+    if quality:
+        header = [
+            "KV format",
+            "teacher-forced agr.",
+            "free-run agr. to div.",
+            "identical",
+            "perplexity",
+            "Δ ppl",
+        ]
+        rows = [
+            [
+                name,
+                f"{row['teacher_forced']['agreement']:.4f}",
+                f"{row['free_running']['agreement_to_divergence']:.4f}",
+                f"{row['free_running']['identical']:.2f}",
+                f"{row['perplexity']:.4f}",
+                f"{row['delta_vs_bf16']['perplexity']:+.4f}",
+            ]
+            for name, row in quality["formats"].items()
+        ]
+        tables.append(_markdown(header, rows))
+    if capacity:
+        header = ["KV format", "layout", "bytes/token/layer", "blocks", "peak running", "saturated mean"]
+        header += ["preemptions", "reserve chunks", "peak vs bf16", "saturated vs bf16"]
+        rows = [
+            [
+                name,
+                row["layout"],
+                f"{row['kv_bytes_per_token_per_layer']:.0f}",
+                str(row["num_blocks"]),
+                str(row["peak_running"]),
+                f"{row['saturated_mean_running']:.1f}",
+                str(row["num_preemptions"]),
+                str(row["reserve_chunks"]),
+                f"{row['peak_vs_bf16']:.2f}x" if "peak_vs_bf16" in row else "",
+                f"{row['saturated_vs_bf16']:.2f}x" if "saturated_vs_bf16" in row else "",
+            ]
+            for name, row in capacity["formats"].items()
+        ]
+        tables.append(_markdown(header, rows))
+    return "\n\n".join(tables)
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = [header, ["---"] * len(header), *rows]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)

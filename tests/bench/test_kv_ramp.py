@@ -1,0 +1,26 @@
+"""The KV load ramp on the real SmolLM2, tiny: arrivals speed up, every request finishes in every
+setting, the static bf16 run is the reference's own output, and the adaptive run reports its switches."""
+
+from adaptserve.bench.kv_ramp import arrival_steps, run_ramp
+from adaptserve.model.loaders import load_checkpoint
+
+
+def test_arrivals_come_closer_together():
+    steps = arrival_steps(6, first_gap=4.0, last_gap=1.0)
+    gaps = [b - a for a, b in zip(steps, steps[1:], strict=False)]
+    assert steps[0] == 0 and gaps[0] == 4 and gaps[-1] == 1 and sorted(gaps, reverse=True) == gaps
+
+
+def test_ramp_loses_nothing_and_bf16_matches_the_reference():
+    checkpoint = load_checkpoint(None, progress=False)
+    settings = {"bf16": {}, "adaptive": {"kv_policy": "adaptive", "control_interval_s": 0.0}}
+    result = run_ramp(
+        checkpoint, settings, num_requests=6, max_tokens=16, num_blocks=32, first_gap=2, last_gap=1
+    )
+    bf16, adaptive = result["rows"]["bf16"], result["rows"]["adaptive"]
+    assert bf16["lost"] == adaptive["lost"] == 0 and bf16["finished"] == adaptive["finished"] == 6
+    assert bf16["generated_tokens"] == adaptive["generated_tokens"] == 6 * 16
+    assert bf16["agreement"]["identical"] == 1.0
+    assert len(adaptive["timeline"]["kv_format"]) == adaptive["steps"]
+    assert all(s["new"] in ("bf16", "int8", "int4") for s in adaptive["switches"])
+    assert result["cache_tokens_bf16"] == 32 * 16 and bf16["peak_demand_vs_bf16_cache"] > 0
