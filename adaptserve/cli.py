@@ -10,6 +10,7 @@ import sys
 from adaptserve.config import ConfigError
 from adaptserve.control_args import add_control_args, control_options
 from adaptserve.kernel_args import add_kernel_args, kernel_options, precision_options
+from adaptserve.kv_args import add_kv_args, kv_options
 from adaptserve.spec_args import add_spec_args, spec_options
 
 
@@ -36,6 +37,7 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     add_kernel_args(parser)
     add_control_args(parser)
     add_spec_args(parser)
+    add_kv_args(parser)
 
 
 def _engine_options(args: argparse.Namespace) -> dict:
@@ -52,6 +54,7 @@ def _engine_options(args: argparse.Namespace) -> dict:
         **kernel_options(args),
         **control_options(args),
         **spec_options(args),
+        **kv_options(args),
     }
 
 

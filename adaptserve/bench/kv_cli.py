@@ -19,7 +19,6 @@ def add_kv_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ramp-requests", type=int, default=48, help="ramp: requests arriving")
     parser.add_argument("--ramp-max-tokens", type=int, default=96, help="ramp: tokens each generates")
     parser.add_argument("--ramp-blocks", type=int, default=96, help="ramp: KV memory as bf16 blocks")
-    parser.add_argument("--ladder", default="bf16,int8,int4", help="ramp: the adaptive policy's formats")
     parser.add_argument("--result-dir", default="docs/benchmarks")
 
 
@@ -49,8 +48,8 @@ def run_kv_benchmark(args: argparse.Namespace) -> dict:
     if "capacity" in parts:
         payload["capacity"] = measure_kv_capacity(checkpoint, device=device, log=print)
     if "ramp" in parts:
-        ladder = tuple(args.ladder.split(","))
-        settings = {"bf16": {}, "adaptive": {"kv_policy": "adaptive", "kv_ladder": ladder}}
+        adaptive = {"kv_policy": "adaptive", "kv_ladder": tuple(args.kv_ladder.split(","))}
+        settings = {"bf16": {}, "adaptive": {**adaptive, "kv_error_budget": args.kv_error_budget}}
         payload["ramp"] = run_ramp(
             checkpoint, settings, args.ramp_requests, args.ramp_max_tokens, args.ramp_blocks, device=device
         )

@@ -67,7 +67,7 @@ def _quality(ax, _ramp, quality, _capacity) -> None:
     ax.set_ylabel("teacher-forced top-1 agreement with bf16 KV")
     for i, n in enumerate(names):
         ax.annotate(
-            f"ppl {rows[n]['perplexity']['perplexity']:.2f}",
+            f"ppl {rows[n]['perplexity']:.2f}",
             (i, ax.get_ylim()[0]),
             ha="center",
             va="bottom",
@@ -78,18 +78,18 @@ def _quality(ax, _ramp, quality, _capacity) -> None:
 
 
 def _capacity(ax, _ramp, _quality, capacity) -> None:
-    rows = capacity["rows"]
+    rows = capacity["formats"]
     names = list(rows)
     ax.bar(names, [rows[n]["peak_running"] for n in names], color="#55a868")
     for i, n in enumerate(names):
         ax.annotate(
-            f"{rows[n].get('ratio_to_bf16', 0):.2f}x",
+            f"{rows[n]['saturated_vs_bf16']:.2f}x",
             (i, rows[n]["peak_running"]),
             ha="center",
             va="bottom",
             fontsize=8,
         )
-    ax.set_ylabel("sequences running at once")
+    ax.set_ylabel("sequences running at once (peak; label: mean while saturated, vs bf16)")
     ax.set_title("capacity at one KV memory budget", fontsize=9)
     ax.tick_params(axis="x", labelsize=7)
     ax.grid(alpha=0.3, axis="y")
