@@ -89,7 +89,7 @@ def _capacity(ax, _ramp, _quality, capacity) -> None:
             va="bottom",
             fontsize=8,
         )
-    ax.set_ylabel("sequences running at once (peak; label: mean while saturated, vs bf16)")
-    ax.set_title("capacity at one KV memory budget", fontsize=9)
+    ax.set_ylabel("peak sequences running")
+    ax.set_title("capacity at one KV budget\n(label: mean running while saturated, vs bf16)", fontsize=9)
     ax.tick_params(axis="x", labelsize=7)
     ax.grid(alpha=0.3, axis="y")
