@@ -27,7 +27,7 @@ from adaptserve.engine.request import (
     SamplingParams,
 )
 from adaptserve.engine.scheduler import Scheduler
-from adaptserve.engine.stats import StatLogger, StepStats
+from adaptserve.engine.stats import StatLogger, StepStats, stamp_token_time, step_stats_of
 from adaptserve.model.config import ModelArchConfig
 from adaptserve.model.loaders import LoadedCheckpoint, load_checkpoint
 from adaptserve.runner.launched_step import LaunchedStep
@@ -310,7 +310,7 @@ class LLMEngine:
         touched: dict[str, ParentRequest] = {}  # parents with a child that got a token this step
         for request in updated:
             parent_id = self._child_to_parent[request.request_id]
-            _stamp_token_time(request, parent_id, now, stats)
+            stamp_token_time(request, parent_id, now, stats)
             parent = self._parents[parent_id]
             self._update_text(request, parent)
             if request.is_finished:
@@ -355,27 +355,12 @@ class LLMEngine:
         scheduled: SchedulerOutput,
         num_generation_tokens: int,
     ) -> StepStats:
-        queries, hits = self.kv_cache.prefix_cache_queries, self.kv_cache.prefix_cache_hits
-        last_queries, last_hits = self._prefix_cache_counts
-        self._prefix_cache_counts = (queries, hits)
-        num_decodes = sum(  # a sequence verifying drafts is a decode too: its extra tokens are drafts
-            1 for seq in scheduled.sequences if seq.sample and len(seq.token_ids) - seq.num_draft_tokens == 1
-        )
+        counts = (self.kv_cache.prefix_cache_queries, self.kv_cache.prefix_cache_hits)
+        prefix_delta = (counts[0] - self._prefix_cache_counts[0], counts[1] - self._prefix_cache_counts[1])
+        self._prefix_cache_counts = counts
         arrivals, self._arrivals = self._arrivals, []
-        return StepStats(
-            start_time=start,
-            step_time=now - start,
-            execute_time=now - execute_start,
-            num_context_tokens=sum(s.num_computed_tokens + len(s.token_ids) for s in scheduled.sequences),
-            num_sequences=len(scheduled.sequences),
-            arrivals=arrivals,
-            num_scheduled_tokens=scheduled.num_batched_tokens,
-            num_prefill_tokens=scheduled.num_batched_tokens - num_decodes,
-            num_decode_sequences=num_decodes,
-            num_generation_tokens=num_generation_tokens,
-            num_preemptions=len(scheduled.preempted_request_ids),
-            prefix_cache_queries=queries - last_queries,
-            prefix_cache_hits=hits - last_hits,
+        return step_stats_of(
+            scheduled, start, execute_start, now, num_generation_tokens, prefix_delta, arrivals
         )
 
     def _record(self, stats: StepStats) -> None:
@@ -408,16 +393,6 @@ class _InFlight:
 def _needs_token_history(scheduled: SchedulerOutput) -> bool:
     """A sequence with a penalty needs every earlier token on the host, the pending one included."""
     return any(seq.sampling_params.has_penalties for seq in scheduled.sequences)
-
-
-def _stamp_token_time(request: Request, parent_id: str, now: float, stats: StepStats) -> None:
-    if request.first_token_time is None:
-        request.first_token_time = now
-        stats.time_to_first_token.append(now - request.arrival_time)
-        stats.first_token_request_ids.append(parent_id)
-    else:
-        stats.inter_token_latency.append(now - request.last_token_time)
-    request.last_token_time = now
 
 
 def _token_id(token: object) -> int:

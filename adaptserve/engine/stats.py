@@ -53,3 +53,44 @@ class StatLogger(Protocol):
     """Anything that wants each step's stats (Prometheus metrics, the admission step-time model)."""
 
     def record(self, stats: StepStats) -> None: ...
+
+
+def step_stats_of(
+    scheduled,
+    start: float,
+    execute_start: float,
+    now: float,
+    num_generation_tokens: int,
+    prefix_cache_delta: tuple[int, int],
+    arrivals: list[tuple[float, int]],
+) -> StepStats:
+    """A finished step's counts from its SchedulerOutput (gauges are filled in when it is published)."""
+    num_decodes = sum(  # a sequence verifying drafts is a decode too: its extra tokens are drafts
+        1 for seq in scheduled.sequences if seq.sample and len(seq.token_ids) - seq.num_draft_tokens == 1
+    )
+    return StepStats(
+        start_time=start,
+        step_time=now - start,
+        execute_time=now - execute_start,
+        num_context_tokens=sum(s.num_computed_tokens + len(s.token_ids) for s in scheduled.sequences),
+        num_sequences=len(scheduled.sequences),
+        arrivals=arrivals,
+        num_scheduled_tokens=scheduled.num_batched_tokens,
+        num_prefill_tokens=scheduled.num_batched_tokens - num_decodes,
+        num_decode_sequences=num_decodes,
+        num_generation_tokens=num_generation_tokens,
+        num_preemptions=len(scheduled.preempted_request_ids),
+        prefix_cache_queries=prefix_cache_delta[0],
+        prefix_cache_hits=prefix_cache_delta[1],
+    )
+
+
+def stamp_token_time(request, parent_id: str, now: float, stats: StepStats) -> None:
+    """Record a request's new token: its time to first token, or the gap since its last token."""
+    if request.first_token_time is None:
+        request.first_token_time = now
+        stats.time_to_first_token.append(now - request.arrival_time)
+        stats.first_token_request_ids.append(parent_id)
+    else:
+        stats.inter_token_latency.append(now - request.last_token_time)
+    request.last_token_time = now
