@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from adaptserve.server.precision_metrics import one_metric
+
 
 @dataclass(frozen=True)
 class KVReport:
@@ -81,7 +83,7 @@ class KVCollector(Collector):
             for fmt, value in sorted(table.items()):
                 family.add_metric([name, fmt], value)
             yield family
-        yield _one(
+        yield one_metric(
             GaugeMetricFamily,
             "kv_bytes_saved",
             "Bytes the held blocks save against bf16.",
@@ -101,10 +103,4 @@ class KVCollector(Collector):
                 report.error_reverts,
             ),
         ):
-            yield _one(CounterMetricFamily, metric, doc, name, value)
-
-
-def _one(kind, metric: str, doc: str, model_name: str, value: float) -> Metric:
-    family = kind(f"adaptserve:{metric}", doc, labels=["model_name"])
-    family.add_metric([model_name], float(value))
-    return family
+            yield one_metric(CounterMetricFamily, metric, doc, name, value)

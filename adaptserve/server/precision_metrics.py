@@ -76,16 +76,18 @@ class PrecisionCollector(Collector):
                 held.add_metric([name, fmt], float(size))
             yield held
         if report.switches is not None:
-            yield _one(CounterMetricFamily, "precision_switches", "Precision changes.", name, report.switches)
+            yield one_metric(
+                CounterMetricFamily, "precision_switches", "Precision changes.", name, report.switches
+            )
         for attr, doc in (
             ("agreement", "Shadowed top-1 agreement of low-precision steps with the top level (window)."),
             ("budget", "The agreement the quality monitor keeps; below it precision goes up."),
         ):
             value = getattr(report, attr)
             if value is not None:
-                yield _one(GaugeMetricFamily, f"precision_{attr}", doc, name, value)
+                yield one_metric(GaugeMetricFamily, f"precision_{attr}", doc, name, value)
         if report.breaches is not None:
-            yield _one(
+            yield one_metric(
                 CounterMetricFamily,
                 "precision_quality_breaches",
                 "Times the agreement fell below the budget.",
@@ -94,7 +96,8 @@ class PrecisionCollector(Collector):
             )
 
 
-def _one(kind, metric: str, doc: str, model_name: str, value: float) -> Metric:
+def one_metric(kind, metric: str, doc: str, model_name: str, value: float) -> Metric:
+    """A family of one sample labelled by the model (the KV metrics use it too)."""
     family = kind(f"adaptserve:{metric}", doc, labels=["model_name"])
     family.add_metric([model_name], float(value))
     return family

@@ -70,7 +70,49 @@ class FreeBlockQueue:
         self.num_free_blocks += 1
 
 
-class BlockPool:
+class PrefixCache:
+    """The prefix-cache map `block_hash -> block` both block pools keep (BlockPool, ChunkedBlockPool)."""
+
+    cached_blocks: dict[int, KVCacheBlock]
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Blocks registered in the prefix cache, referenced or not."""
+        return len(self.cached_blocks)
+
+    def get_cached_block(self, block_hash: int) -> KVCacheBlock | None:
+        """The block registered under `block_hash`, or None."""
+        return self.cached_blocks.get(block_hash)
+
+    def cache_block(self, block: KVCacheBlock, block_hash: int) -> bool:
+        """Register a full block under `block_hash`; returns whether it was registered.
+
+        When another block already holds `block_hash`, that mapping is kept and `block` stays
+        uncached (its KV is a duplicate that nobody can hit).
+        """
+        if block.block_hash is not None:
+            if block.block_hash != block_hash:
+                raise ValueError(f"block {block.block_id} is already cached under another hash")
+            return True
+        if block_hash in self.cached_blocks:
+            return False
+        block.block_hash = block_hash
+        self.cached_blocks[block_hash] = block
+        return True
+
+    def move_hash(self, src: KVCacheBlock, dst: KVCacheBlock) -> None:
+        """dst takes src's place in the prefix cache (a requantized copy of the same tokens)."""
+        if src.block_hash is not None:
+            dst.block_hash, src.block_hash = src.block_hash, None
+            self.cached_blocks[dst.block_hash] = dst
+
+    def _evict(self, block: KVCacheBlock) -> None:
+        if block.block_hash is not None:
+            del self.cached_blocks[block.block_hash]
+            block.block_hash = None
+
+
+class BlockPool(PrefixCache):
     """Owns every `KVCacheBlock`, the free queue and the prefix-cache map `block_hash -> block`.
 
     Reuse order: new blocks come from the front of the free queue. A freed block that holds a
@@ -98,18 +140,9 @@ class BlockPool:
         return self.num_free_blocks - sum(1 for block in hit_blocks if block.ref_cnt == 0)
 
     @property
-    def num_cached_blocks(self) -> int:
-        """Blocks registered in the prefix cache, referenced or not."""
-        return len(self.cached_blocks)
-
-    @property
     def usage(self) -> float:
         """Fraction of blocks referenced by some request, in [0, 1]."""
         return 1.0 - self.num_free_blocks / self.num_blocks
-
-    def get_cached_block(self, block_hash: int) -> KVCacheBlock | None:
-        """The block registered under `block_hash`, or None."""
-        return self.cached_blocks.get(block_hash)
 
     def get_new_blocks(self, num_blocks: int) -> list[KVCacheBlock]:
         """Take `num_blocks` blocks from the front of the free queue, evicting any cached ones.
@@ -126,22 +159,6 @@ class BlockPool:
             block.ref_cnt = 1
             new_blocks.append(block)
         return new_blocks
-
-    def cache_block(self, block: KVCacheBlock, block_hash: int) -> bool:
-        """Register a full block under `block_hash`; returns whether it was registered.
-
-        When another block already holds `block_hash`, that mapping is kept and `block` stays
-        uncached (its KV is a duplicate that nobody can hit).
-        """
-        if block.block_hash is not None:
-            if block.block_hash != block_hash:
-                raise ValueError(f"block {block.block_id} is already cached under another hash")
-            return True
-        if block_hash in self.cached_blocks:
-            return False
-        block.block_hash = block_hash
-        self.cached_blocks[block_hash] = block
-        return True
 
     def touch(self, blocks: Iterable[KVCacheBlock]) -> None:
         """Take a reference on each block (prefix hits); free ones leave the free queue."""
@@ -175,8 +192,3 @@ class BlockPool:
             block.block_hash = None
         self.cached_blocks.clear()
         return True
-
-    def _evict(self, block: KVCacheBlock) -> None:
-        if block.block_hash is not None:
-            del self.cached_blocks[block.block_hash]
-            block.block_hash = None

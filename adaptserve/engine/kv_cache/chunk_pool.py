@@ -16,10 +16,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from adaptserve.engine.kv_cache.block import KVCacheBlock
-from adaptserve.engine.kv_cache.block_pool import FreeBlockQueue
+from adaptserve.engine.kv_cache.block_pool import FreeBlockQueue, PrefixCache
 
 
-class ChunkedBlockPool:
+class ChunkedBlockPool(PrefixCache):
     def __init__(
         self,
         num_chunks: int,
@@ -36,6 +36,8 @@ class ChunkedBlockPool:
         self.block_bytes = dict(block_bytes)
         self.max_blocks_per_chunk = max(blocks_per_chunk.values())
         self.num_blocks = num_chunks * self.max_blocks_per_chunk  # the id space (not all usable at once)
+        # what usage divides by: the most bytes a chunk's blocks can take, over every chunk
+        self.total_bytes = num_chunks * max(n * block_bytes[f] for f, n in blocks_per_chunk.items())
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [KVCacheBlock(block_id=i) for i in range(self.num_blocks)]
         self.queues = {name: FreeBlockQueue([]) for name in blocks_per_chunk}
@@ -96,22 +98,14 @@ class ChunkedBlockPool:
         return self.num_free_blocks - lost - len(lost_chunks) * self.blocks_per_chunk[name]
 
     @property
-    def num_cached_blocks(self) -> int:
-        return len(self.cached_blocks)
-
-    @property
     def usage(self) -> float:
         """Share of the KV memory held by referenced blocks, by bytes, in [0, 1]."""
         held = sum(n * self.block_bytes[name] for name, n in self.referenced_blocks.items())
-        chunk_bytes = max(n * self.block_bytes[name] for name, n in self.blocks_per_chunk.items())
-        return held / (self.num_chunks * chunk_bytes)
+        return held / self.total_bytes
 
     def usage_by_format(self) -> dict[str, int]:
         """Referenced blocks per format."""
         return dict(self.referenced_blocks)
-
-    def get_cached_block(self, block_hash: int) -> KVCacheBlock | None:
-        return self.cached_blocks.get(block_hash)
 
     def get_new_blocks(self, num_blocks: int, use_reserve: bool = False) -> list[KVCacheBlock]:
         """`num_blocks` blocks of the write format, each with ref_cnt 1 and no hash."""
@@ -128,23 +122,6 @@ class ChunkedBlockPool:
             self._reference(block)
             new_blocks.append(block)
         return new_blocks
-
-    def cache_block(self, block: KVCacheBlock, block_hash: int) -> bool:
-        if block.block_hash is not None:
-            if block.block_hash != block_hash:
-                raise ValueError(f"block {block.block_id} is already cached under another hash")
-            return True
-        if block_hash in self.cached_blocks:
-            return False
-        block.block_hash = block_hash
-        self.cached_blocks[block_hash] = block
-        return True
-
-    def move_hash(self, src: KVCacheBlock, dst: KVCacheBlock) -> None:
-        """dst takes src's place in the prefix cache (a requantized copy of the same tokens)."""
-        if src.block_hash is not None:
-            dst.block_hash, src.block_hash = src.block_hash, None
-            self.cached_blocks[dst.block_hash] = dst
 
     def touch(self, blocks: Iterable[KVCacheBlock]) -> None:
         for block in blocks:
@@ -220,8 +197,3 @@ class ChunkedBlockPool:
         self.idle_chunks[name].discard(chunk)
         self.chunk_format[chunk] = None
         self.free_chunks.append(chunk)
-
-    def _evict(self, block: KVCacheBlock) -> None:
-        if block.block_hash is not None:
-            del self.cached_blocks[block.block_hash]
-            block.block_hash = None

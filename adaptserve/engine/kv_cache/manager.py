@@ -174,6 +174,8 @@ class KVCacheManager:
             return []
         target = pool.write_format
         rank = list(pool.blocks_per_chunk)  # formats, high to low precision
+        if target == rank[0]:  # nothing is above the write format: skip the scan (every step at bf16)
+            return []
         candidates = []  # (chunk's referenced blocks, request id, position)
         for request_id, blocks in self.req_to_blocks.items():
             for i, block in enumerate(blocks[: max(0, len(blocks) - keep_recent_blocks)]):

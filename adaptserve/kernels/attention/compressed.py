@@ -18,10 +18,15 @@ from __future__ import annotations
 import random
 
 import torch
-import torch.nn.functional as F
 
 from adaptserve.kernels.attention.metadata import AttentionMetadata
-from adaptserve.kernels.attention.torch_ref import _attention, _context_slots, _decode_views
+from adaptserve.kernels.attention.torch_ref import (
+    _attention,
+    _context_slots,
+    _decode_views,
+    chunk_after_context,
+    grouped_decode,
+)
 from adaptserve.kernels.kv_quant import dequantize, quantize
 from adaptserve.model.rope import apply_rope
 from adaptserve.runner.kv_arena import KVArena
@@ -127,15 +132,12 @@ class CompressedKVAttention:
         block_table, context_mask = meta.decode_block_table, meta.decode_context_mask
         if context_mask is None:
             block_table, context_mask = _decode_views(meta, arena.layout.block_size)
-        num_seqs, num_heads, head_dim = q.shape
+        num_seqs, _, head_dim = q.shape
         k, v = arena.read_blocks(block_table.flatten(), q.dtype)  # [N * MB, bs, KVH, D]
         num_kv_heads = k.shape[2]
         k = k.view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)  # [N, KVH, L, D]
         v = v.view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)  # [N, KVH, L, D]
-        qg = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [N, KVH, G, D]
-        mask = context_mask[:, None, None, :]  # [N, 1, 1, L]
-        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)  # [N, KVH, G, D]
-        return o.reshape(num_seqs, num_heads, head_dim)
+        return grouped_decode(q, k, v, context_mask, scale)
 
     def _prefill(self, q, arena: KVArena, slots: torch.Tensor, seq, scale: float) -> torch.Tensor:
         """A prompt chunk after cached tokens: the whole context read from the cache, masked causally."""
@@ -144,10 +146,7 @@ class CompressedKVAttention:
         k, v = arena.read_blocks(block_ids, q.dtype)  # [MB, bs, KVH, D]
         k = k.flatten(0, 1)[: seq.context_len]  # [L, KVH, D]
         v = v.flatten(0, 1)[: seq.context_len]  # [L, KVH, D]
-        offset = seq.context_len - seq.query_len
-        rows = torch.arange(seq.query_len, device=q.device)[:, None] + offset
-        cols = torch.arange(seq.context_len, device=q.device)[None, :]
-        return _attention(q, k, v, scale, mask=cols <= rows)  # mask: [Q, L]
+        return chunk_after_context(q, k, v, seq, scale)
 
 
 def _round_trip(x: torch.Tensor, name: str, layout) -> torch.Tensor:

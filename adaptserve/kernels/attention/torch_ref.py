@@ -75,29 +75,41 @@ class TorchReferenceAttention:
         """One query per sequence. The G query heads that share a KV head attend to the same keys, so
         they go in as G query rows of that head: no K/V repeated per head. Whole blocks are gathered
         with index_select (contiguous runs; much faster than per-slot indexing on CPU)."""
-        num_seqs, num_heads, head_dim = q.shape
+        num_seqs = q.shape[0]
         block_table, context_mask = meta.decode_block_table, meta.decode_context_mask
         if context_mask is None:
             block_table, context_mask = _decode_views(meta, k_cache.shape[1])
         block_ids = block_table.flatten().long()  # [N * MB]
         k = _gather_blocks(k_cache, block_ids, num_seqs)  # [N, KVH, L, D]
         v = _gather_blocks(v_cache, block_ids, num_seqs)  # [N, KVH, L, D]
-        num_kv_heads = k.shape[1]
-        qg = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [N, KVH, G, D]
-        mask = context_mask[:, None, None, :]  # [N, 1, 1, L]
-        o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)  # [N, KVH, G, D]
-        return o.reshape(num_seqs, num_heads, head_dim)
+        return grouped_decode(q, k, v, context_mask, scale)
 
     def _prefill(self, q, flat_k, flat_v, slots, seq, scale):
         """A prompt chunk after cached tokens: gather the whole context, then mask causally."""
         num_kv_heads, head_dim = flat_k.shape[1] // q.shape[-1], q.shape[-1]
         k = torch.index_select(flat_k, 0, slots).view(seq.context_len, num_kv_heads, head_dim)
         v = torch.index_select(flat_v, 0, slots).view(seq.context_len, num_kv_heads, head_dim)
-        # query i sits at absolute position context_len - query_len + i and sees keys up to it
-        offset = seq.context_len - seq.query_len
-        rows = torch.arange(seq.query_len, device=q.device)[:, None] + offset
-        cols = torch.arange(seq.context_len, device=q.device)[None, :]
-        return _attention(q, k, v, scale, mask=cols <= rows)  # mask: [Q, L]
+        return chunk_after_context(q, k, v, seq, scale)
+
+
+def chunk_after_context(q, k, v, seq, scale: float) -> torch.Tensor:
+    """q [Q, H, D] of a prompt chunk, k, v [L, KVH, D] of its whole context -> [Q, H, D]: query i
+    sits at absolute position context_len - query_len + i and sees keys up to it."""
+    offset = seq.context_len - seq.query_len
+    rows = torch.arange(seq.query_len, device=q.device)[:, None] + offset
+    cols = torch.arange(seq.context_len, device=q.device)[None, :]
+    return _attention(q, k, v, scale, mask=cols <= rows)  # mask: [Q, L]
+
+
+def grouped_decode(q, k, v, context_mask, scale: float) -> torch.Tensor:
+    """q [N, H, D], k, v [N, KVH, L, D], context_mask [N, L] -> [N, H, D]: the G query heads that
+    share a KV head go in as G query rows of that head."""
+    num_seqs, num_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    qg = q.view(num_seqs, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [N, KVH, G, D]
+    mask = context_mask[:, None, None, :]  # [N, 1, 1, L]
+    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)  # [N, KVH, G, D]
+    return o.reshape(num_seqs, num_heads, head_dim)
 
 
 def _attention(

@@ -9,7 +9,6 @@ int8 blocks or 56 int4 blocks; block ids are chunk * 56 + index.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -18,6 +17,7 @@ from adaptserve.engine.kv_cache import KVCacheBlock, KVCacheManager
 from adaptserve.engine.kv_cache.chunk_pool import ChunkedBlockPool
 from adaptserve.engine.kv_cache.formats import KV_FORMATS, KVLayout
 from adaptserve.runner.kv_compression import CompressedKVCache, KVGeometry
+from tests.engine.kv_cache.test_manager import FakeRequest
 
 LAYOUT = KVLayout(block_size=16, num_kv_heads=3, head_dim=64, native_dtype=torch.bfloat16)
 BLOCK_SIZE = LAYOUT.block_size
@@ -378,22 +378,6 @@ def test_invariants_under_random_load(seed):
 
 # ---------------------------------------------------------------------------------------------------
 # KVCacheManager over a ChunkedBlockPool
-
-
-@dataclass(eq=False)
-class FakeRequest:
-    request_id: str
-    prompt_token_ids: list[int]
-    output_token_ids: list[int] = field(default_factory=list)
-    num_computed_tokens: int = 0
-
-    @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
 
 
 def make_manager(num_chunks: int = 4) -> KVCacheManager:
