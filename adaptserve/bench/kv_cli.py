@@ -25,12 +25,8 @@ def add_kv_bench_args(parser: argparse.ArgumentParser) -> None:
 def run_kv_benchmark(args: argparse.Namespace) -> dict:
     import torch
 
-    from adaptserve.bench.kv_quality import (
-        KVQualitySpec,
-        measure_kv_capacity,
-        measure_kv_quality,
-        summary_table,
-    )
+    from adaptserve.bench.kv_capacity import measure_kv_capacity
+    from adaptserve.bench.kv_quality import KVQualitySpec, measure_kv_quality, summary_table
     from adaptserve.bench.kv_ramp import run_ramp
     from adaptserve.model.loaders import load_checkpoint
 

@@ -8,13 +8,8 @@ import pytest
 import torch
 
 from adaptserve import LLM
-from adaptserve.bench.kv_quality import (
-    KVQualitySpec,
-    measure_kv_capacity,
-    measure_kv_quality,
-    score_in_steps,
-    summary_table,
-)
+from adaptserve.bench.kv_capacity import measure_kv_capacity
+from adaptserve.bench.kv_quality import KVQualitySpec, measure_kv_quality, score_in_steps, summary_table
 from adaptserve.bench.precision_quality import text_tokens
 from adaptserve.bench.runner_scoring import score_sequences
 
