@@ -5,9 +5,12 @@ Tasks that quote their input (summaries, edits, code changes, extraction) repeat
 prompt, so the continuation of a matching n-gram is often exactly what the model writes next. The
 lookup costs no model pass: drafts are free, and a miss costs only the verified rows.
 
-The longest suffix n-gram (ngram_max down to ngram_min) with an earlier match wins; among matches,
-the most recent one. Token ids are kept per request as a growing numpy array so each lookup is a few
-vectorised comparisons, not a Python loop over the context.
+The longest suffix n-gram (ngram_max down to ngram_min) with an earlier match wins; among its
+matches, the most recent one that is followed by `max_drafts` tokens, else the one followed by the
+most (the earliest). In a repeating run the most recent match sits just behind the suffix and is
+followed by a token or two only; an earlier one drafts the whole run. Token ids are kept per request
+as a growing numpy array so each lookup is a few vectorised comparisons, not a Python loop over the
+context.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ class NgramProposer:
         tokens = buffer.sync(token_ids)  # [L]
         length = len(tokens)
         for n in range(min(self.ngram_max, length - 1), self.ngram_min - 1, -1):
-            start = _latest_match(tokens, n)
+            start = _best_match(tokens, n, max_drafts)
             if start is not None:
                 follow = tokens[start + n : start + n + max_drafts]
                 return follow.tolist()
@@ -46,9 +49,9 @@ class NgramProposer:
         self._tokens.pop(request_id, None)
 
 
-def _latest_match(tokens: np.ndarray, n: int) -> int | None:
-    """Start of the latest earlier occurrence of tokens[-n:] (overlaps allowed) that has a token
-    after it, or None."""
+def _best_match(tokens: np.ndarray, n: int, max_drafts: int) -> int | None:
+    """Start of the latest earlier occurrence of tokens[-n:] (overlaps allowed) followed by at least
+    `max_drafts` tokens, else of the earliest one (followed by the most); None without one."""
     num_starts = len(tokens) - n  # starts 0 .. L - n - 1: the suffix itself (start L - n) is excluded
     if num_starts <= 0:
         return None
@@ -56,8 +59,11 @@ def _latest_match(tokens: np.ndarray, n: int) -> int | None:
     matches = tokens[:num_starts] == suffix[0]  # [S]
     for offset in range(1, n):
         matches &= tokens[offset : num_starts + offset] == suffix[offset]
-    hits = np.flatnonzero(matches)
-    return int(hits[-1]) if len(hits) else None
+    hits = np.flatnonzero(matches)  # [H] ascending; hit h is followed by L - n - h tokens
+    if not len(hits):
+        return None
+    full = hits[hits <= len(tokens) - n - max_drafts]
+    return int(full[-1]) if len(full) else int(hits[0])
 
 
 class _TokenBuffer:

@@ -8,13 +8,22 @@ def test_longest_suffix_match_wins():
     assert proposer.propose("a", tokens, 2) == [7, 8]
 
 
-def test_latest_occurrence_wins_and_drafts_stop_at_the_end():
+def test_latest_occurrence_with_a_full_draft_wins():
     proposer = NgramProposer(2, 2)
-    assert proposer.propose("a", [1, 2, 5, 1, 2, 6, 1, 2], 4) == [6, 1, 2]
+    tokens = [1, 2, 5, 1, 2, 6, 1, 2]  # "1 2" at 0 (followed by 6 tokens) and at 3 (by 3)
+    assert proposer.propose("a", tokens, 2) == [6, 1]
+    assert proposer.propose("a", tokens, 4) == [5, 1, 2, 6]  # only the earlier one drafts 4
+
+
+def test_without_a_full_draft_the_longest_continuation_wins_and_drafts_stop_at_the_end():
+    proposer = NgramProposer(2, 2)
+    assert proposer.propose("a", [1, 2, 5, 1, 2, 6, 1, 2], 8) == [5, 1, 2, 6, 1, 2]
 
 
 def test_overlapping_runs_are_matched():
     assert NgramProposer(1, 3).propose("a", [7, 7, 7, 7], 3) == [7]
+    # in a long run the match right behind the suffix drafts one token; an earlier one drafts all
+    assert NgramProposer(1, 3).propose("b", [7] * 8, 3) == [7, 7, 7]
 
 
 def test_no_match_and_zero_budget_give_nothing():

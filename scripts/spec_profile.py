@@ -1,0 +1,146 @@
+"""Where a speculative step's time goes on the host and on the device (issue 9, batch 1 on the GPU).
+
+Times each phase of the engine's step (drafting, scheduling, launch, the wait for tokens, finishing)
+with wall-clock accumulators, for plain decoding and for fixed n-gram speculation, and the device
+time of one decode-graph replay per batch bucket. Prints one table per setting; no JSON (a tool for
+finding overhead, not a benchmark).
+
+    python scripts/spec_profile.py --model smollm2-135m --dtype float32 --batch 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections import defaultdict
+
+import torch
+
+from adaptserve import LLM, SamplingParams
+from adaptserve.bench.spec import grounded_conversations
+from adaptserve.model.loaders import load_checkpoint
+
+PHASES = {
+    "engine.step": ("adaptserve.engine.engine", "LLMEngine", "step"),
+    "propose_drafts": ("adaptserve.engine.engine", "LLMEngine", "_propose_drafts"),
+    "schedule": ("adaptserve.engine.scheduler", "Scheduler", "schedule"),
+    "runner.launch": ("adaptserve.runner.model_runner", "ModelRunner", "launch"),
+    "build_host_batch": ("adaptserve.runner.model_runner", None, "build_host_batch"),
+    "graph.run": ("adaptserve.runner.cuda_graphs", "DecodeGraphPool", "run"),
+    "verify(runner)": ("adaptserve.runner.model_runner", "ModelRunner", "_verify"),
+    "result(wait)": ("adaptserve.runner.launched_step", "LaunchedStep", "result"),
+    "finish": ("adaptserve.engine.engine", "LLMEngine", "_finish"),
+    "resolve": ("adaptserve.engine.scheduler", "Scheduler", "resolve"),
+}
+
+
+def instrument(totals: dict[str, float], counts: dict[str, int]) -> None:
+    import importlib
+
+    for name, (module_name, class_name, attr) in PHASES.items():
+        module = importlib.import_module(module_name)
+        owner = getattr(module, class_name) if class_name else module
+        if not hasattr(owner, attr):
+            print(f"skip {name}: {module_name}.{class_name}.{attr} not found")
+            continue
+        original = getattr(owner, attr)
+
+        def timed(*args, __original=original, __name=name, **kwargs):
+            start = time.perf_counter()
+            try:
+                return __original(*args, **kwargs)
+            finally:
+                totals[__name] += time.perf_counter() - start
+                counts[__name] += 1
+
+        setattr(owner, attr, timed)
+
+
+class Recorder:
+    def __init__(self, steps: list):
+        self.steps = steps
+
+    def record(self, stats) -> None:
+        self.steps.append(stats)
+
+
+def graph_replay_ms(llm) -> dict[int, float]:
+    graphs = llm.engine.runner.graphs
+    if graphs is None:
+        return {}
+    result = {}
+    for key, graph in list(graphs.graphs.items()):
+        size = key[0]
+        if size > 16 or size in result:
+            continue
+        for _ in range(5):
+            graph.graph.replay()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(50):
+            graph.graph.replay()
+        torch.cuda.synchronize()
+        result[size] = round((time.perf_counter() - start) / 50 * 1e3, 4)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--k", default="4")
+    args = parser.parse_args()
+    checkpoint = load_checkpoint(args.model, progress=False)
+    conversations = grounded_conversations(args.batch)
+    if checkpoint.tokenizer is None:  # a preset: token ids straight away
+        prompts = [list(range(100 + i, 400 + i)) * 2 for i in range(args.batch)]
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    settings = [("off", {})] + [
+        (f"ngram k={k}", {"spec_method": "ngram", "spec_adaptive": False, "num_speculative_tokens": int(k)})
+        for k in args.k.split(",")
+    ]
+    totals: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    instrument(totals, counts)
+    for name, options in settings:
+        llm = LLM.from_checkpoint(checkpoint, max_num_seqs=64, dtype=args.dtype, **options)
+
+        def run(llm=llm):
+            if checkpoint.tokenizer is None:
+                return llm.generate(prompts, params, use_tqdm=False)
+            return llm.chat(conversations, params, use_tqdm=False)
+
+        run()
+        run()
+        totals.clear()
+        counts.clear()
+        steps = []
+        llm.engine.stat_loggers.append(Recorder(steps))
+        start = time.perf_counter()
+        run()
+        wall = time.perf_counter() - start
+        num_steps = sum(1 for s in steps if s.num_scheduled_tokens)
+        tokens = sum(s.num_generation_tokens for s in steps)
+        drafts = sum(s.num_draft_tokens for s in steps)
+        accepted = sum(s.num_accepted_tokens for s in steps)
+        print(
+            f"\n== {name} batch {args.batch}: {wall * 1e3:.1f} ms, {num_steps} steps, "
+            f"{wall / num_steps * 1e3:.3f} ms/step, {tokens} tokens, {tokens / wall:.1f} tok/s, "
+            f"drafts {drafts} accepted {accepted}"
+        )
+        for phase in PHASES:
+            if counts[phase]:
+                print(
+                    f"  {phase:<18} {totals[phase] * 1e3:9.2f} ms  {counts[phase]:5d} calls  "
+                    f"{totals[phase] / counts[phase] * 1e3:8.3f} ms/call  "
+                    f"{totals[phase] / num_steps * 1e3:8.3f} ms/step"
+                )
+        print("  graph replay ms by bucket:", graph_replay_ms(llm))
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
