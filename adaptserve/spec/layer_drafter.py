@@ -79,12 +79,21 @@ class LayerDrafter:
             NATIVE,
             num_layers=num_layers,
         )  # [A, H]
-        logits = self.model.compute_logits(hidden)  # [A, V]
-        ids = logits.argmax(dim=-1)  # [A]
-        draft_q: list[torch.Tensor | None] = [None] * len(rows)
-        for r, row in enumerate(rows):
-            if not row.sampling_params.is_greedy:
-                q = sampling_probs(logits[r : r + 1], [row.sampling_params])  # [1, V]
-                ids[r] = sample_from_probs(q, [generator_of(row)])[0]
-                draft_q[r] = q
-        return list(zip(ids.tolist(), draft_q, strict=True))
+        return draw_drafts(self.model.compute_logits(hidden), rows, generator_of)  # logits [A, V]
+
+
+def draw_drafts(
+    logits: torch.Tensor,
+    rows: list[ScheduledSequence],
+    generator_of: Callable[[ScheduledSequence], torch.Generator | None],
+) -> list[tuple[int, torch.Tensor | None]]:
+    """One draft per row of `logits` [A, V]: the argmax for greedy rows; for sampled rows a draw
+    from q (the row's temperature, top-k, top-p, min-p) and q [1, V] itself, for the verifier."""
+    ids = logits.argmax(dim=-1)  # [A]
+    draft_q: list[torch.Tensor | None] = [None] * len(rows)
+    for r, row in enumerate(rows):
+        if not row.sampling_params.is_greedy:
+            q = sampling_probs(logits[r : r + 1], [row.sampling_params])  # [1, V]
+            ids[r] = sample_from_probs(q, [generator_of(row)])[0]
+            draft_q[r] = q
+    return list(zip(ids.tolist(), draft_q, strict=True))
