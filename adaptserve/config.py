@@ -104,12 +104,13 @@ class ControlConfig:
     telemetry_window_s: float = 10.0  # telemetry window the controllers read
 
 
-SPEC_METHODS = ("off", "ngram", "layers", "auto")  # drafters to speculate with (spec/); auto = all
+# drafters to speculate with (spec/); auto = all of them (the draft model only when one is given)
+SPEC_METHODS = ("off", "ngram", "layers", "draft", "auto")
 
 
 @dataclass
 class SpeculativeConfig:
-    spec_method: str = "off"  # off | ngram (prompt lookup) | layers (the target's first layers) | auto (both)
+    spec_method: str = "off"  # off | ngram (prompt lookup) | layers (target's first layers) | draft | auto
     num_speculative_tokens: int = 4  # most tokens drafted per sequence and step (k)
     prompt_lookup_min: int = 1  # shortest suffix n-gram the lookup tries
     prompt_lookup_max: int = 4  # longest suffix n-gram the lookup tries (longest match wins)
@@ -117,6 +118,12 @@ class SpeculativeConfig:
     draft_layers: tuple[
         int, ...
     ] = ()  # layers/auto: depths of the layer drafts; () = 1/2 and 3/4 of the model
+    draft_model: str | None = None  # draft/auto: a draft model with the target's tokenizer (a model spec)
+
+    @property
+    def uses_draft_model(self) -> bool:
+        """Whether a separate draft model drafts: method draft, or auto with a draft model given."""
+        return self.spec_method == "draft" or (self.spec_method == "auto" and self.draft_model is not None)
 
 
 @dataclass
@@ -162,6 +169,7 @@ class EngineConfig:
             spec.draft_layers,
             "integers >= 1 (fewer than the model's layers)",
         )
+        _validate_draft_model(spec, c)
         ctl.controllers = tuple(ctl.controllers)
         for name in ctl.controllers:
             _require(name in CONTROLLERS, "control.controllers", name, ", ".join(CONTROLLERS))
@@ -280,6 +288,28 @@ class EngineConfig:
                 raise ConfigError(f"unknown engine option {key!r}; known: {sorted(owners)}")
             nested.setdefault(owners[key], {})[key] = value
         return cls.from_dict(nested)
+
+
+def _validate_draft_model(spec: SpeculativeConfig, c: CacheConfig) -> None:
+    _require(
+        spec.spec_method != "draft" or spec.draft_model is not None,
+        "speculative.draft_model",
+        spec.draft_model,
+        "a model spec (.gguf file, Hugging Face folder or preset name) when spec_method is 'draft'",
+    )
+    _require(
+        spec.draft_model is None or spec.spec_method in ("draft", "auto"),
+        "speculative.draft_model",
+        spec.draft_model,
+        f"None unless spec_method is 'draft' or 'auto' (it is {spec.spec_method!r})",
+    )
+    # the draft's KV cache mirrors the target's block ids; compressed KV moves blocks between chunks
+    _require(
+        not (spec.uses_draft_model and c.compressed),
+        "speculative.draft_model",
+        spec.draft_model,
+        "None with compressed KV (cache.kv_format other than bf16 or cache.kv_policy 'adaptive')",
+    )
 
 
 def _validate_kv_compression(c: CacheConfig) -> None:

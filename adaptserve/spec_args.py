@@ -15,6 +15,11 @@ def add_spec_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--num-speculative-tokens", type=int, default=4, help="most drafts per sequence and step"
     )
+    group.add_argument(
+        "--speculative-model",
+        default=None,
+        help="draft: a draft model with the target's tokenizer (.gguf file, Hugging Face folder, preset)",
+    )
     group.add_argument("--prompt-lookup-min", type=int, default=1, help="ngram: shortest suffix to look up")
     group.add_argument("--prompt-lookup-max", type=int, default=4, help="ngram: longest suffix to look up")
     group.add_argument(
@@ -29,6 +34,7 @@ def spec_options(args: argparse.Namespace) -> dict:
     return {
         "spec_method": getattr(args, "speculative_method", "off"),
         "num_speculative_tokens": getattr(args, "num_speculative_tokens", 4),
+        "draft_model": getattr(args, "speculative_model", None),
         "prompt_lookup_min": getattr(args, "prompt_lookup_min", 1),
         "prompt_lookup_max": getattr(args, "prompt_lookup_max", 4),
         "spec_adaptive": not getattr(args, "fixed_speculation", False),

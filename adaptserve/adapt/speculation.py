@@ -303,8 +303,8 @@ class SpeculationPolicy:
 
 
 def _overhead_units(drafter: str, k: int) -> int:
-    """Layer drafts pay a partial pass per drafted token; a lookup's extra is one per step."""
-    return k if drafter.startswith("layers") else 1
+    """Layer drafts and the draft model pay a pass per drafted token; a lookup's extra is one per step."""
+    return k if drafter.startswith("layers") or drafter == "draft" else 1
 
 
 def _bucket(num_sequences: int) -> int:

@@ -17,12 +17,16 @@ def num_kv_blocks(
     dtype: torch.dtype,
     device: torch.device,
     activation_bytes: int = 0,
+    draft_kv_bytes_per_token: int = 0,
 ) -> int:
     """Blocks that fit the budget: the explicit one, or on CUDA gpu_memory_utilization of the device
-    minus other processes, the weights already allocated and the profiled activation peak."""
+    minus other processes, the weights already allocated (a draft model's too) and the profiled
+    activation peak. A draft model's KV cache holds a block for each of the target's: its bytes per
+    token count in every block."""
     if cache.num_blocks is not None:
         return cache.num_blocks
-    bytes_per_block = arch.kv_bytes_per_token(dtype.itemsize) * cache.block_size
+    bytes_per_token = arch.kv_bytes_per_token(dtype.itemsize) + draft_kv_bytes_per_token
+    bytes_per_block = bytes_per_token * cache.block_size
     budget = _budget_bytes(cache, device, activation_bytes)
     num_blocks = int(budget // bytes_per_block)
     if num_blocks < 1:

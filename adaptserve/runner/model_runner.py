@@ -39,6 +39,7 @@ from adaptserve.runner.launched_step import LaunchedStep
 from adaptserve.runner.memory import num_kv_blocks, profile_activation_bytes
 from adaptserve.runner.precision import StepPrecision
 from adaptserve.runner.sampler import Sampler, SamplingMetadata
+from adaptserve.spec.draft_model import DRAFTER_NAME, DraftModelDrafter, load_draft_checkpoint
 from adaptserve.spec.layer_drafter import LayerDrafter
 from adaptserve.spec.verify import verify_drafts
 
@@ -71,16 +72,21 @@ class ModelRunner:
             self.format_bytes = quantize_model(self.model, formats, config.precision.int4_group_size)
         self.precision = StepPrecision(config.precision, formats)
         self.registry, self.attention = self._build_attention(config.kernels)
+        with self._phase("draft_model"):  # before the KV cache is sized: the draft's weights take memory
+            self.draft_model_drafter = self._build_draft_model_drafter(config, checkpoint)
         with self._phase("memory_profile"):
             activation_bytes = profile_activation_bytes(self) if self.device.type == "cuda" else 0
         with self._phase("kv_cache"):
+            draft_kv_bytes = self.draft_model_drafter.kv_bytes_per_token() if self.draft_model_drafter else 0
             self.num_blocks = num_kv_blocks(
-                config.cache, self.arch, self.dtype, self.device, activation_bytes
+                config.cache, self.arch, self.dtype, self.device, activation_bytes, draft_kv_bytes
             )
             self.compressed_kv = self._build_compressed_kv(config.cache)
             if self.compressed_kv is None:
                 # the last block is the padded rows' slot
                 self.kv_caches = self._allocate_kv_caches(self.num_blocks + 1)
+            if self.draft_model_drafter is not None:
+                self.draft_model_drafter.allocate_kv_caches(self.num_blocks + 1)
         self.pad_slot = self.num_blocks * self.block_size
         # a compressed cache runs its steps eagerly, with its own attention (no graphs, no autotuning)
         self.graphs = self._build_graph_pool(config) if self.compressed_kv is None else None
@@ -116,6 +122,21 @@ class ModelRunner:
         if spec.spec_method not in ("layers", "auto"):
             return None
         return LayerDrafter(self.model, self.kv_caches, self.attention, self.block_size, self.device)
+
+    def _build_draft_model_drafter(
+        self, config: EngineConfig, target: LoadedCheckpoint
+    ) -> DraftModelDrafter | None:
+        """The separate draft model (speculative.draft_model) on the target's device, in its dtype."""
+        if not config.speculative.uses_draft_model:
+            return None
+        draft = load_draft_checkpoint(config.speculative.draft_model, target)
+        model = build_model(draft, self.max_model_len, self.device, self.dtype, config.model.seed)
+        arch = draft.arch
+        attention = TunedAttention(
+            self.registry, arch.num_heads, arch.num_kv_heads, arch.head_dim, self.attention.fused_rope
+        )
+        max_tokens = config.scheduler.max_num_batched_tokens
+        return DraftModelDrafter(model, attention, self.block_size, self.device, max_tokens)
 
     def _build_attention(self, kernels) -> tuple:
         backend = kernels.attention_backend
@@ -216,6 +237,10 @@ class ModelRunner:
         waits on the device unless a row asks for logprobs or the precision policy is adaptive."""
         for request_id in scheduler_output.finished_request_ids:
             self._generators.pop(request_id, None)
+        if self.draft_model_drafter is not None:  # their draft KV is gone or will be overwritten
+            self.draft_model_drafter.forget(
+                scheduler_output.finished_request_ids + scheduler_output.preempted_request_ids
+            )
         if self.compressed_kv is not None:
             self.compressed_kv.apply(scheduler_output.kv_chunk_formats, scheduler_output.kv_migrations)
         if scheduler_output.is_empty:
@@ -227,6 +252,10 @@ class ModelRunner:
                 ordered,
                 scheduler_output.draft_layers,
                 lambda s: self._generator(s.request_id, s.sampling_params.seed),
+            )
+        elif scheduler_output.drafter == DRAFTER_NAME and self.draft_model_drafter is not None:
+            ordered, draft_probs = self.draft_model_drafter.draft(
+                ordered, lambda s: self._generator(s.request_id, s.sampling_params.seed)
             )
         verifies_drafts = scheduler_output.num_draft_tokens > 0
         rows = verify_as_decode_rows(ordered) if verifies_drafts else None

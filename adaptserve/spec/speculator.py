@@ -12,16 +12,18 @@ from adaptserve.adapt.speculation import OFF, SpeculationPolicy
 from adaptserve.config import SpeculativeConfig
 from adaptserve.engine.outputs import DEVICE_DRAFT_TOKEN_ID, RunnerOutput, SchedulerOutput
 from adaptserve.engine.request import Request, RequestStatus
+from adaptserve.spec.draft_model import DRAFTER_NAME
 from adaptserve.spec.ngram import NgramProposer
 
 
 class DeviceDraftProposer:
-    """Drafts made by the runner with the target's first `num_layers` layers (spec/layer_drafter.py):
-    the scheduler only needs their count, so each is a placeholder that reserves its slot."""
+    """Drafts made by the runner: with the target's first `num_layers` layers (spec/layer_drafter.py)
+    or, with num_layers 0, with the draft model (spec/draft_model.py). The scheduler only needs
+    their count, so each is a placeholder that reserves its slot."""
 
-    def __init__(self, num_layers: int):
+    def __init__(self, name: str, num_layers: int = 0):
+        self.name = name
         self.num_layers = num_layers
-        self.name = f"layers{num_layers}"
 
     def propose(self, request_id: str, token_ids: list[int], max_drafts: int) -> list[int]:
         return [DEVICE_DRAFT_TOKEN_ID] * max(0, max_drafts)
@@ -50,8 +52,10 @@ class Speculator:
             self.proposers[ngram.name] = ngram
         if config.spec_method in ("layers", "auto"):
             for depth in layer_draft_depths(config, num_model_layers):
-                proposer = DeviceDraftProposer(depth)
+                proposer = DeviceDraftProposer(f"layers{depth}", depth)
                 self.proposers[proposer.name] = proposer
+        if config.uses_draft_model:
+            self.proposers[DRAFTER_NAME] = DeviceDraftProposer(DRAFTER_NAME)
         drafters = tuple(self.proposers)
         self.policy = policy or SpeculationPolicy(
             drafters, config.num_speculative_tokens, config.spec_adaptive
@@ -80,7 +84,8 @@ class Speculator:
         return num_drafts
 
     def label(self, scheduled: SchedulerOutput) -> None:
-        """Record on the step which arm it runs (the runner reads draft_layers; observe() the rest)."""
+        """Record on the step which arm it runs (the runner reads drafter and draft_layers; observe()
+        the rest)."""
         drafter, k = self.arm
         scheduled.drafter, scheduled.draft_len = drafter, k
         proposer = self.proposers.get(drafter)
