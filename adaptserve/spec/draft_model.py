@@ -49,9 +49,9 @@ def load_draft_checkpoint(spec: str, target: LoadedCheckpoint) -> LoadedCheckpoi
     draft = load_checkpoint(spec, progress=False)
     if draft.arch.vocab_size != target.arch.vocab_size:
         raise ConfigError(
-            f"speculative.draft_model={spec!r} has a vocabulary of {draft.arch.vocab_size} tokens, the "
-            f"target {target.source!r} one of {target.arch.vocab_size}; allowed: a draft with the "
-            "target's tokenizer"
+            f"speculative.draft_model={spec!r} has {draft.arch.vocab_size} tokens in its vocabulary, the "
+            f"target {target.source!r} {target.arch.vocab_size}; allowed: a draft with the target's "
+            f"tokenizer ({target.arch.vocab_size} tokens)"
         )
     if draft.tokenizer is not None and target.tokenizer is not None:
         draft_ids = draft.tokenizer.encode(TOKENIZER_PROBE, add_special_tokens=False)
