@@ -13,6 +13,8 @@ echo "a1231443440b107ff29f02bdb38c9d0a  $model" | md5sum -c - || exit 1
 # the CUDA runner tests (graphs, prewarm) first: verify steps replay the decode graphs
 timeout 90 python3 -m pytest -q -x -p no:cacheprovider -m cuda tests/runner > "$out/runner-tests.log" 2>&1
 tail -3 "$out/runner-tests.log"
-timeout 450 python3 -c "import sys; from adaptserve.cli import main; sys.exit(main())" bench spec \
-  --model "$model" --batch-sizes 1,8,32,64,128 --draft-lens 2,4,8 --layer-drafts 24:4 --max-tokens 128 \
-  --repeats 3 --result-dir "$out" "$@" 2>&1 | grep -v "it/s\]" | tail -40
+# SPEC_LAYER_DRAFTS=24:4 adds a self-speculative setting (slow: its draft passes run eagerly)
+timeout "${SPEC_TIMEOUT:-450}" python3 -c "import sys; from adaptserve.cli import main; sys.exit(main())" bench spec \
+  --model "$model" --batch-sizes "${SPEC_BATCHES:-1,8,32,64,128}" --draft-lens 2,4,8 --max-tokens 128 \
+  --layer-drafts "${SPEC_LAYER_DRAFTS:-}" --repeats "${SPEC_REPEATS:-3}" --result-dir "$out" "$@" 2>&1 \
+  | grep -v "it/s\]" | tail -40

@@ -183,7 +183,7 @@ class ModelRunner:
     def _build_graph_pool(self, config: EngineConfig) -> DecodeGraphPool | None:
         if self.device.type != "cuda" or not config.kernels.cuda_graphs:
             return None
-        max_batch = config.kernels.cuda_graph_max_batch or config.scheduler.max_num_seqs
+        max_batch = config.kernels.cuda_graph_max_batch or graph_rows_default(config)
         max_blocks = -(-self.max_model_len // self.block_size)
         return DecodeGraphPool(
             self.model,
@@ -415,3 +415,17 @@ def build_model(
     else:
         model.load_hf_state_dict(checkpoint.state_dict)
     return model.eval()
+
+
+MAX_DEFAULT_GRAPH_ROWS = 512  # verify steps past this run eagerly (speculation is off there anyway)
+
+
+def graph_rows_default(config: EngineConfig) -> int:
+    """The largest decode batch captured when kernels.cuda_graph_max_batch is unset: max_num_seqs,
+    or with speculation the k + 1 rows per sequence a verify step runs as decode rows (up to 512),
+    so verify steps replay graphs instead of launching every kernel from Python."""
+    max_num_seqs = config.scheduler.max_num_seqs
+    if config.speculative.spec_method == "off":
+        return max_num_seqs
+    rows = max_num_seqs * (1 + config.speculative.num_speculative_tokens)
+    return max(max_num_seqs, min(rows, MAX_DEFAULT_GRAPH_ROWS, config.scheduler.max_num_batched_tokens))
