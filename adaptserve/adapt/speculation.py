@@ -7,7 +7,11 @@ a line in the step's tokens, fitted online for plain steps and for each drafter'
 tokens per second each (drafter, k) setting actually delivered, per batch-size bucket.
 
 Knob: the step's arm, (drafter, k) or off; Knobs.draft_len shows k. Each request's own k is at most
-the arm's k: its j-th draft is dropped when alpha_r^j falls below `min_draft_accept`.
+the arm's k: its j-th draft is dropped when alpha_r^j falls below what a row costs, measured as the
+step-time line's slope times the batch over the step's time (a draft row is worth its chance of
+being accepted only if that chance beats the tokens the row's time would have produced), bounded
+by `min_draft_floor` below and `min_draft_accept` above. A memory-bound step (a GPU at batch 1)
+pays almost nothing per row, so long drafts stay; a compute-bound one cuts them.
 
 Rule: with k drafts a request yields E(k) = (1 - alpha^(k+1)) / (1 - alpha) tokens per step instead
 of one. An arm's value at batch B is the tokens/s it delivered in B's bucket once it has
@@ -18,7 +22,10 @@ their full share of the step, and "off" delivers the most.
 
 Guardrails: a switch needs `confirm` consecutive steps proposing it and `cooldown_s` since the last
 one (the shared SwitchGuard); every `probe_every` steps a short burst runs the least recently measured arm
-that the model does not rule out, so values stay current as acceptance and load change.
+that the model does not rule out, so values stay current as acceptance and load change. A probe that
+measures its arm worse than the current one doubles how long that arm waits for its next probe at that
+batch size (up to `max_backoff` times), so where one arm is clearly best (speculation off at a large
+batch) exploration costs next to nothing; a probe that comes close resets the wait.
 """
 
 from __future__ import annotations
@@ -123,7 +130,9 @@ class SpeculationPolicy:
         min_samples: int = 3,
         keep_margin: float = 0.05,
         min_draft_accept: float = 0.1,
+        min_draft_floor: float = 0.02,
         guard: SwitchGuard | None = None,
+        max_backoff: int = 32,
     ):
         self.drafters = drafters
         self.max_draft = max_draft
@@ -133,6 +142,8 @@ class SpeculationPolicy:
         self.min_samples = min_samples
         self.keep_margin = keep_margin
         self.min_draft_accept = min_draft_accept
+        self.min_draft_floor = min_draft_floor
+        self.draft_threshold = min_draft_accept  # set per step by choose() from the step's cost
         self.guard = guard or SwitchGuard(cooldown_s=0.5, confirm=3, max_switches=30, window_s=60.0)
         self.current = (drafters[0], max_draft)  # optimistic start: the first steps measure it
         self.acceptance = {d: Acceptance() for d in drafters}
@@ -148,6 +159,12 @@ class SpeculationPolicy:
         self._last_probe = 0  # the step of the last probe burst
         self._probing: tuple[str, int] | None = None
         self._probe_steps_left = 0
+        self.max_backoff = max_backoff
+        # (bucket, arm) -> how many probe_every periods the arm waits between probes at that bucket
+        self.backoff: dict[tuple[int, tuple[str, int]], int] = {}
+        self._judge: tuple[int, tuple[str, int]] | None = None  # a finished burst to judge
+        self._burst = _ArmValue()  # the current or last probe burst's own steps, undecayed
+        self._burst_arm: tuple[str, int] | None = None
 
     # ---- before a step -------------------------------------------------------------------------------
 
@@ -159,17 +176,19 @@ class SpeculationPolicy:
         if num_sequences == 0:
             return OFF
         bucket = _bucket(num_sequences)
+        self.draft_threshold = self._draft_threshold(num_sequences)
         self._update_current(now, bucket, num_sequences)
+        self._judge_probe(num_sequences)
         self._probing = self._probe(bucket, num_sequences)
         return self._probing or self.current
 
     def request_draft_len(self, drafter: str, request_id: str, k: int) -> int:
-        """This request's k: the arm's k, cut where its own alpha^j drops below `min_draft_accept`."""
+        """This request's k: the arm's k, cut where its own alpha^j drops below `draft_threshold`."""
         if k <= 0 or not self.adaptive:
             return k
         alpha = self._request_acceptance(drafter, request_id).rate
         j = 1  # a drafting request always tests at least one token, so its alpha stays measured
-        while j < k and alpha ** (j + 1) >= self.min_draft_accept:
+        while j < k and alpha ** (j + 1) >= self.draft_threshold:
             j += 1
         return j
 
@@ -188,6 +207,9 @@ class SpeculationPolicy:
             self.step_cost.add(num_tokens, seconds - self.draft_overhead[drafter] * units)
         else:
             self.step_cost.add(num_tokens, seconds)
+        if arm == self._burst_arm:
+            self._burst.tokens += num_generated / num_sequences
+            self._burst.seconds += seconds
         value = self.values.setdefault((_bucket(num_sequences), arm), _ArmValue())
         value.tokens = value.tokens * 0.9 + num_generated / num_sequences  # per sequence: buckets compare
         value.seconds = value.seconds * 0.9 + seconds
@@ -264,6 +286,8 @@ class SpeculationPolicy:
         model predicts under half the current arm's tokens/s."""
         if self._probing is not None and self._probe_steps_left > 0:
             self._probe_steps_left -= 1
+            if not self._probe_steps_left:
+                self._judge = (bucket, self._probing)  # its last step: judge it once measured
             return self._probing
         best = self.value(self.current, num_sequences) or 0.0
         candidates = []
@@ -285,13 +309,46 @@ class SpeculationPolicy:
             arm = min(never)[2]
         elif self._step - self._last_probe < self.probe_every:
             return None
-        else:  # the most promising arm not probed in the last two bursts, else the stalest
-            fresh_enough = self._step - 2 * self.probe_every
-            stale = [c for c in candidates if c[0] < fresh_enough]
-            arm = min(stale, key=lambda c: c[1])[2] if stale else min(candidates)[2]
+        else:  # the most promising arm not probed in its last two waits, else the stalest one due
+            due = [c for c in candidates if self._step - c[0] >= self.probe_every * self._wait(bucket, c[2])]
+            if not due:
+                return None
+            stale = [c for c in due if self._step - c[0] >= 2 * self.probe_every * self._wait(bucket, c[2])]
+            arm = min(stale, key=lambda c: c[1])[2] if stale else min(due)[2]
         self._last_probe = self._step
         self._probe_steps_left = self.min_samples - 1
+        self._burst, self._burst_arm = _ArmValue(), arm
+        if not self._probe_steps_left:
+            self._judge = (bucket, arm)
         return arm
+
+    def _draft_threshold(self, num_sequences: int) -> float:
+        """The acceptance chance a draft row must beat: a row's time (the cost line's slope) in the
+        tokens a plain step makes in that time, within [min_draft_floor, min_draft_accept]."""
+        if not self.step_cost.has_data:
+            return self.min_draft_accept
+        _, slope = self.step_cost.coefficients()
+        row_cost = slope * num_sequences / max(self.step_cost.predict(num_sequences), 1e-9)
+        return min(self.min_draft_accept, max(self.min_draft_floor, row_cost))
+
+    def _wait(self, bucket: int, arm: tuple[str, int]) -> int:
+        return self.backoff.get((bucket, arm), 1)
+
+    def _judge_probe(self, num_sequences: int) -> None:
+        """After a burst: an arm measured clearly worse than the current one waits twice as long for
+        its next probe at this bucket; one within `keep_margin` (or better) waits the base period."""
+        if self._judge is None or self._probing is not None and self._probe_steps_left > 0:
+            return
+        (bucket, arm), self._judge = self._judge, None
+        self._burst_arm = None
+        probed = self._burst.tokens_per_s * num_sequences  # the burst alone: old values decay slowly
+        current = self._measured(bucket, self.current, num_sequences)
+        if not probed or current is None or arm == self.current:
+            return
+        if probed < (1 - self.keep_margin) * current:
+            self.backoff[(bucket, arm)] = min(self.max_backoff, 2 * self._wait(bucket, arm))
+        else:
+            self.backoff.pop((bucket, arm), None)
 
     def _request_acceptance(self, drafter: str, request_id: str) -> Acceptance:
         key = (drafter, request_id)

@@ -116,12 +116,34 @@ def test_noise_around_equal_values_does_not_make_the_knob_move():
     assert switches == 0
 
 
-def test_probes_keep_other_arms_measured_but_stay_rare():
+def test_probes_keep_other_arms_measured_but_back_off_when_they_lose():
+    """At a compute-bound batch every drafting arm loses: each probe that confirms it doubles its wait,
+    so exploration fades (but never stops) instead of costing a burst every probe_every steps."""
     policy = SpeculationPolicy(("ngram",), max_draft=4, probe_every=20)
-    chosen = simulate(policy, batch=64, steps=400, plain_cost=compute_bound,
+    chosen = simulate(policy, batch=64, steps=3000, plain_cost=compute_bound,
                       draft_cost={"ngram": compute_bound}, alpha={"ngram": 0.6}, dt=0.05)  # fmt: skip
-    probes = sum(arm != OFF for arm in chosen[200:])  # 200 steps: ~10 bursts of 3 steps
-    assert 15 <= probes <= 40
+    early = sum(arm != OFF for arm in chosen[:400])  # ~3 arms probed in bursts of 3
+    late = sum(arm != OFF for arm in chosen[2000:3000])
+    assert 15 <= early <= 40
+    assert 1 <= late <= early / 2
+    assert all(wait > 1 for wait in policy.backoff.values()) and len(policy.backoff) == 3
+
+
+def test_a_probe_that_comes_close_resets_its_wait():
+    policy = SpeculationPolicy(("ngram",), max_draft=1, probe_every=10)
+    policy.current = OFF
+    for _ in range(3):
+        policy.observe_step(OFF, 4, 4, 4, 0.010)
+        policy.observe_step(("ngram", 1), 4, 8, 4, 0.020)  # half off's tokens/s
+    for i in range(60):  # probes of the losing arm back off
+        arm = policy.choose(i * 0.05, 4)
+        policy.observe_step(arm, 4, 8 if arm[1] else 4, 4, 0.020 if arm[1] else 0.010)
+    bucket = 3  # batch 4
+    assert policy.backoff[(bucket, ("ngram", 1))] >= 2
+    for i in range(60, 400):  # then it becomes as good as off: its next probe resets the wait
+        arm = policy.choose(i * 0.05, 4)
+        policy.observe_step(arm, 4, 8 if arm[1] else 4, 4, 0.010)
+    assert (bucket, ("ngram", 1)) not in policy.backoff
 
 
 def test_per_request_draft_length_follows_its_acceptance():
@@ -133,6 +155,28 @@ def test_per_request_draft_length_follows_its_acceptance():
     assert policy.request_draft_len("ngram", "bad", 8) == 1  # still tested, so it can recover
     policy.forget("bad")
     assert ("ngram", "bad") not in policy.request_acceptance
+
+
+def test_draft_rows_are_cut_by_what_a_row_costs():
+    """alpha 0.5: draft j is kept while 0.5^j beats the threshold. A step that costs the same with more
+    rows (memory bound) keeps 5 drafts; one whose rows cost their full share (compute bound) keeps 3."""
+
+    def trained(cost):
+        policy = SpeculationPolicy(("ngram",), max_draft=8)
+        for tokens in range(1, 200, 7):
+            policy.observe_step(OFF, tokens, tokens, tokens, cost(tokens))
+        for _ in range(40):
+            policy.observe_request("ngram", "r", 8, 1)  # one accepted, then a rejection: alpha 0.5
+        return policy
+
+    memory = trained(lambda tokens: 0.010 + 1e-7 * tokens)
+    memory.choose(0.0, 1)
+    assert memory.draft_threshold == pytest.approx(0.02)
+    assert memory.request_draft_len("ngram", "r", 8) == 5  # 0.5^5 = 0.031 >= 0.02 > 0.5^6
+    compute = trained(lambda tokens: 0.001 * tokens)
+    compute.choose(0.0, 64)
+    assert compute.draft_threshold == pytest.approx(0.1)  # capped at min_draft_accept
+    assert compute.request_draft_len("ngram", "r", 8) == 3  # 0.5^3 = 0.125 >= 0.1 > 0.5^4
 
 
 def test_fixed_policy_always_drafts_the_maximum():
