@@ -51,7 +51,7 @@ def _budget_bytes(cache: CacheConfig, device: torch.device, activation_bytes: in
 @torch.inference_mode()
 def profile_activation_bytes(runner) -> int:
     """Peak memory of the largest step the scheduler may send (a full token budget of prompt, then
-    logits for max_num_seqs rows), measured by running it on throw-away KV caches."""
+    logits for every row a step may sample), measured by running it on throw-away KV caches."""
     from adaptserve.engine.outputs import ScheduledSequence
     from adaptserve.engine.request import SamplingParams
     from adaptserve.runner.inputs import prepare_inputs
@@ -71,7 +71,7 @@ def profile_activation_bytes(runner) -> int:
     inputs = prepare_inputs([seq], runner.block_size, device)
     runner.attention.begin_step(inputs.attn)
     hidden = runner.model(inputs.input_ids, inputs.positions, kv_caches, inputs.attn, runner.attention)
-    rows = hidden[-1:].expand(config.scheduler.max_num_seqs, -1)  # [N, hidden]
+    rows = hidden[-1:].expand(max_sampled_rows(config), -1)  # [N, hidden]
     logits = runner.model.compute_logits(rows)  # [N, V] float32
     torch.softmax(logits, dim=-1)  # the sampler's largest temporary
     torch.cuda.synchronize(device)
@@ -79,3 +79,13 @@ def profile_activation_bytes(runner) -> int:
     del kv_caches, hidden, logits, inputs
     torch.cuda.empty_cache()
     return int(peak)
+
+
+def max_sampled_rows(config) -> int:
+    """Rows of logits one step may sample: one per sequence, or with speculation the k + 1 rows of
+    each verifying sequence, within the step's token budget."""
+    max_num_seqs = config.scheduler.max_num_seqs
+    if config.speculative.spec_method == "off":
+        return max_num_seqs
+    rows = max_num_seqs * (1 + config.speculative.num_speculative_tokens)
+    return max(max_num_seqs, min(rows, config.scheduler.max_num_batched_tokens))

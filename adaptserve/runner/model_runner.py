@@ -36,7 +36,7 @@ from adaptserve.runner.inputs import (
 )
 from adaptserve.runner.kv_compression import CompressedKVCache, KVGeometry
 from adaptserve.runner.launched_step import LaunchedStep
-from adaptserve.runner.memory import num_kv_blocks, profile_activation_bytes
+from adaptserve.runner.memory import max_sampled_rows, num_kv_blocks, profile_activation_bytes
 from adaptserve.runner.precision import StepPrecision
 from adaptserve.runner.sampler import Sampler, SamplingMetadata
 from adaptserve.spec.draft_model import DRAFTER_NAME, DraftModelDrafter, load_draft_checkpoint
@@ -424,8 +424,5 @@ def graph_rows_default(config: EngineConfig) -> int:
     """The largest decode batch captured when kernels.cuda_graph_max_batch is unset: max_num_seqs,
     or with speculation the k + 1 rows per sequence a verify step runs as decode rows (up to 512),
     so verify steps replay graphs instead of launching every kernel from Python."""
-    max_num_seqs = config.scheduler.max_num_seqs
-    if config.speculative.spec_method == "off":
-        return max_num_seqs
-    rows = max_num_seqs * (1 + config.speculative.num_speculative_tokens)
-    return max(max_num_seqs, min(rows, MAX_DEFAULT_GRAPH_ROWS, config.scheduler.max_num_batched_tokens))
+    rows = max_sampled_rows(config)
+    return max(config.scheduler.max_num_seqs, min(rows, MAX_DEFAULT_GRAPH_ROWS))
