@@ -105,7 +105,8 @@ def main() -> None:
     counts: dict[str, int] = defaultdict(int)
     instrument(totals, counts)
     for name, options in settings:
-        llm = LLM.from_checkpoint(checkpoint, max_num_seqs=64, dtype=args.dtype, **options)
+        memory = {"kv_cache_memory_gib": 4.0} if torch.cuda.is_available() else {}
+        llm = LLM.from_checkpoint(checkpoint, max_num_seqs=64, dtype=args.dtype, **memory, **options)
 
         def run(llm=llm):
             if checkpoint.tokenizer is None:

@@ -13,6 +13,7 @@ and position by position).
 
 from __future__ import annotations
 
+import gc
 import random
 import time
 from typing import Any
@@ -81,8 +82,19 @@ def _prompts(checkpoint, count: int) -> list[list[int]]:
 def _reference(checkpoint, prompts, params, device: str) -> list[list[int]]:
     from adaptserve import LLM
 
-    llm = LLM.from_checkpoint(checkpoint, max_num_seqs=len(prompts), max_model_len=1024, device=device)
-    return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    # every prompt at once with room to its end: a cache sized to the run, not to the device, so
+    # the settings' engines that follow find the GPU memory free
+    llm = LLM.from_checkpoint(
+        checkpoint, max_num_seqs=len(prompts), max_model_len=1024, device=device, num_blocks=len(prompts) * 64
+    )
+    token_ids = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    del llm
+    gc.collect()
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return token_ids
 
 
 def _run_setting(checkpoint, options, num_blocks, prompts, params, arrivals, reference) -> dict[str, Any]:
