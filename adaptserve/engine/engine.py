@@ -275,12 +275,17 @@ class LLMEngine:
         # memory pressure for the precision policy: the share of KV blocks in use after scheduling
         self.runner.precision.memory_pressure = self.kv_cache.usage
         launch_time = self.clock()  # a CPU computes inside launch(): its time counts as the step's
+        captures = _graph_captures(self.runner)
         launched = self.runner.launch(scheduler_output)
         step = _InFlight(
             scheduler_output, self.scheduler.advance(scheduler_output), launched, start, launch_time
         )
         previous, self._in_flight = self._in_flight, step
+        # a CUDA graph captured on demand costs this launch (and the cycle of the step read after it)
+        # tens of milliseconds once: the speculation policy must not take it for a step's cost
+        step.captured = _graph_captures(self.runner) != captures
         if previous is not None:
+            previous.captured |= step.captured
             outputs += self._finish(previous)
         if not self.async_scheduling or scheduler_output.num_draft_tokens:  # verified: tokens are known
             self._in_flight = None
@@ -303,7 +308,7 @@ class LLMEngine:
         num_generated = sum(r.num_output_tokens - num_before[id(r)] for r in updated)
         stats = self._step_stats(step.start, execute_start, now, step.scheduled, num_generated)
         if self.speculator is not None:
-            seconds = now - cycle_start
+            seconds = 0.0 if step.captured else now - cycle_start  # 0: the policy skips the timing
             counts = self.speculator.observe(step.scheduled, runner_output, num_generated, seconds)
             stats.num_drafts, stats.num_draft_tokens, stats.num_accepted_tokens = counts
             stats.drafter, stats.draft_len = step.scheduled.drafter or "off", step.scheduled.draft_len
@@ -388,6 +393,12 @@ class _InFlight:
     launched: LaunchedStep
     start: float  # engine clock when it was scheduled
     launch_time: float  # engine clock when it was handed to the executor
+    captured: bool = False  # a CUDA graph was captured while it ran: its time is not a step's
+
+
+def _graph_captures(runner) -> int:
+    graphs = getattr(runner, "graphs", None)
+    return graphs.num_captures if graphs is not None else 0
 
 
 def _needs_token_history(scheduled: SchedulerOutput) -> bool:

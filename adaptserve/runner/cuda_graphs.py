@@ -134,16 +134,25 @@ class DecodeGraphPool:
             self.last_used.pop(size, None)
 
     def run(
-        self, batch: HostBatch, precision: str, pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self,
+        batch: HostBatch,
+        precision: str,
+        pending: tuple[torch.Tensor, torch.Tensor] | None = None,
+        capture: bool = True,
     ) -> torch.Tensor:
         """Replay the graph for this decode-only batch -> hidden states [N, hidden]. `pending`:
-        (rows [P], ids [P]) on the device, input ids that only the device knows yet."""
+        (rows [P], ids [P]) on the device, input ids that only the device knows yet. `capture`
+        False: replay a graph of this size captured for longer contexts (every size has one from
+        start) rather than capture one for this context bucket; for shapes that come and go, such
+        as verify steps, whose one-off capture would cost tens of steps."""
         num_seqs = len(batch.sequences)
         size = self.bucket(num_seqs)
         width = batch.block_table.shape[1]
         if width > self.max_blocks:
             raise ValueError(f"block table of {width} blocks exceeds the graph pool's {self.max_blocks}")
-        graph = self._graph(size, precision, int(batch.context_lens.max()))
+        context_len = int(batch.context_lens.max())
+        graph = None if capture else self._longer_context_graph(size, precision, context_len)
+        graph = graph or self._graph(size, precision, context_len)
         self.last_used[size] = self.clock()
         self._fill(batch, num_seqs, size, width)
         if pending is not None:
@@ -176,6 +185,14 @@ class DecodeGraphPool:
         if graph is None:
             graph = self.graphs[key] = self._capture(size, bucket.context, precision, variant)
         return graph
+
+    def _longer_context_graph(self, size: int, precision: str, context_len: int) -> _Graph | None:
+        """A captured graph of this size and precision whose context bucket holds `context_len`: the
+        exact bucket's, else the smallest longer one. Its kernels read the real context lengths; the
+        longer bucket only sized their split count."""
+        context = self._bucket(size, context_len).context
+        fits = [key for key in self.graphs if key[0] == size and key[2] == precision and key[1] >= context]
+        return self.graphs[min(fits, key=lambda key: key[1])] if fits else None
 
     def _metadata(self, size: int, context_len: int) -> AttentionMetadata:
         return AttentionMetadata(

@@ -264,7 +264,8 @@ class ModelRunner:
         precision, shadow = self.precision.choose(batch.is_decode_only)
         inputs = None
         if self._can_replay(batch):
-            logits_in = self._graph_logits(batch, pending)
+            # verify shapes come and go with the policy's draft lengths: replay what is captured
+            logits_in = self._graph_logits(batch, pending, capture=not verifies_drafts)
         else:
             inputs = to_device(batch, self.device)
             if pending is not None:
@@ -356,13 +357,15 @@ class ModelRunner:
     def _can_replay(self, batch: HostBatch) -> bool:
         return self.graphs is not None and self.graphs.can_replay(batch)
 
-    def _graph_logits(self, batch: HostBatch, pending: tuple[torch.Tensor, torch.Tensor] | None):
+    def _graph_logits(
+        self, batch: HostBatch, pending: tuple[torch.Tensor, torch.Tensor] | None, capture: bool = True
+    ):
         # a decode step samples every row unless a sequence is mid-way through something else
         every_row = len(batch.sample_rows) == batch.num_tokens
         sample_rows = None if every_row else host_tensor(batch.sample_rows, self.device).to(self.device)
 
         def logits_in(step_precision: str) -> torch.Tensor:
-            hidden = self.graphs.run(batch, step_precision, pending)  # [N, H]
+            hidden = self.graphs.run(batch, step_precision, pending, capture)  # [N, H]
             return self.model.compute_logits(hidden if every_row else hidden[sample_rows])  # [N, V]
 
         return logits_in
