@@ -14,11 +14,14 @@ by `min_draft_floor` below and `min_draft_accept` above. A memory-bound step (a 
 pays almost nothing per row, so long drafts stay; a compute-bound one cuts them.
 
 Rule: with k drafts a request yields E(k) = (1 - alpha^(k+1)) / (1 - alpha) tokens per step instead
-of one. An arm's value at batch B is the tokens/s it delivered in B's bucket once it has
-`min_samples` steps there, else the model's prediction B * (h E(k) + 1 - h) / t_d(B + h B k) against
-B / t_plain(B). The best arm wins; the current one is kept while it is within `keep_margin` of the
-best, so noise does not make the knob move. At large batches the step is compute bound: drafts cost
-their full share of the step, and "off" delivers the most.
+of one. An arm's value at batch B is B * (h E(k') + 1 - h) over its measured mean step time in B's
+bucket once it has `min_samples` steps there (k' is k after the draft cut at the drafter's alpha),
+else the model's prediction B * (h E(k') + 1 - h) / t_d(B + h B k) against B / t_plain(B). Tokens
+come from alpha, which every verified draft of every arm measures, not from the arm's own few
+steps: at batch 1 a step's accepted count swings 1 to k + 1, and a mean over ten steps of it was
+noisier than the gaps between arms. The best arm wins; the current one is kept while it is within
+`keep_margin` of the best, so noise does not make the knob move. At large batches the step is
+compute bound: drafts cost their full share of the step, and "off" delivers the most.
 
 Guardrails: a switch needs `confirm` consecutive steps proposing it and `cooldown_s` since the last
 one (the shared SwitchGuard); every `probe_every` steps a short burst runs the least recently measured arm
@@ -109,13 +112,18 @@ class _ArmValue:
 
     tokens: float = 0.0
     seconds: float = 0.0
+    steps: float = 0.0
     samples: int = 0
     last_step: int = -1
 
     @property
     def tokens_per_s(self) -> float:
-        """Per sequence."""
+        """Per sequence, as delivered."""
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def mean_seconds(self) -> float:
+        return self.seconds / self.steps if self.steps > 0 else 0.0
 
 
 class SpeculationPolicy:
@@ -133,6 +141,7 @@ class SpeculationPolicy:
         min_draft_floor: float = 0.02,
         guard: SwitchGuard | None = None,
         max_backoff: int = 32,
+        probe_floor: float = 0.5,
     ):
         self.drafters = drafters
         self.max_draft = max_draft
@@ -146,7 +155,8 @@ class SpeculationPolicy:
         self.draft_threshold = min_draft_accept  # set per step by choose() from the step's cost
         self.guard = guard or SwitchGuard(cooldown_s=0.5, confirm=3, max_switches=30, window_s=60.0)
         self.current = (drafters[0], max_draft)  # optimistic start: the first steps measure it
-        self.acceptance = {d: Acceptance() for d in drafters}
+        # global: every verified request updates it, so it forgets per update slowly (~100 updates)
+        self.acceptance = {d: Acceptance(forget=0.99) for d in drafters}
         self.request_acceptance: dict[tuple[str, str], Acceptance] = {}
         self.hit_rate = dict.fromkeys(drafters, 1.0)
         self.step_cost = OnlineLinearCost()  # every step, by its tokens (drafts included)
@@ -160,6 +170,7 @@ class SpeculationPolicy:
         self._probing: tuple[str, int] | None = None
         self._probe_steps_left = 0
         self.max_backoff = max_backoff
+        self.probe_floor = probe_floor  # probe no arm the model predicts below this share of the best
         # (bucket, arm) -> how many probe_every periods the arm waits between probes at that bucket
         self.backoff: dict[tuple[int, tuple[str, int]], int] = {}
         self._judge: tuple[int, tuple[str, int]] | None = None  # a finished burst to judge
@@ -186,11 +197,7 @@ class SpeculationPolicy:
         """This request's k: the arm's k, cut where its own alpha^j drops below `draft_threshold`."""
         if k <= 0 or not self.adaptive:
             return k
-        alpha = self._request_acceptance(drafter, request_id).rate
-        j = 1  # a drafting request always tests at least one token, so its alpha stays measured
-        while j < k and alpha ** (j + 1) >= self.draft_threshold:
-            j += 1
-        return j
+        return self._cut(self._request_acceptance(drafter, request_id).rate, k)
 
     # ---- after a step --------------------------------------------------------------------------------
 
@@ -210,9 +217,11 @@ class SpeculationPolicy:
         if arm == self._burst_arm:
             self._burst.tokens += num_generated / num_sequences
             self._burst.seconds += seconds
+            self._burst.steps += 1
         value = self.values.setdefault((_bucket(num_sequences), arm), _ArmValue())
         value.tokens = value.tokens * 0.9 + num_generated / num_sequences  # per sequence: buckets compare
         value.seconds = value.seconds * 0.9 + seconds
+        value.steps = value.steps * 0.9 + 1
         value.samples += 1
         value.last_step = self._step
 
@@ -243,9 +252,8 @@ class SpeculationPolicy:
             return None
         if not k:
             return batch / max(self.step_cost.predict(batch), 1e-9)
+        tokens = batch * self._tokens_per_sequence(arm)
         hit = self.hit_rate[drafter]
-        alpha = self.acceptance[drafter].rate
-        tokens = batch * (hit * expected_tokens(alpha, k) + 1 - hit)
         seconds = self.step_cost.predict(batch + hit * batch * k) + self.draft_overhead[
             drafter
         ] * _overhead_units(drafter, k)
@@ -257,9 +265,26 @@ class SpeculationPolicy:
         what its neighbours measured); None when none has `min_samples` steps."""
         for near in (bucket, bucket - 1, bucket + 1):
             value = self.values.get((near, arm))
-            if value is not None and value.samples >= self.min_samples:
-                return value.tokens_per_s * num_sequences
+            if value is not None and value.samples >= self.min_samples and value.mean_seconds > 0:
+                return num_sequences * self._tokens_per_sequence(arm) / value.mean_seconds
         return None
+
+    def _tokens_per_sequence(self, arm: tuple[str, int]) -> float:
+        """Expected tokens a sequence gains in a step of this arm: h E(k') + 1 - h, where k' is the
+        arm's k cut at the drafter's alpha (as request_draft_len cuts each request's)."""
+        drafter, k = arm
+        if not k:
+            return 1.0
+        alpha, hit = self.acceptance[drafter].rate, self.hit_rate[drafter]
+        return hit * expected_tokens(alpha, self._cut(alpha, k)) + 1 - hit
+
+    def _cut(self, alpha: float, k: int) -> int:
+        if not self.adaptive:
+            return k
+        j = 1  # a drafting request always tests at least one token, so its alpha stays measured
+        while j < k and alpha ** (j + 1) >= self.draft_threshold:
+            j += 1
+        return j
 
     def _update_current(self, now: float, bucket: int, num_sequences: int) -> None:
         """Switch to the best *measured* arm (predictions only decide what to measure)."""
@@ -268,6 +293,8 @@ class SpeculationPolicy:
             return
         best = max(known, key=known.get)
         current = known.get(self.current)
+        if current is None and len(known) < 2:
+            return  # one measured arm against an unmeasured current one: no comparison yet
         if best == self.current or (current is not None and current >= (1 - self.keep_margin) * known[best]):
             self.guard.reset()
             return
@@ -283,7 +310,7 @@ class SpeculationPolicy:
         """A burst of `min_samples` steps (enough for a value to count) of an arm worth measuring:
         at once for an arm never measured at this batch size, else every `probe_every` steps for the
         most promising one (measured or predicted) not probed lately. An arm is not worth it when the
-        model predicts under half the current arm's tokens/s."""
+        model predicts under `probe_floor` (half) of the current arm's tokens/s."""
         if self._probing is not None and self._probe_steps_left > 0:
             self._probe_steps_left -= 1
             if not self._probe_steps_left:
@@ -295,7 +322,7 @@ class SpeculationPolicy:
             if arm == self.current:
                 continue
             predicted = self.predicted(arm, num_sequences)
-            if predicted is not None and predicted < 0.5 * best:
+            if predicted is not None and predicted < self.probe_floor * best:
                 continue  # the model rules it out
             nearby = [v for near in (bucket, bucket - 1, bucket + 1) if (v := self.values.get((near, arm)))]
             last_step = max((v.last_step for v in nearby), default=-1)
@@ -341,9 +368,10 @@ class SpeculationPolicy:
             return
         (bucket, arm), self._judge = self._judge, None
         self._burst_arm = None
-        probed = self._burst.tokens_per_s * num_sequences  # the burst alone: old values decay slowly
+        # the burst's own step time (old values decay slowly), with tokens from alpha
+        probed = num_sequences * self._tokens_per_sequence(arm) / max(self._burst.mean_seconds, 1e-12)
         current = self._measured(bucket, self.current, num_sequences)
-        if not probed or current is None or arm == self.current:
+        if not self._burst.steps or current is None or arm == self.current:
             return
         if probed < (1 - self.keep_margin) * current:
             self.backoff[(bucket, arm)] = min(self.max_backoff, 2 * self._wait(bucket, arm))
