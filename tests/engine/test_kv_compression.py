@@ -4,6 +4,8 @@ adaptive policy lowers the format, requantizes cold blocks, fits more sequences 
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
 from adaptserve import LLM
@@ -68,6 +70,11 @@ def test_pressure_lowers_the_format_requantizes_and_fits_more(checkpoint):
 
     def run(**extra):
         llm = LLM.from_checkpoint(checkpoint, **options, **extra)
+        # the policy's forecast and cooldowns read the engine's clock: a clock that advances a fixed
+        # 50 ms per reading (a step here reads it 3-5 times and takes 0.1-0.3 s on this CPU) makes the
+        # run the same on a quiet or a loaded machine (on the wall clock a loaded CI run switched late
+        # and preempted as often as bf16)
+        llm.engine.clock = itertools.count(start=1.0, step=0.05).__next__
         steps = []
         llm.engine.stat_loggers.append(type("R", (), {"record": lambda self, s: steps.append(s)})())
         outputs = _generate(llm, prompts, params)
