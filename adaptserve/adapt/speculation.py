@@ -107,19 +107,13 @@ def draft_lengths(max_draft: int) -> tuple[int, ...]:
 
 @dataclass
 class _ArmValue:
-    """Tokens per sequence over seconds of one arm's steps in one batch bucket, both sums decayed per
-    step: a ratio of sums, so a step that happened to accept everything does not swing it."""
+    """The step time of one arm in one batch bucket: seconds over steps, both sums decayed per step
+    (its tokens come from the drafter's acceptance, not from these steps)."""
 
-    tokens: float = 0.0
     seconds: float = 0.0
     steps: float = 0.0
     samples: int = 0
     last_step: int = -1
-
-    @property
-    def tokens_per_s(self) -> float:
-        """Per sequence, as delivered."""
-        return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
     @property
     def mean_seconds(self) -> float:
@@ -201,9 +195,7 @@ class SpeculationPolicy:
 
     # ---- after a step --------------------------------------------------------------------------------
 
-    def observe_step(
-        self, arm: tuple[str, int], num_sequences: int, num_tokens: int, num_generated: int, seconds: float
-    ) -> None:
+    def observe_step(self, arm: tuple[str, int], num_sequences: int, num_tokens: int, seconds: float) -> None:
         if seconds <= 0 or num_sequences == 0:
             return
         drafter, k = arm
@@ -215,11 +207,9 @@ class SpeculationPolicy:
         else:
             self.step_cost.add(num_tokens, seconds)
         if arm == self._burst_arm:
-            self._burst.tokens += num_generated / num_sequences
             self._burst.seconds += seconds
             self._burst.steps += 1
         value = self.values.setdefault((_bucket(num_sequences), arm), _ArmValue())
-        value.tokens = value.tokens * 0.9 + num_generated / num_sequences  # per sequence: buckets compare
         value.seconds = value.seconds * 0.9 + seconds
         value.steps = value.steps * 0.9 + 1
         value.samples += 1

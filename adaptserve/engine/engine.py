@@ -308,8 +308,8 @@ class LLMEngine:
         num_generated = sum(r.num_output_tokens - num_before[id(r)] for r in updated)
         stats = self._step_stats(step.start, execute_start, now, step.scheduled, num_generated)
         if self.speculator is not None:
-            seconds = 0.0 if step.captured else now - cycle_start  # 0: the policy skips the timing
-            counts = self.speculator.observe(step.scheduled, runner_output, num_generated, seconds)
+            seconds = None if step.captured else now - cycle_start
+            counts = self.speculator.observe(step.scheduled, runner_output, seconds)
             stats.num_drafts, stats.num_draft_tokens, stats.num_accepted_tokens = counts
             stats.drafter, stats.draft_len = step.scheduled.drafter or "off", step.scheduled.draft_len
         touched: dict[str, ParentRequest] = {}  # parents with a child that got a token this step

@@ -92,14 +92,15 @@ class Speculator:
         scheduled.draft_layers = getattr(proposer, "num_layers", 0) if scheduled.num_draft_tokens else 0
 
     def observe(
-        self, scheduled: SchedulerOutput, output: RunnerOutput, num_generated: int, seconds: float
+        self, scheduled: SchedulerOutput, output: RunnerOutput, seconds: float | None
     ) -> tuple[int, int, int]:
-        """Feed the step to the policy; returns (sequences that drafted, drafted tokens, accepted)."""
+        """Feed the step to the policy (`seconds` None: its time is not a step's, only its acceptance
+        counts); returns (sequences that drafted, drafted tokens, accepted)."""
         arm = (scheduled.drafter, scheduled.draft_len) if scheduled.draft_len else OFF
         num_sequences = sum(1 for seq in scheduled.sequences if seq.sample)
         computes_prompt = any(len(seq.token_ids) > seq.num_draft_tokens + 1 for seq in scheduled.sequences)
-        if not computes_prompt:  # a prompt chunk's time says nothing about decoding with this arm
-            self.policy.observe_step(arm, num_sequences, scheduled.num_batched_tokens, num_generated, seconds)
+        if seconds is not None and not computes_prompt:  # a prompt chunk's time says nothing of decoding
+            self.policy.observe_step(arm, num_sequences, scheduled.num_batched_tokens, seconds)
         if not scheduled.num_draft_tokens:
             return 0, 0, 0
         accepted_by_id = {

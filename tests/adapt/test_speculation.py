@@ -39,7 +39,7 @@ def simulate(policy, *, batch, steps, plain_cost, draft_cost, alpha, hit=1.0, st
             seconds = draft_cost[drafter](tokens, k)
         else:
             seconds = plain_cost(tokens)
-        policy.observe_step((drafter, k) if k else OFF, batch, tokens, generated, seconds)
+        policy.observe_step((drafter, k) if k else OFF, batch, tokens, seconds)
     return chosen
 
 
@@ -108,14 +108,14 @@ def test_noise_around_equal_values_does_not_make_the_knob_move():
     policy.current = ("ngram", 2)
     for arm in policy.arms:  # every arm measured at the same rate first
         for _ in range(3):
-            policy.observe_step(arm, 4, 4, 4, 0.01)
+            policy.observe_step(arm, 4, 4, 0.01)
     switches = 0
     for i in range(400):
         before = policy.current
         arm = policy.choose(i * 0.05, 4)
         switches += policy.current != before
         noise = 1.03 if i % 2 else 0.97
-        policy.observe_step(arm, 4, 4, 4, 0.01 * noise)  # every arm: 400 tokens/s +- 3 %
+        policy.observe_step(arm, 4, 4, 0.01 * noise)  # every arm: the same step time +- 3 %
     assert switches == 0
 
 
@@ -136,16 +136,16 @@ def test_a_probe_that_comes_close_resets_its_wait():
     policy = SpeculationPolicy(("ngram",), max_draft=1, probe_every=10)
     policy.current = OFF
     for _ in range(3):
-        policy.observe_step(OFF, 4, 4, 4, 0.010)
-        policy.observe_step(("ngram", 1), 4, 8, 4, 0.020)  # half off's tokens/s
+        policy.observe_step(OFF, 4, 4, 0.010)
+        policy.observe_step(("ngram", 1), 4, 8, 0.020)  # 1.5 tokens in twice off's time
     for i in range(60):  # probes of the losing arm back off
         arm = policy.choose(i * 0.05, 4)
-        policy.observe_step(arm, 4, 8 if arm[1] else 4, 4, 0.020 if arm[1] else 0.010)
+        policy.observe_step(arm, 4, 8 if arm[1] else 4, 0.020 if arm[1] else 0.010)
     bucket = 3  # batch 4
     assert policy.backoff[(bucket, ("ngram", 1))] >= 2
     for i in range(60, 400):  # then it becomes as good as off: its next probe resets the wait
         arm = policy.choose(i * 0.05, 4)
-        policy.observe_step(arm, 4, 8 if arm[1] else 4, 4, 0.010)
+        policy.observe_step(arm, 4, 8 if arm[1] else 4, 0.010)
     assert (bucket, ("ngram", 1)) not in policy.backoff
 
 
@@ -167,7 +167,7 @@ def test_draft_rows_are_cut_by_what_a_row_costs():
     def trained(cost):
         policy = SpeculationPolicy(("ngram",), max_draft=8)
         for tokens in range(1, 200, 7):
-            policy.observe_step(OFF, tokens, tokens, tokens, cost(tokens))
+            policy.observe_step(OFF, tokens, tokens, cost(tokens))
         for _ in range(40):
             policy.observe_request("ngram", "r", 8, 1)  # one accepted, then a rejection: alpha 0.5
         return policy
@@ -231,7 +231,7 @@ def gpu_like_throughput(policy, batch, steps, alpha, noise, seed, fixed=None):
             step = max(0.25e-3 + 1e-5 * batch, device(batch))
         step *= math.exp(rng.gauss(0.0, noise))
         if fixed is None:
-            policy.observe_step((drafter, k) if k else OFF, batch, rows, generated, step)
+            policy.observe_step((drafter, k) if k else OFF, batch, rows, step)
         tokens += generated
         seconds += step
     return tokens / seconds
