@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from adaptserve.config import EngineConfig
 from adaptserve.kernels.attention.dispatch import TunedAttention
 from adaptserve.kernels.attention.metadata import AttentionMetadata
 from adaptserve.kernels.registry import (
@@ -29,6 +30,7 @@ from adaptserve.kernels.registry import (
     SwapEvent,
 )
 from adaptserve.runner.inputs import HostBatch, host_tensor
+from adaptserve.runner.memory import max_sampled_rows
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -237,3 +239,14 @@ class DecodeGraphPool:
     def _forget_swapped(self, event: SwapEvent) -> None:
         if event.op == DECODE_ATTENTION:
             self.graphs = {k: g for k, g in self.graphs.items() if g.variant != event.old}
+
+
+MAX_DEFAULT_GRAPH_ROWS = 512  # verify steps past this run eagerly (speculation is off there anyway)
+
+
+def graph_rows_default(config: EngineConfig) -> int:
+    """The largest decode batch captured when kernels.cuda_graph_max_batch is unset: max_num_seqs,
+    or with speculation the k + 1 rows per sequence a verify step runs as decode rows (up to 512),
+    so verify steps replay graphs instead of launching every kernel from Python."""
+    rows = max_sampled_rows(config)
+    return max(config.scheduler.max_num_seqs, min(rows, MAX_DEFAULT_GRAPH_ROWS))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from adaptserve.config import CacheConfig
+from adaptserve.config import CacheConfig, EngineConfig
 from adaptserve.model.config import ModelArchConfig
 
 CPU_DEFAULT_KV_GIB = 2.0  # default KV budget on CPU, where memory is shared with everything else
@@ -81,7 +81,7 @@ def profile_activation_bytes(runner) -> int:
     return int(peak)
 
 
-def max_sampled_rows(config) -> int:
+def max_sampled_rows(config: EngineConfig) -> int:
     """Rows of logits one step may sample: one per sequence, or with speculation the k + 1 rows of
     each verifying sequence, within the step's token budget."""
     max_num_seqs = config.scheduler.max_num_seqs
@@ -89,3 +89,15 @@ def max_sampled_rows(config) -> int:
         return max_num_seqs
     rows = max_num_seqs * (1 + config.speculative.num_speculative_tokens)
     return max(max_num_seqs, min(rows, config.scheduler.max_num_batched_tokens))
+
+
+def allocate_paged_kv(
+    arch: ModelArchConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, zeroed (K, V) caches [num_blocks, block_size, kv_heads, head_dim] (the target's,
+    and a draft model's that mirrors its block ids)."""
+    shape = (num_blocks, block_size, arch.num_kv_heads, arch.head_dim)
+    return [
+        (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        for _ in range(arch.num_layers)
+    ]

@@ -23,7 +23,7 @@ from adaptserve.model.config import ModelArchConfig
 from adaptserve.model.llama import LlamaForCausalLM
 from adaptserve.model.loaders import LoadedCheckpoint
 from adaptserve.model.projection import quantize_model
-from adaptserve.runner.cuda_graphs import DecodeGraphPool
+from adaptserve.runner.cuda_graphs import DecodeGraphPool, graph_rows_default
 from adaptserve.runner.device import resolve_device, resolve_dtype
 from adaptserve.runner.inputs import (
     HostBatch,
@@ -36,7 +36,7 @@ from adaptserve.runner.inputs import (
 )
 from adaptserve.runner.kv_compression import CompressedKVCache, KVGeometry
 from adaptserve.runner.launched_step import LaunchedStep
-from adaptserve.runner.memory import max_sampled_rows, num_kv_blocks, profile_activation_bytes
+from adaptserve.runner.memory import allocate_paged_kv, num_kv_blocks, profile_activation_bytes
 from adaptserve.runner.precision import StepPrecision
 from adaptserve.runner.sampler import Sampler, SamplingMetadata
 from adaptserve.spec.draft_model import DRAFTER_NAME, DraftModelDrafter, load_draft_checkpoint
@@ -218,14 +218,7 @@ class ModelRunner:
         self.startup_seconds[name] = time.perf_counter() - start
 
     def _allocate_kv_caches(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        shape = (num_blocks, self.block_size, self.arch.num_kv_heads, self.arch.head_dim)
-        return [
-            (
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
-            )
-            for _ in range(self.arch.num_layers)
-        ]
+        return allocate_paged_kv(self.arch, num_blocks, self.block_size, self.dtype, self.device)
 
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         """Run one step and wait for its sampled tokens."""
@@ -418,14 +411,3 @@ def build_model(
     else:
         model.load_hf_state_dict(checkpoint.state_dict)
     return model.eval()
-
-
-MAX_DEFAULT_GRAPH_ROWS = 512  # verify steps past this run eagerly (speculation is off there anyway)
-
-
-def graph_rows_default(config: EngineConfig) -> int:
-    """The largest decode batch captured when kernels.cuda_graph_max_batch is unset: max_num_seqs,
-    or with speculation the k + 1 rows per sequence a verify step runs as decode rows (up to 512),
-    so verify steps replay graphs instead of launching every kernel from Python."""
-    rows = max_sampled_rows(config)
-    return max(config.scheduler.max_num_seqs, min(rows, MAX_DEFAULT_GRAPH_ROWS))

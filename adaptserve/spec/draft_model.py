@@ -34,6 +34,7 @@ from adaptserve.engine.outputs import DEVICE_DRAFT_TOKEN_ID, ScheduledSequence
 from adaptserve.model.llama import LlamaForCausalLM
 from adaptserve.model.loaders import LoadedCheckpoint, load_checkpoint
 from adaptserve.runner.inputs import build_host_batch, decode_row, to_device
+from adaptserve.runner.memory import allocate_paged_kv
 from adaptserve.spec.layer_drafter import draw_drafts
 
 DRAFTER_NAME = "draft"  # the drafter's name in the speculation policy, metrics and SchedulerOutput.drafter
@@ -98,15 +99,9 @@ class DraftModelDrafter:
 
     def allocate_kv_caches(self, num_blocks: int) -> None:
         """The draft's cache: `num_blocks` blocks, as many as the target's cache (pad block included)."""
-        arch, weight = self.model.arch, self.model.embed_tokens.weight
-        shape = (num_blocks, self.block_size, arch.num_kv_heads, arch.head_dim)
-        self.kv_caches = [
-            (
-                torch.zeros(shape, dtype=weight.dtype, device=weight.device),
-                torch.zeros(shape, dtype=weight.dtype, device=weight.device),
-            )
-            for _ in range(arch.num_layers)
-        ]
+        weight = self.model.embed_tokens.weight
+        arch = self.model.arch
+        self.kv_caches = allocate_paged_kv(arch, num_blocks, self.block_size, weight.dtype, weight.device)
 
     def forget(self, request_ids: list[str]) -> None:
         for request_id in request_ids:

@@ -2,7 +2,7 @@
 sequence, so verify steps replay graphs too (pure config arithmetic; runs on the CPU)."""
 
 from adaptserve.config import EngineConfig
-from adaptserve.runner.model_runner import MAX_DEFAULT_GRAPH_ROWS, graph_rows_default
+from adaptserve.runner.cuda_graphs import MAX_DEFAULT_GRAPH_ROWS, graph_rows_default
 
 
 def config(**flat) -> EngineConfig:
