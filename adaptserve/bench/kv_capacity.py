@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from adaptserve.bench.precision_quality import _release, _Timer
+from adaptserve.bench.precision_quality import _Timer
+from adaptserve.bench.release import release_engine
 from adaptserve.config import CacheConfig
 from adaptserve.engine.kv_cache.formats import KV_FORMATS
 from adaptserve.engine.request import SamplingParams
@@ -137,5 +138,5 @@ def _capacity_row(checkpoint, kv_format, policy, memory_gib, prompts, max_tokens
         "num_steps": len(recorder.steps),
         "generated_tokens": sum(len(o.outputs[0].token_ids) for o in outputs),
     }
-    _release(llm)
+    release_engine(llm)
     return row

@@ -28,12 +28,12 @@ import torch
 from adaptserve.bench.precision_quality import (
     _generate,
     _perplexity,
-    _release,
     _Timer,
     chat_prompts,
     compare_free_running,
     text_tokens,
 )
+from adaptserve.bench.release import release_engine
 from adaptserve.bench.runner_scoring import LOGIT_ROWS, scheduled_sequence
 from adaptserve.config import CacheConfig
 from adaptserve.engine.kv_cache.formats import FORMAT_CODES, KV_FORMATS
@@ -110,7 +110,7 @@ def _quality_row(llm, name, prompts, reference, replies, windows, spec, timed) -
         f"{name}_scoring",
         lambda: score_in_steps(runner, forced + windows, name, spec.chunk, spec.forward_tokens),
     )
-    _release(llm)
+    release_engine(llm)
     agree = total = 0
     for prompt, reply, (argmax, _) in zip(prompts, reference, scored[: len(prompts)], strict=True):
         predicted = argmax[len(prompt) - 1 :].tolist()  # row len(prompt) - 1 + i predicts reply[i]

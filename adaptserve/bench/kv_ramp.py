@@ -13,7 +13,6 @@ and position by position).
 
 from __future__ import annotations
 
-import gc
 import random
 import time
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 from tqdm import tqdm
 
 from adaptserve.bench.precision_quality import chat_prompts, compare_free_running
+from adaptserve.bench.release import release_engine
 from adaptserve.engine.request import SamplingParams
 
 
@@ -88,12 +88,7 @@ def _reference(checkpoint, prompts, params, device: str) -> list[list[int]]:
         checkpoint, max_num_seqs=len(prompts), max_model_len=1024, device=device, num_blocks=len(prompts) * 64
     )
     token_ids = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
-    del llm
-    gc.collect()
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    release_engine(llm)
     return token_ids
 
 

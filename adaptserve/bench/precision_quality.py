@@ -36,7 +36,6 @@ near-ties between the prefill pass and the decode steps that made the reference.
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import math
 import time
@@ -46,6 +45,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from adaptserve.bench.release import release_engine
 from adaptserve.bench.runner_scoring import scheduled_sequence, score_sequences
 from adaptserve.config import WEIGHT_FORMATS, PrecisionConfig
 from adaptserve.engine.outputs import SchedulerOutput
@@ -142,7 +142,7 @@ def _format_row(llm, name, prompts, reference, windows, spec, timed, measured=No
         timed(f"{name}_perplexity", lambda: _text_nll(llm, windows, spec)),
     )
     forced = timed(f"{name}_teacher_forced", lambda: _teacher_forced(llm, prompts, reference, spec))
-    _release(llm)
+    release_engine(llm)
     return {
         "teacher_forced": forced,
         "free_running": compare_free_running(reference, replies),
@@ -246,11 +246,6 @@ def _engine(checkpoint: LoadedCheckpoint, spec: QualitySpec, policy: str, sizes:
     )
 
 
-def _release(llm) -> None:
-    del llm.engine
-    gc.collect()
-
-
 def _generate(llm, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
     return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
@@ -300,7 +295,7 @@ def _measure_adaptive(checkpoint, spec, sizes, prompts, reference, timed) -> dic
         "divergences_by_precision": _labelled(llm, Counter(diverged)),
         **_run_report(llm, steps),
     }
-    _release(llm)
+    release_engine(llm)
     result = {"levels": levels, "free_running": free_running}
     if spec.adaptive_teacher_forced:
         llm = _engine(checkpoint, spec, "adaptive", sizes)
@@ -311,7 +306,7 @@ def _measure_adaptive(checkpoint, spec, sizes, prompts, reference, timed) -> dic
             **_forced_agreement(llm, predicted, reference, steps),
             **_run_report(llm, steps),
         }
-        _release(llm)
+        release_engine(llm)
     return result
 
 

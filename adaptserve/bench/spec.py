@@ -159,7 +159,7 @@ def run_spec_benchmark(args: argparse.Namespace) -> None:
     # 1 GiB on the CPU (23k tokens of SmolLM2 in float32): five engines at the 2 GiB default filled
     # half this VM's memory, and the last one built ran its same steps 18 % slower
     base["kv_cache_memory_gib"] = 4.0 if on_gpu else 1.0
-    device = torch.device("cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda" if on_gpu else "cpu")
     rows, path = [], None
     with tqdm(total=len(batch_sizes) * len(settings) * args.repeats, desc="bench spec") as bar:
         for batch in batch_sizes:
