@@ -1,4 +1,4 @@
-"""Small-M projections on CUDA: F.linear (cuBLAS) against every Triton GEMV config, Llama-3.1-8B shapes.
+"""Small-M projections on CUDA: F.linear (cuBLAS) against every Triton GEMV config, per model's shapes.
 
 For each projection (K -> N) and row count M, every implementation is first checked against a float32
 F.linear, then timed: a CUDA graph of back-to-back calls (so Python launch overhead is not timed, as
@@ -8,6 +8,7 @@ median over graph replays divided by the calls in the graph; TB/s is weight byte
 
 Usage (from the repository root, on a CUDA machine; well under two minutes, mostly compiling):
     PYTHONPATH=. python3 scripts/gemv_bench.py --out gemv_bench.json
+    PYTHONPATH=. python3 scripts/gemv_bench.py --model smollm2-135m --dtype float32 --rows 1,2,3,5,9,16
 """
 
 from __future__ import annotations
@@ -27,13 +28,23 @@ import triton
 from adaptserve.bench.results import git_commit
 from adaptserve.kernels.triton_gemv import CONFIGS, configs_for, gemv, pick_config
 
-SHAPES = {  # name: (K, N) of Llama-3.1-8B
-    "qkv": (4096, 6144),
-    "o_proj": (4096, 4096),
-    "gate_up": (4096, 28672),
-    "down": (14336, 4096),
-    "lm_head": (4096, 128256),
+MODEL_SHAPES = {  # model: {projection: (K, N)}, with the engine's fused qkv and gate_up
+    "llama-3.1-8b": {
+        "qkv": (4096, 6144),
+        "o_proj": (4096, 4096),
+        "gate_up": (4096, 28672),
+        "down": (14336, 4096),
+        "lm_head": (4096, 128256),
+    },
+    "smollm2-135m": {
+        "qkv": (576, 960),
+        "o_proj": (576, 576),
+        "gate_up": (576, 3072),
+        "down": (1536, 576),
+        "lm_head": (576, 49152),
+    },
 }
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 ROWS = (1, 2, 4, 8, 16)
 ROTATION_BYTES = 200e6  # distinct weight copies per shape add up to more than this (L2 is 50 MB)
 GRAPH_BYTES = 2e9  # weight bytes one timed graph replay reads (sets the calls per graph)
@@ -50,11 +61,11 @@ def config_name(config: dict) -> str:
     )
 
 
-def make_weights(in_features: int, out_features: int) -> list[torch.Tensor]:
-    weight_bytes = in_features * out_features * 2
+def make_weights(in_features: int, out_features: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    weight_bytes = in_features * out_features * dtype.itemsize
     copies = int(ROTATION_BYTES // weight_bytes) + 1
     return [
-        torch.randn(out_features, in_features, device="cuda", dtype=torch.bfloat16) / in_features**0.5
+        torch.randn(out_features, in_features, device="cuda", dtype=dtype) / in_features**0.5
         for _ in range(copies)
     ]  # copies x [N, K]
 
@@ -91,15 +102,23 @@ def time_per_call_us(fn, x: torch.Tensor, weights: list[torch.Tensor]) -> float:
     return statistics.median(times_ms) * 1e3 / calls
 
 
-def bench_shape(name: str, in_features: int, out_features: int, rows: tuple[int, ...]) -> list[dict]:
-    weights = make_weights(in_features, out_features)
-    weight_bytes = in_features * out_features * 2
+def bench_shape(
+    name: str,
+    in_features: int,
+    out_features: int,
+    rows: tuple[int, ...],
+    dtype: torch.dtype,
+    every_config: bool,
+) -> list[dict]:
+    weights = make_weights(in_features, out_features, dtype)
+    weight_bytes = in_features * out_features * dtype.itemsize
     records = []
     for num_rows in rows:
-        x = torch.randn(num_rows, in_features, device="cuda", dtype=torch.bfloat16)  # [M, K]
+        x = torch.randn(num_rows, in_features, device="cuda", dtype=dtype)  # [M, K]
         picked = pick_config(num_rows, out_features, in_features)
+        configs = CONFIGS if every_config else configs_for(num_rows)
         impls = [("cublas", None, F.linear)] + [
-            (config_name(c), c, lambda x, w, c=c: gemv(x, w, config=c)) for c in configs_for(num_rows)
+            (config_name(c), c, lambda x, w, c=c: gemv(x, w, config=c)) for c in configs
         ]
         for impl, config, fn in impls:
             record = {"shape": name, "K": in_features, "N": out_features, "M": num_rows, "impl": impl}
@@ -154,18 +173,24 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", default="gemv_bench.json", help="where to write the JSON results")
-    parser.add_argument("--shapes", default=",".join(SHAPES), help="comma-separated subset of the shapes")
+    parser.add_argument("--model", default="llama-3.1-8b", choices=sorted(MODEL_SHAPES), help="whose shapes")
+    parser.add_argument("--shapes", default=None, help="comma-separated subset of the shapes (default: all)")
     parser.add_argument("--rows", default=",".join(map(str, ROWS)), help="comma-separated row counts M")
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    parser.add_argument(
+        "--every-config", action="store_true", help="time CUDA-core configs past their row limit too"
+    )
     args = parser.parse_args()
+    shapes = MODEL_SHAPES[args.model]
     if not torch.cuda.is_available():
         print("gemv_bench needs a CUDA device", file=sys.stderr)
         return 2
     rows = tuple(int(m) for m in args.rows.split(","))
     started = time.monotonic()
     records = []
-    for name in args.shapes.split(","):
-        in_features, out_features = SHAPES[name]
-        records += bench_shape(name, in_features, out_features, rows)
+    for name in (args.shapes or ",".join(shapes)).split(","):
+        in_features, out_features = shapes[name]
+        records += bench_shape(name, in_features, out_features, rows, DTYPES[args.dtype], args.every_config)
         print(f"{name}: done at {time.monotonic() - started:.0f} s", flush=True)
     print_tables(records)
     result = {
@@ -174,6 +199,8 @@ def main() -> int:
         "git_commit": git_commit(),
         "command": "python3 scripts/gemv_bench.py " + shlex.join(sys.argv[1:]),
         "device": torch.cuda.get_device_name(),
+        "model": args.model,
+        "dtype": args.dtype,
         "torch": torch.__version__,
         "triton": triton.__version__,
         "rotation_bytes": ROTATION_BYTES,

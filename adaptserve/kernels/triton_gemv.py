@@ -6,7 +6,8 @@ BLOCK_K tiles, accumulating in float32. Two inner products are offered per confi
 
 - `use_dot=False`: multiply and reduce on the CUDA cores ([BLOCK_M, BLOCK_N, BLOCK_K] products summed
   along K), with BLOCK_M = M rounded up to a power of two (at most FMA_MAX_ROWS; more rows take more
-  programs, each reading the weight again, so these configs are for M <= FMA_MAX_ROWS).
+  programs, each reading the weight again, so these configs are for M <= FMA_MAX_ROWS, except at
+  short K, where launch latency rather than the weight stream sets the time).
 - `use_dot=True`: `tl.dot` on the tensor cores with BLOCK_M = 16 (its smallest tile), rows past M
   padded; wasteful in FLOPs, which a memory-bound kernel can spare.
 
@@ -77,18 +78,32 @@ def num_programs(config: dict, num_rows: int, out_features: int) -> int:
 # fastest or within 0.5% of it at M = 1 on every Llama-8B projection on the H100 (gemv-h100.json)
 MEASURED_SINGLE_ROW_CONFIG = CONFIGS[10]
 
+# Short K (SmolLM2's projections, K 576 and 1536; gemv-smollm2-*-h100.json): the launch, not the weight
+# stream, sets the time, so CUDA-core configs stay fastest past FMA_MAX_ROWS (each 4 rows re-read a
+# weight that sits in L2). Each pick is the fastest or within 6 % of it at 1-16 rows on the H100, in
+# float32 and at the row counts where bfloat16 goes to this kernel at all (kernels/linear.py).
+SHORT_K_CONFIGS = {  # (most in_features, most rows) -> config, first match
+    (1024, 16): CONFIGS[2],  # fma n4 k1024 w4: one K tile
+    (2048, FMA_MAX_ROWS): CONFIGS[10],  # fma n2 k2048 w4: one K tile
+    (2048, 16): CONFIGS[13],  # fma n4 k512 w2: more rows, shorter tiles
+}
+
 
 def pick_config(num_rows: int, out_features: int, in_features: int, num_sms: int = H100_SMS) -> dict:
     """A config for x [num_rows, in_features] @ weight [out_features, in_features]^T.
 
-    One and two rows take the measured best (block_n 2, block_k 2048: 1.07-1.19x cuBLAS's bandwidth
-    at one row on every Llama-8B projection on the H100). Otherwise the first suitable config, in
-    CONFIGS order, whose grid gives every SM at least two programs (so that enough weight loads are in
-    flight to saturate memory); when none does, the one with the most programs.
+    Short K (at most 2048) and at most 16 rows: SHORT_K_CONFIGS, measured on SmolLM2's shapes.
+    Otherwise one and two rows take the measured best (block_n 2, block_k 2048: 1.07-1.19x cuBLAS's
+    bandwidth at one row on every Llama-8B projection on the H100), and more rows the first suitable
+    config, in CONFIGS order, whose grid gives every SM at least two programs (so that enough weight
+    loads are in flight to saturate memory); when none does, the one with the most programs.
     """
+    for (most_in_features, most_rows), config in SHORT_K_CONFIGS.items():
+        if in_features <= most_in_features and num_rows <= most_rows:
+            return config
     if num_rows <= 2:
         return MEASURED_SINGLE_ROW_CONFIG
-    candidates = configs_for(num_rows)  # in_features: unused until a measured table keys on it
+    candidates = configs_for(num_rows)
     for config in candidates:
         if num_programs(config, num_rows, out_features) >= 2 * num_sms:
             return config

@@ -10,10 +10,14 @@ Weights are scaled by 1/sqrt(K) so that outputs are of order 1 whatever K is.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
+from adaptserve.kernels.linear import gemv_row_limit
 from adaptserve.kernels.triton_gemv import (
     CONFIGS,
     FMA_MAX_ROWS,
@@ -26,6 +30,7 @@ from adaptserve.kernels.triton_gemv import (
 )
 
 BF16_RTOL = 2.0**-8
+BENCHMARKS = Path(__file__).parents[2] / "docs" / "benchmarks"
 
 
 def _inputs(num_rows, out_features, in_features, dtype, seed, device="cpu", bias=False):
@@ -102,6 +107,34 @@ def test_pick_config_fills_the_gpu():
     assert pick_config(1, 8, 64) in configs_for(1)  # nothing fills the GPU: the most programs
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_routing_and_picks_agree_with_the_h100_measurements(dtype):
+    """SmolLM2's projections at 1-16 rows on the H100: where `linear` sends rows to the GEMV, the
+    picked config is within 6 % of the fastest config and no slower than cuBLAS (5 % noise); over a
+    decode step's projections (30 layers and the LM head) the routing beats cuBLAS alone."""
+    name = str(dtype).removeprefix("torch.")
+    records = json.loads((BENCHMARKS / f"gemv-smollm2-{name}-h100.json").read_text())["records"]
+    routed_rows = set()
+    for num_rows in sorted({r["M"] for r in records}):
+        step_routed = step_cublas = 0.0
+        for shape in ("qkv", "o_proj", "gate_up", "down", "lm_head"):
+            runs = [r for r in records if r["shape"] == shape and r["M"] == num_rows and r["ok"]]
+            (cublas,) = [r["us"] for r in runs if r["impl"] == "cublas"]
+            fastest = min(r["us"] for r in runs if r["config"])
+            out_features, in_features = runs[0]["N"], runs[0]["K"]
+            chosen = cublas
+            if num_rows <= gemv_row_limit(dtype, out_features, in_features):
+                picked = pick_config(num_rows, out_features, in_features)
+                (chosen,) = [r["us"] for r in runs if r["config"] == picked]
+                assert chosen <= 1.06 * fastest and chosen <= 1.05 * cublas, (shape, num_rows, chosen)
+                routed_rows.add(num_rows)
+            layers = 1 if shape == "lm_head" else 30
+            step_routed += layers * chosen
+            step_cublas += layers * cublas
+        assert step_routed <= 1.01 * step_cublas, (num_rows, step_routed, step_cublas)
+    assert routed_rows == ({1, 2, 3, 5, 9, 16} if dtype == torch.float32 else {1, 2})
+
+
 # ---- real shapes on the GPU ------------------------------------------------------------------------
 
 LLAMA_8B_SHAPES = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]  # (K, N): qkv, o, gate_up, down
@@ -135,3 +168,18 @@ def test_cuda_resources_and_graph_capture():
         torch.cuda.synchronize()
         _assert_matches_linear(out, other, weight, bias)
         x.copy_(x_saved)
+
+
+SMOLLM2_SHAPES = [(576, 960), (576, 576), (576, 3072), (1536, 576), (576, 49152)]  # (K, N)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("num_rows", [1, 2, 3, 5, 9, 16])
+def test_cuda_linear_small_rows_smollm2_shapes(dtype, num_rows):
+    """`linear` (the GEMV where it routes there, else cuBLAS) against float32 F.linear."""
+    from adaptserve.kernels.linear import linear
+
+    for in_features, out_features in SMOLLM2_SHAPES:
+        x, weight, _ = _inputs(num_rows, out_features, in_features, dtype, seed=num_rows, device="cuda")
+        _assert_matches_linear(linear(x, weight), x, weight)
