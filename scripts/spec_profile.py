@@ -95,7 +95,7 @@ def main() -> None:
     checkpoint = load_checkpoint(args.model, progress=False)
     conversations = grounded_conversations(args.batch)
     if checkpoint.tokenizer is None:  # a preset: token ids straight away
-        prompts = [list(range(100 + i, 400 + i)) * 2 for i in range(args.batch)]
+        prompts = [list(range(100 + i, 200 + i)) * 2 for i in range(args.batch)]
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     settings = [("off", {})] + [
         (f"ngram k={k}", {"spec_method": "ngram", "spec_adaptive": False, "num_speculative_tokens": int(k)})

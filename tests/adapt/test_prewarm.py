@@ -12,7 +12,7 @@ from adaptserve.adapt.prewarm import PrewarmConfig, PrewarmController, RunnerGra
 from adaptserve.adapt.snapshot import TelemetrySnapshot
 from adaptserve.adapt.switch_guard import SwitchGuard
 
-BUCKETS = [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]  # batch_buckets(64)
+BUCKETS = [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64]  # a pool's sizes (a subset of batch_buckets(64))
 ROUND_S = 1.0  # the control plane asks every 0.25 s; one round a second keeps the tests short
 
 
