@@ -11,6 +11,8 @@ finding overhead, not a benchmark).
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import time
 from collections import defaultdict
 
@@ -91,6 +93,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--k", default="4")
+    parser.add_argument("--cprofile", type=int, default=0, help="print this many functions by own time")
     args = parser.parse_args()
     checkpoint = load_checkpoint(args.model, progress=False)
     conversations = grounded_conversations(args.batch)
@@ -119,8 +122,13 @@ def main() -> None:
         counts.clear()
         steps = []
         llm.engine.stat_loggers.append(Recorder(steps))
+        profiler = cProfile.Profile() if args.cprofile else None
         start = time.perf_counter()
+        if profiler is not None:
+            profiler.enable()
         run()
+        if profiler is not None:
+            profiler.disable()
         wall = time.perf_counter() - start
         num_steps = sum(1 for s in steps if s.num_scheduled_tokens)
         tokens = sum(s.num_generation_tokens for s in steps)
@@ -139,6 +147,9 @@ def main() -> None:
                     f"{totals[phase] / num_steps * 1e3:8.3f} ms/step"
                 )
         print("  graph replay ms by bucket:", graph_replay_ms(llm))
+        if profiler is not None:
+            for order in ("tottime", "cumulative"):
+                pstats.Stats(profiler).sort_stats(order).print_stats(args.cprofile)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
