@@ -23,9 +23,10 @@ noisier than the gaps between arms. The best arm wins; the current one is kept w
 `keep_margin` of the best, so noise does not make the knob move. At large batches the step is
 compute bound: drafts cost their full share of the step, and "off" delivers the most.
 
-Guardrails: a switch needs `confirm` consecutive steps proposing it and `cooldown_s` since the last
-one (the shared SwitchGuard); every `probe_every` steps a short burst runs the least recently measured arm
-that the model does not rule out, so values stay current as acceptance and load change. A probe that
+Guardrails: a switch needs `confirm` consecutive steps proposing it and a cooldown since the last
+one (the shared SwitchGuard, counting steps, not seconds); every `probe_every` steps a short burst
+runs the least recently measured arm that the model does not rule out, so values stay current as
+acceptance and load change. A probe that
 measures its arm worse than the current one doubles how long that arm waits for its next probe at that
 batch size (up to `max_backoff` times), so where one arm is clearly best (speculation off at a large
 batch) exploration costs next to nothing; a probe that comes close resets the wait.
@@ -33,6 +34,7 @@ batch) exploration costs next to nothing; a probe that comes close resets the wa
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from adaptserve.adapt.switch_guard import SwitchGuard
@@ -107,16 +109,23 @@ def draft_lengths(max_draft: int) -> tuple[int, ...]:
 
 @dataclass
 class _ArmValue:
-    """The step time of one arm in one batch bucket: seconds over steps, both sums decayed per step
-    (its tokens come from the drafter's acceptance, not from these steps)."""
+    """The step time per sequence of one arm in one batch bucket: seconds per sequence over steps,
+    both sums decayed per step (its tokens come from the drafter's acceptance, not from these steps).
+    Per sequence, so that a neighbouring bucket's steps, at another batch size, still compare."""
 
-    seconds: float = 0.0
+    seconds: float = 0.0  # decayed sum of step seconds / sequences in the step
     steps: float = 0.0
     samples: int = 0
     last_step: int = -1
 
+    def add(self, seconds_per_sequence: float) -> None:
+        self.seconds = self.seconds * 0.9 + seconds_per_sequence
+        self.steps = self.steps * 0.9 + 1
+        self.samples += 1
+
     @property
     def mean_seconds(self) -> float:
+        """Mean step seconds per sequence."""
         return self.seconds / self.steps if self.steps > 0 else 0.0
 
 
@@ -136,6 +145,7 @@ class SpeculationPolicy:
         guard: SwitchGuard | None = None,
         max_backoff: int = 32,
         probe_floor: float = 0.5,
+        probe_at_once: float = 0.8,
     ):
         self.drafters = drafters
         self.max_draft = max_draft
@@ -147,7 +157,9 @@ class SpeculationPolicy:
         self.min_draft_accept = min_draft_accept
         self.min_draft_floor = min_draft_floor
         self.draft_threshold = min_draft_accept  # set per step by choose() from the step's cost
-        self.guard = guard or SwitchGuard(cooldown_s=0.5, confirm=3, max_switches=30, window_s=60.0)
+        # the guard's clock is the step count: a GPU step at batch 1 takes about a millisecond, a CPU
+        # one tens, so a cooldown in seconds meant hundreds of steps on one and a few on the other
+        self.guard = guard or SwitchGuard(cooldown_s=8, confirm=3, max_switches=30, window_s=1000)
         self.current = (drafters[0], max_draft)  # optimistic start: the first steps measure it
         # global: every verified request updates it, so it forgets per update slowly (~100 updates)
         self.acceptance = {d: Acceptance(forget=0.99) for d in drafters}
@@ -165,25 +177,32 @@ class SpeculationPolicy:
         self._probe_steps_left = 0
         self.max_backoff = max_backoff
         self.probe_floor = probe_floor  # probe no arm the model predicts below this share of the best
+        self.probe_at_once = probe_at_once  # a never-measured arm predicted above this share: now
         # (bucket, arm) -> how many probe_every periods the arm waits between probes at that bucket
         self.backoff: dict[tuple[int, tuple[str, int]], int] = {}
         self._judge: tuple[int, tuple[str, int]] | None = None  # a finished burst to judge
         self._burst = _ArmValue()  # the current or last probe burst's own steps, undecayed
         self._burst_arm: tuple[str, int] | None = None
+        self._bucket: int | None = None  # the batch bucket of the last step
+        self._chosen: dict[int, tuple[str, int]] = {}  # bucket -> the arm it last ran as current
 
     # ---- before a step -------------------------------------------------------------------------------
 
     def choose(self, now: float, num_sequences: int) -> tuple[str, int]:
-        """(drafter, k) for the coming step; ("", 0) runs it without drafts."""
+        """(drafter, k) for the coming step; ("", 0) runs it without drafts. `now` is not read: the
+        policy's clock is its step count."""
         self._step += 1
         if not self.adaptive:
             return self.current
         if num_sequences == 0:
             return OFF
         bucket = _bucket(num_sequences)
+        if bucket != self._bucket:
+            self._enter_bucket(bucket)
         self.draft_threshold = self._draft_threshold(num_sequences)
-        self._update_current(now, bucket, num_sequences)
-        self._judge_probe(num_sequences)
+        self._update_current(bucket, num_sequences)
+        self._chosen[bucket] = self.current
+        self._judge_probe()
         self._probing = self._probe(bucket, num_sequences)
         return self._probing or self.current
 
@@ -207,12 +226,10 @@ class SpeculationPolicy:
         else:
             self.step_cost.add(num_tokens, seconds)
         if arm == self._burst_arm:
-            self._burst.seconds += seconds
+            self._burst.seconds += seconds / num_sequences
             self._burst.steps += 1
         value = self.values.setdefault((_bucket(num_sequences), arm), _ArmValue())
-        value.seconds = value.seconds * 0.9 + seconds
-        value.steps = value.steps * 0.9 + 1
-        value.samples += 1
+        value.add(seconds / num_sequences)
         value.last_step = self._step
 
     def observe_request(self, drafter: str, request_id: str, num_drafts: int, num_accepted: int) -> None:
@@ -232,7 +249,7 @@ class SpeculationPolicy:
     def value(self, arm: tuple[str, int], num_sequences: int) -> float | None:
         """Tokens/s the arm delivers at this batch size: measured when it has enough steps in the
         bucket, else predicted; None when neither is possible yet."""
-        measured = self._measured(_bucket(num_sequences), arm, num_sequences)
+        measured = self._measured(_bucket(num_sequences), arm)
         return measured if measured is not None else self.predicted(arm, num_sequences)
 
     def predicted(self, arm: tuple[str, int], num_sequences: int) -> float | None:
@@ -249,15 +266,32 @@ class SpeculationPolicy:
         ] * _overhead_units(drafter, k)
         return tokens / max(seconds, 1e-9)
 
-    def _measured(self, bucket: int, arm: tuple[str, int], num_sequences: int) -> float | None:
+    def _measured(self, bucket: int, arm: tuple[str, int]) -> float | None:
         """Measured tokens/s at this batch size: from this bucket, else from the next smaller or
         larger one (values are kept per sequence, so a batch that shrinks as requests finish reuses
         what its neighbours measured); None when none has `min_samples` steps."""
-        for near in (bucket, bucket - 1, bucket + 1):
+        for near in _neighbourhood(bucket):
             value = self.values.get((near, arm))
             if value is not None and value.samples >= self.min_samples and value.mean_seconds > 0:
-                return num_sequences * self._tokens_per_sequence(arm) / value.mean_seconds
+                return self._tokens_per_sequence(arm) / value.mean_seconds  # = B tokens / B seconds
         return None
+
+    def _known(self, bucket: int) -> dict[tuple[str, int], float]:
+        """The arms measured in one bucket, tokens/s each: of this bucket and its two neighbours, the
+        one with the most arms that have `min_samples` there (the nearest on a tie). Arms are
+        compared within one bucket: per-sequence step time still falls with the batch where the
+        device is not yet busy, so off measured at 50 sequences lost to k=1 measured at 100 that
+        was slower at both."""
+        best: dict[tuple[str, int], float] = {}
+        for near in _neighbourhood(bucket):
+            known = {}
+            for arm in self.arms:
+                value = self.values.get((near, arm))
+                if value is not None and value.samples >= self.min_samples and value.mean_seconds > 0:
+                    known[arm] = self._tokens_per_sequence(arm) / value.mean_seconds
+            if len(known) > len(best):
+                best = known
+        return best
 
     def _tokens_per_sequence(self, arm: tuple[str, int]) -> float:
         """Expected tokens a sequence gains in a step of this arm: h E(k') + 1 - h, where k' is the
@@ -276,9 +310,26 @@ class SpeculationPolicy:
             j += 1
         return j
 
-    def _update_current(self, now: float, bucket: int, num_sequences: int) -> None:
+    def _enter_bucket(self, bucket: int) -> None:
+        """The batch size moved to another bucket (a pass arrived, requests finished): take the arm
+        this bucket last ran unless its best measured one beats it by more than `keep_margin`, at
+        once. The guard holds back noise within a bucket; a new batch size is not noise, and the
+        guard's steps at a 128-sequence step cost more than the switch they guard (a pass that
+        started at batch 128 on batch 1's k=8 ran 8 steps at a quarter of off's speed)."""
+        self._bucket = bucket
+        # a probe burst measures one batch size: one cut short by the move is dropped, not judged
+        self._probing, self._probe_steps_left, self._burst_arm, self._judge = None, 0, None, None
+        self.current = self._chosen.get(bucket, self.current)
+        known = self._known(bucket)
+        if len(known) >= 2:
+            best = max(known, key=known.get)
+            if known.get(self.current, 0.0) < (1 - self.keep_margin) * known[best]:
+                self.current = best
+        self.guard.reset()
+
+    def _update_current(self, bucket: int, num_sequences: int) -> None:
         """Switch to the best *measured* arm (predictions only decide what to measure)."""
-        known = {arm: v for arm in self.arms if (v := self._measured(bucket, arm, num_sequences)) is not None}
+        known = self._known(bucket)
         if not known:
             return
         best = max(known, key=known.get)
@@ -288,8 +339,8 @@ class SpeculationPolicy:
         if best == self.current or (current is not None and current >= (1 - self.keep_margin) * known[best]):
             self.guard.reset()
             return
-        if self.guard.allow(now, best):
-            self.guard.switched(now)
+        if self.guard.allow(self._step, best):
+            self.guard.switched(self._step)
             previous, self.current = self.current, best
             self.last_reason = (
                 f"batch {num_sequences}: {_name(best)} {known[best]:.1f} tokens/s over "
@@ -298,9 +349,10 @@ class SpeculationPolicy:
 
     def _probe(self, bucket: int, num_sequences: int) -> tuple[str, int] | None:
         """A burst of `min_samples` steps (enough for a value to count) of an arm worth measuring:
-        at once for an arm never measured at this batch size, else every `probe_every` steps for the
-        most promising one (measured or predicted) not probed lately. An arm is not worth it when the
-        model predicts under `probe_floor` (half) of the current arm's tokens/s."""
+        at once for an arm never measured at this batch size that the model rates at least
+        `probe_at_once` of the current arm, else every `probe_every` steps for the most promising
+        one (measured or predicted) not probed lately. An arm is not worth it when the model
+        predicts under `probe_floor` (half) of the current arm's tokens/s."""
         if self._probing is not None and self._probe_steps_left > 0:
             self._probe_steps_left -= 1
             if not self._probe_steps_left:
@@ -314,14 +366,16 @@ class SpeculationPolicy:
             predicted = self.predicted(arm, num_sequences)
             if predicted is not None and predicted < self.probe_floor * best:
                 continue  # the model rules it out
-            nearby = [v for near in (bucket, bucket - 1, bucket + 1) if (v := self.values.get((near, arm)))]
+            nearby = [v for near in _neighbourhood(bucket) if (v := self.values.get((near, arm)))]
             last_step = max((v.last_step for v in nearby), default=-1)
-            measured_value = self._measured(bucket, arm, num_sequences)
+            measured_value = self._measured(bucket, arm)
             promise = max(v for v in (predicted, measured_value, 0.0) if v is not None)
             candidates.append((last_step, -promise, arm))
         if not candidates:
             return None
-        never = [c for c in candidates if c[0] < 0]
+        # never measured here: at once if the model rates it close to the current arm; one rated
+        # lower waits for a regular probe (three steps of k=8 at batch 128 cost twelve plain ones)
+        never = [c for c in candidates if c[0] < 0 and -c[1] >= self.probe_at_once * best]
         if never:
             arm = min(never)[2]
         elif self._step - self._last_probe < self.probe_every:
@@ -351,7 +405,7 @@ class SpeculationPolicy:
     def _wait(self, bucket: int, arm: tuple[str, int]) -> int:
         return self.backoff.get((bucket, arm), 1)
 
-    def _judge_probe(self, num_sequences: int) -> None:
+    def _judge_probe(self) -> None:
         """After a burst: an arm measured clearly worse than the current one waits twice as long for
         its next probe at this bucket; one within `keep_margin` (or better) waits the base period."""
         if self._judge is None or self._probing is not None and self._probe_steps_left > 0:
@@ -359,8 +413,8 @@ class SpeculationPolicy:
         (bucket, arm), self._judge = self._judge, None
         self._burst_arm = None
         # the burst's own step time (old values decay slowly), with tokens from alpha
-        probed = num_sequences * self._tokens_per_sequence(arm) / max(self._burst.mean_seconds, 1e-12)
-        current = self._measured(bucket, self.current, num_sequences)
+        probed = self._tokens_per_sequence(arm) / max(self._burst.mean_seconds, 1e-12)
+        current = self._measured(bucket, self.current)
         if not self._burst.steps or current is None or arm == self.current:
             return
         if probed < (1 - self.keep_margin) * current:
@@ -383,8 +437,19 @@ def _overhead_units(drafter: str, k: int) -> int:
 
 
 def _bucket(num_sequences: int) -> int:
-    """Batch sizes share measurements within a power of two."""
-    return max(1, num_sequences).bit_length()
+    """Quarter-octave buckets of the batch size (1, 2, 3, ... 8 each alone; 16-18, 30-34, 128-143):
+    per-sequence step time still moves with the batch where the device is not busy, so values
+    measured at 17 and at 32 sequences, in one power-of-two bucket, did not compare."""
+    return round(4 * math.log2(max(1, num_sequences)))
+
+
+def _neighbourhood(bucket: int) -> tuple[int, ...]:
+    """The bucket, then the next smaller and the next larger batch size's buckets (small batches skip
+    bucket numbers: 3 sequences are bucket 6, 4 are bucket 8)."""
+    smallest = math.ceil(2 ** ((bucket - 0.5) / 4))  # the batch sizes in this bucket
+    largest = math.ceil(2 ** ((bucket + 0.5) / 4)) - 1
+    below = (_bucket(smallest - 1),) if smallest > 1 else ()
+    return (bucket, *below, _bucket(largest + 1))
 
 
 def _name(arm: tuple[str, int]) -> str:

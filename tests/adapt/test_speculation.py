@@ -2,6 +2,7 @@
 
 import math
 import random
+from statistics import mean
 
 import pytest
 
@@ -10,6 +11,7 @@ from adaptserve.adapt.speculation import (
     Acceptance,
     OnlineLinearCost,
     SpeculationPolicy,
+    _bucket,
     draft_lengths,
     expected_tokens,
 )
@@ -141,7 +143,7 @@ def test_a_probe_that_comes_close_resets_its_wait():
     for i in range(60):  # probes of the losing arm back off
         arm = policy.choose(i * 0.05, 4)
         policy.observe_step(arm, 4, 8 if arm[1] else 4, 0.020 if arm[1] else 0.010)
-    bucket = 3  # batch 4
+    bucket = _bucket(4)
     assert policy.backoff[(bucket, ("ngram", 1))] >= 2
     for i in range(60, 400):  # then it becomes as good as off: its next probe resets the wait
         arm = policy.choose(i * 0.05, 4)
@@ -248,3 +250,72 @@ def test_adaptive_is_within_a_few_percent_of_the_best_fixed_arm_at_every_load(ba
     gpu_like_throughput(policy, batch, 300, 0.55, 0.15, seed=1)  # the first seconds of serving
     adaptive = gpu_like_throughput(policy, batch, 600, 0.55, 0.15, seed=2)
     assert adaptive >= 0.95 * best
+
+
+def draining_throughput(policy, batch, alpha, seed, fixed=None):
+    """Tokens/s of one pass of `batch` requests that stop after 40-128 tokens each, so the batch
+    drains as they finish (as `bench spec` runs), on an engine shaped after the H100 measurements
+    of SmolLM2 in float32: device time 1.1 ms + 45 us per row; a plain step hides its host work
+    (0.4 ms + 5 us per sequence) behind the device, a verify step adds its own (0.8 ms + 10 us per
+    sequence). Acceptance is drawn at random (seeded) at `alpha`; step times carry 10 % noise."""
+    rng = random.Random(seed)
+    remaining = {f"r{r}": rng.randint(40, 128) for r in range(batch)}
+    tokens = seconds = 0.0
+    while remaining:
+        live = len(remaining)
+        drafter, k = fixed if fixed is not None else policy.choose(seconds, live)
+        rows = live
+        for request_id in list(remaining):
+            length = 0
+            if k:
+                length = k if fixed else policy.request_draft_len(drafter, request_id, k)
+                length = min(length, remaining[request_id] - 1)
+            accepted = 0
+            while accepted < length and rng.random() < alpha:
+                accepted += 1
+            if k and fixed is None and length:
+                policy.observe_request(drafter, request_id, length, accepted)
+            rows += length
+            made = min(accepted + 1, remaining[request_id])
+            tokens += made
+            remaining[request_id] -= made
+            if not remaining[request_id]:
+                del remaining[request_id]
+                if fixed is None:
+                    policy.forget(request_id)
+        device = 1.1e-3 + 4.5e-5 * rows
+        if k:
+            step = 0.8e-3 + 1e-5 * live + device
+            if fixed is None:
+                policy.observe_proposals(drafter, live, live)
+        else:
+            step = max(0.4e-3 + 5e-6 * live, device)
+        step *= math.exp(rng.gauss(0.0, 0.1))
+        if fixed is None:
+            policy.observe_step((drafter, k) if k else OFF, live, rows, step)
+        seconds += step
+    return tokens / seconds
+
+
+def test_adaptive_keeps_up_with_the_best_fixed_arm_while_the_batch_drains():
+    """Short passes whose batch shrinks as requests finish (the GPU bench's shape), averaged over
+    five passes: the policy, warmed up on one pass as `bench spec` warms each engine, is within 5 %
+    of the best fixed arm at every starting batch, and no fixed arm is within 5 % of the best at all of
+    them. (On the H100 the policy had speculated at batch 128 at 0.66x of off: values reused across
+    buckets at another batch size, a cooldown of half a second, ~300 GPU steps, and a probe burst
+    carried from one pass into the next.)"""
+    arms = [OFF] + [("ngram", k) for k in (1, 2, 4, 8)]
+    worst_fixed = dict.fromkeys(arms, 1.0)
+    for batch in (1, 8, 32, 64, 128):
+        fixed = {
+            arm: mean(draining_throughput(None, batch, 0.7, seed=s, fixed=arm) for s in range(5))
+            for arm in arms
+        }
+        best = max(fixed.values())
+        policy = SpeculationPolicy(("ngram",), max_draft=8)
+        draining_throughput(policy, batch, 0.7, seed=100)  # the bench's untimed warm-up pass
+        adaptive = mean(draining_throughput(policy, batch, 0.7, seed=s) for s in range(5))
+        assert adaptive >= 0.95 * best, (batch, adaptive / best)
+        for arm in arms:
+            worst_fixed[arm] = min(worst_fixed[arm], fixed[arm] / best)
+    assert max(worst_fixed.values()) < 0.95, worst_fixed
