@@ -364,18 +364,19 @@ class SpeculationPolicy:
             if arm == self.current:
                 continue
             predicted = self.predicted(arm, num_sequences)
-            if predicted is not None and predicted < self.probe_floor * best:
-                continue  # the model rules it out
+            if arm != OFF and predicted is not None and predicted < self.probe_floor * best:
+                continue  # the model rules it out (never off: its line may come from draft steps alone)
             nearby = [v for near in _neighbourhood(bucket) if (v := self.values.get((near, arm)))]
             last_step = max((v.last_step for v in nearby), default=-1)
             measured_value = self._measured(bucket, arm)
             promise = max(v for v in (predicted, measured_value, 0.0) if v is not None)
-            candidates.append((last_step, -promise, arm))
+            candidates.append((last_step, -promise, arm, measured_value is not None))
         if not candidates:
             return None
-        # never measured here: at once if the model rates it close to the current arm; one rated
-        # lower waits for a regular probe (three steps of k=8 at batch 128 cost twelve plain ones)
-        never = [c for c in candidates if c[0] < 0 and -c[1] >= self.probe_at_once * best]
+        # not yet measured here (under min_samples: a burst over prompt steps reports nothing): off,
+        # and arms the model rates close to the current one, at once; one rated lower waits for a
+        # regular probe (three steps of k=8 at batch 128 cost twelve plain ones)
+        never = [c for c in candidates if not c[3] and (c[2] == OFF or -c[1] >= self.probe_at_once * best)]
         if never:
             arm = min(never)[2]
         elif self._step - self._last_probe < self.probe_every:

@@ -257,8 +257,11 @@ class ModelRunner:
         precision, shadow = self.precision.choose(batch.is_decode_only)
         inputs = None
         if self._can_replay(batch):
-            # verify shapes come and go with the policy's draft lengths: replay what is captured
-            logits_in = self._graph_logits(batch, pending, capture=not verifies_drafts)
+            # with speculation, verify and plain steps alternate at batch sizes that come and go with
+            # the policy's choices: replay what is captured (a capture on demand costs tens of steps;
+            # on the H100 they made adaptive passes at batch 32 slower than every fixed setting)
+            speculating = verifies_drafts or self.config.speculative.spec_method != "off"
+            logits_in = self._graph_logits(batch, pending, capture=not speculating)
         else:
             inputs = to_device(batch, self.device)
             if pending is not None:

@@ -254,16 +254,28 @@ def test_adaptive_is_within_a_few_percent_of_the_best_fixed_arm_at_every_load(ba
 
 def draining_throughput(policy, batch, alpha, seed, fixed=None):
     """Tokens/s of one pass of `batch` requests that stop after 40-128 tokens each, so the batch
-    drains as they finish (as `bench spec` runs), on an engine shaped after the H100 measurements
+    drains as they finish (as `bench spec` runs) after their prompts' steps (whose times the policy
+    does not see), on an engine shaped after the H100 measurements
     of SmolLM2 in float32: device time 1.1 ms + 45 us per row; a plain step hides its host work
-    (0.4 ms + 5 us per sequence) behind the device, a verify step adds its own (0.8 ms + 10 us per
-    sequence). Acceptance is drawn at random (seeded) at `alpha`; step times carry 10 % noise."""
+    (0.4 ms + 5 us per sequence) behind the device, except the first after a verify step, and a
+    verify step adds its own (0.8 ms + 10 us per sequence). As in the engine with async scheduling,
+    a plain step's time reaches the policy after the next step was chosen. Acceptance is drawn at
+    random (seeded) at `alpha`; step times carry 10 % noise."""
     rng = random.Random(seed)
     remaining = {f"r{r}": rng.randint(40, 128) for r in range(batch)}
     tokens = seconds = 0.0
+    for _ in range(-(-batch * 400 // 2048)):  # prompt steps: 400 tokens each in 2048-token chunks
+        if fixed is None:
+            policy.choose(seconds, batch)  # chosen, but a prompt step's time is not reported
+        seconds += 1e-3 + 2e-6 * min(2048, batch * 400)
+    in_flight = None  # a plain step's observation, read one step later
+    overlapped = False  # the previous step was plain: this one's host work hides behind it
     while remaining:
         live = len(remaining)
         drafter, k = fixed if fixed is not None else policy.choose(seconds, live)
+        if in_flight is not None:
+            policy.observe_step(*in_flight)
+            in_flight = None
         rows = live
         for request_id in list(remaining):
             length = 0
@@ -289,11 +301,17 @@ def draining_throughput(policy, batch, alpha, seed, fixed=None):
             if fixed is None:
                 policy.observe_proposals(drafter, live, live)
         else:
-            step = max(0.4e-3 + 5e-6 * live, device)
+            host = 0.4e-3 + 5e-6 * live
+            step = max(host, device) if overlapped else host + device
+        overlapped = not k
         step *= math.exp(rng.gauss(0.0, 0.1))
-        if fixed is None:
-            policy.observe_step((drafter, k) if k else OFF, live, rows, step)
+        if fixed is None and k:
+            policy.observe_step((drafter, k), live, rows, step)
+        elif fixed is None:
+            in_flight = (OFF, live, rows, step)
         seconds += step
+    if in_flight is not None:
+        policy.observe_step(*in_flight)
     return tokens / seconds
 
 
