@@ -244,6 +244,23 @@ class SpeculationPolicy:
         for key in [key for key in self.request_acceptance if key[1] == request_id]:
             del self.request_acceptance[key]
 
+    def describe(self) -> dict:
+        """The measured values, tokens/s and samples per "bucket|arm", the global acceptance and hit
+        rates, the step-cost line and the last switch's reason (for benchmarks and debugging)."""
+        intercept, slope = self.step_cost.coefficients()
+        return {
+            "values": {
+                f"{bucket}|{_name(arm)}": [round(self._tokens_per_sequence(arm) / v.mean_seconds), v.samples]
+                for (bucket, arm), v in sorted(self.values.items())
+                if v.mean_seconds > 0
+            },
+            "acceptance": {d: round(a.rate, 4) for d, a in self.acceptance.items()},
+            "hit_rate": {d: round(h, 4) for d, h in self.hit_rate.items()},
+            "step_cost_ms": [round(intercept * 1e3, 4), round(slope * 1e3, 6)],
+            "draft_overhead_ms": {d: round(o * 1e3, 4) for d, o in self.draft_overhead.items()},
+            "last_reason": self.last_reason,
+        }
+
     # ---- values --------------------------------------------------------------------------------------
 
     def value(self, arm: tuple[str, int], num_sequences: int) -> float | None:

@@ -132,7 +132,23 @@ def run_setting(llm, conversations, max_tokens: int) -> tuple[dict, list[list[in
         # the policy's choice per decode step, "drafter k" (the adaptive setting's mix)
         "arms": dict(Counter(f"{s.drafter} {s.draft_len}" if s.draft_len else "off" for s in pure)),
     }
+    speculator = llm.engine.speculator
+    if speculator is not None and speculator.policy.adaptive:
+        row["trace"] = _arm_runs(pure)
+        row["policy"] = speculator.policy.describe()
     return row, token_ids
+
+
+def _arm_runs(steps: list[StepStats]) -> list[list]:
+    """The policy's choices, run-length coded: [decoding sequences, arm, steps] per run."""
+    runs: list[list] = []
+    for s in steps:
+        arm = f"{s.drafter} {s.draft_len}" if s.draft_len else "off"
+        if runs and runs[-1][:2] == [s.num_decode_sequences, arm]:
+            runs[-1][2] += 1
+        else:
+            runs.append([s.num_decode_sequences, arm, 1])
+    return runs
 
 
 def run_spec_benchmark(args: argparse.Namespace) -> None:
