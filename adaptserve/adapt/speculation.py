@@ -35,6 +35,7 @@ batch) exploration costs next to nothing; a probe that comes close resets the wa
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from adaptserve.adapt.switch_guard import SwitchGuard
@@ -77,29 +78,60 @@ class OnlineLinearCost:
 
 @dataclass
 class Acceptance:
-    """Per-token acceptance: successes (accepted drafts) over trials (drafts tested until the first
-    rejection), both decayed by `forget` per update, with a prior of `prior_trials` at `prior`."""
+    """Acceptance by draft position: `rate_at(j)` is the chance that draft j + 1 is accepted given
+    drafts 1..j were. Per position because drafts are not accepted independently: n-gram drafts
+    copy runs of text, so once the first is accepted the next ones mostly are too, and one pooled
+    rate misjudges how far to draft. Successes and trials per position, decayed by `forget` per
+    update, with a prior of `prior_trials` at `prior`, or at `parent`'s current rate for the
+    position (a request's own acceptance leans on its drafter's global one)."""
 
     prior: float = 0.5
+    parent: Acceptance | None = None
     prior_trials: float = 4.0
     forget: float = 0.9
-    accepted: float = 0.0
-    trials: float = 0.0
+    accepted: list[float] = field(default_factory=list)  # by position
+    trials: list[float] = field(default_factory=list)  # by position: drafts tested there
 
     def add(self, num_drafts: int, num_accepted: int) -> None:
-        trials = num_accepted + (1 if num_accepted < num_drafts else 0)
-        self.accepted = self.accepted * self.forget + num_accepted
-        self.trials = self.trials * self.forget + trials
+        if num_drafts > len(self.trials):
+            grow = num_drafts - len(self.trials)
+            self.accepted.extend([0.0] * grow)
+            self.trials.extend([0.0] * grow)
+        for j in range(len(self.trials)):
+            self.accepted[j] *= self.forget
+            self.trials[j] *= self.forget
+        for j in range(min(num_accepted + 1, num_drafts)):  # tested up to the first rejection
+            self.trials[j] += 1.0
+        for j in range(num_accepted):
+            self.accepted[j] += 1.0
+
+    def rate_at(self, position: int) -> float:
+        prior = self.prior if self.parent is None else self.parent.rate_at(position)
+        measured = position < len(self.trials)
+        accepted = self.accepted[position] if measured else 0.0
+        trials = self.trials[position] if measured else 0.0
+        return min((accepted + prior * self.prior_trials) / (trials + self.prior_trials), 0.999)
+
+    def rates(self, k: int) -> tuple[float, ...]:
+        return tuple(self.rate_at(j) for j in range(k))
 
     @property
     def rate(self) -> float:
-        rate = (self.accepted + self.prior * self.prior_trials) / (self.trials + self.prior_trials)
+        """Pooled over positions: accepted drafts over drafts tested (for reports)."""
+        prior = self.prior if self.parent is None else self.parent.rate
+        rate = (sum(self.accepted) + prior * self.prior_trials) / (sum(self.trials) + self.prior_trials)
         return min(rate, 0.999)
 
 
-def expected_tokens(alpha: float, k: int) -> float:
-    """Tokens a request gains in a step that verifies k drafts, each accepted with chance alpha."""
-    return float(k + 1) if alpha >= 1.0 else (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
+def expected_tokens(alpha: float | Sequence[float], k: int) -> float:
+    """Tokens a request gains in a step that verifies k drafts: 1 + the chance each draft is reached
+    and accepted. `alpha`: one acceptance rate for every position, or one per position."""
+    rates = [alpha] * k if isinstance(alpha, (int, float)) else list(alpha)
+    total = reach = 1.0
+    for rate in rates[:k]:
+        reach *= min(float(rate), 1.0)
+        total += reach
+    return total
 
 
 def draft_lengths(max_draft: int) -> tuple[int, ...]:
@@ -211,7 +243,7 @@ class SpeculationPolicy:
         """This request's k: the arm's k, cut where its own alpha^j drops below `draft_threshold`."""
         if k <= 0 or not self.adaptive:
             return k
-        return self._cut(self._request_acceptance(drafter, request_id).rate, k)
+        return self._cut(self._request_acceptance(drafter, request_id), k)
 
     # ---- after a step --------------------------------------------------------------------------------
 
@@ -263,6 +295,9 @@ class SpeculationPolicy:
                 if v.mean_seconds > 0
             },
             "acceptance": {d: round(a.rate, 4) for d, a in self.acceptance.items()},
+            "acceptance_by_position": {
+                d: [round(r, 3) for r in a.rates(self.max_draft)] for d, a in self.acceptance.items()
+            },
             "hit_rate": {d: round(h, 4) for d, h in self.hit_rate.items()},
             "step_cost_ms": [round(intercept * 1e3, 4), round(slope * 1e3, 6)],
             "draft_overhead_ms": {d: round(o * 1e3, 4) for d, o in self.draft_overhead.items()},
@@ -329,14 +364,18 @@ class SpeculationPolicy:
         drafter, k = arm
         if not k:
             return 1.0
-        alpha, hit = self.acceptance[drafter].rate, self.hit_rate[drafter]
-        return hit * expected_tokens(alpha, self._cut(alpha, k)) + 1 - hit
+        acceptance, hit = self.acceptance[drafter], self.hit_rate[drafter]
+        cut = self._cut(acceptance, k)
+        return hit * expected_tokens(acceptance.rates(cut), cut) + 1 - hit
 
-    def _cut(self, alpha: float, k: int) -> int:
+    def _cut(self, acceptance: Acceptance, k: int) -> int:
+        """k, or fewer: the drafts whose chance of being reached and accepted beats the threshold."""
         if not self.adaptive:
             return k
         j = 1  # a drafting request always tests at least one token, so its alpha stays measured
-        while j < k and alpha ** (j + 1) >= self.draft_threshold:
+        reach = acceptance.rate_at(0)
+        while j < k and reach * acceptance.rate_at(j) >= self.draft_threshold:
+            reach *= acceptance.rate_at(j)
             j += 1
         return j
 
@@ -457,8 +496,7 @@ class SpeculationPolicy:
         key = (drafter, request_id)
         acceptance = self.request_acceptance.get(key)
         if acceptance is None:
-            prior = self.acceptance[drafter].rate
-            acceptance = self.request_acceptance[key] = Acceptance(prior=prior)
+            acceptance = self.request_acceptance[key] = Acceptance(parent=self.acceptance[drafter])
         return acceptance
 
 

@@ -152,12 +152,16 @@ def test_a_probe_that_comes_close_resets_its_wait():
 
 
 def test_per_request_draft_length_follows_its_acceptance():
-    policy = SpeculationPolicy(("ngram",), max_draft=8, min_draft_accept=0.1)
+    """A draft row is worth its chance of being reached and accepted. "bad" never gets its first
+    draft accepted: that chance sinks to 0.14 (its drafter's prior holds it there), under the 0.2
+    threshold, so it drafts one token, still tested so that it can recover."""
+    policy = SpeculationPolicy(("ngram",), max_draft=8, min_draft_accept=0.2)
     for _ in range(30):
         policy.observe_request("ngram", "good", 8, 8)
         policy.observe_request("ngram", "bad", 8, 0)
     assert policy.request_draft_len("ngram", "good", 8) == 8
-    assert policy.request_draft_len("ngram", "bad", 8) == 1  # still tested, so it can recover
+    assert policy.request_acceptance[("ngram", "bad")].rate_at(0) == pytest.approx(0.14, abs=0.02)
+    assert policy.request_draft_len("ngram", "bad", 8) == 1
     policy.forget("bad")
     assert ("ngram", "bad") not in policy.request_acceptance
 
@@ -170,8 +174,7 @@ def test_draft_rows_are_cut_by_what_a_row_costs():
         policy = SpeculationPolicy(("ngram",), max_draft=8)
         for tokens in range(1, 200, 7):
             policy.observe_step(OFF, tokens, tokens, cost(tokens))
-        for _ in range(40):
-            policy.observe_request("ngram", "r", 8, 1)  # one accepted, then a rejection: alpha 0.5
+        policy.acceptance["ngram"] = Acceptance(prior=0.5, prior_trials=1e9)  # 0.5 at every position
         return policy
 
     memory = trained(lambda tokens: 0.010 + 1e-7 * tokens)
@@ -182,6 +185,28 @@ def test_draft_rows_are_cut_by_what_a_row_costs():
     compute.choose(0.0, 64)
     assert compute.draft_threshold == pytest.approx(0.1)  # capped at min_draft_accept
     assert compute.request_draft_len("ngram", "r", 8) == 3  # 0.5^3 = 0.125 >= 0.1 > 0.5^4
+
+
+def test_acceptance_is_measured_per_position():
+    """Copy-like drafts: the first is accepted half the time, and once it is, the rest follow: 5
+    tokens per step at k=8. The pooled rate (8 accepted of 9 tested, 0.89) predicts 5.9 as if
+    drafts were accepted independently; per position the policy predicts about 5, and keeps all 8
+    drafts even where a row costs its full share (threshold 0.1)."""
+    acceptance = Acceptance(forget=1.0)
+    for step in range(200):
+        acceptance.add(8, 8 if step % 2 else 0)
+    assert acceptance.rate_at(0) == pytest.approx(0.5, abs=0.01)
+    assert all(rate > 0.97 for rate in acceptance.rates(8)[1:])
+    assert expected_tokens(acceptance.rates(8), 8) == pytest.approx(1 + 0.5 * 8, abs=0.3)
+    assert expected_tokens(acceptance.rate, 8) > 5.7  # independent draws at the pooled rate
+    policy = SpeculationPolicy(("ngram",), max_draft=8)
+    for tokens in range(1, 200, 7):
+        policy.observe_step(OFF, tokens, tokens, 0.001 * tokens)  # compute bound: threshold 0.1
+    for step in range(200):
+        policy.observe_request("ngram", "r", 8, 8 if step % 2 else 0)
+    policy.choose(0.0, 64)
+    assert policy.draft_threshold == pytest.approx(0.1)
+    assert policy.request_draft_len("ngram", "r", 8) == 8
 
 
 def test_fixed_policy_always_drafts_the_maximum():
