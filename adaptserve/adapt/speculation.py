@@ -1,164 +1,53 @@
 """Which drafter and how far to speculate, each step, from measured acceptance and measured step cost.
 
-Signal: per-token acceptance alpha of each drafter (the chance a draft is accepted given the ones
-before it were), globally and per request, with exponential forgetting; each drafter's hit rate
-(share of requests it found a draft for: n-gram lookup can miss, a layer draft cannot); step time as
-a line in the step's tokens, fitted online for plain steps and for each drafter's steps; and the
-tokens per second each (drafter, k) setting actually delivered, per batch-size bucket.
+Signal (the estimators are in `adapt/spec_estimates.py`): each drafter's acceptance by draft
+position (the chance draft j is accepted given the ones before it were), globally and per request,
+with exponential forgetting; each drafter's hit rate (share of requests it found a draft for:
+n-gram lookup can miss, a layer draft cannot); step time as a line in the step's tokens; and each
+(drafter, k) setting's step time per sequence, per quarter-octave batch-size bucket.
 
 Knob: the step's arm, (drafter, k) or off; Knobs.draft_len shows k. Each request's own k is at most
-the arm's k: its j-th draft is dropped when alpha_r^j falls below what a row costs, measured as the
-step-time line's slope times the batch over the step's time (a draft row is worth its chance of
-being accepted only if that chance beats the tokens the row's time would have produced), bounded
-by `min_draft_floor` below and `min_draft_accept` above. A memory-bound step (a GPU at batch 1)
-pays almost nothing per row, so long drafts stay; a compute-bound one cuts them.
+the arm's k: its j-th draft is dropped when the chance of reaching and accepting it falls below
+what a row costs, measured as the step-time line's slope times the batch over the step's time (a
+draft row is worth its chance of being accepted only if that chance beats the tokens the row's
+time would have produced), bounded by `min_draft_floor` below and `min_draft_accept` above. A
+memory-bound step (a GPU at batch 1) pays almost nothing per row, so long drafts stay; a
+compute-bound one cuts them.
 
-Rule: with k drafts a request yields E(k) = (1 - alpha^(k+1)) / (1 - alpha) tokens per step instead
-of one. An arm's value at batch B is B * (h E(k') + 1 - h) over its measured mean step time in B's
-bucket once it has `min_samples` steps there (k' is k after the draft cut at the drafter's alpha),
-else the model's prediction B * (h E(k') + 1 - h) / t_d(B + h B k) against B / t_plain(B). Tokens
-come from alpha, which every verified draft of every arm measures, not from the arm's own few
-steps: at batch 1 a step's accepted count swings 1 to k + 1, and a mean over ten steps of it was
-noisier than the gaps between arms. The best arm wins; the current one is kept while it is within
+Rule: with k drafts a request yields E(k) = 1 + the sum over j of the chance that drafts 1..j are
+all accepted. An arm's value at a batch size is (h E(k') + 1 - h) tokens per sequence over its
+measured step time per sequence in that bucket once it has `min_samples` steps there (k' is k
+after the draft cut), else the model's prediction from the step-cost line. Tokens come from the
+acceptance, which every verified draft of every arm measures, not from the arm's own few steps: at
+batch 1 a step's accepted count swings 1 to k + 1, and a mean over ten steps of it was noisier than
+the gaps between arms. Arms are compared within one bucket (off joins from a neighbour); each
+bucket remembers its arm. The best arm wins; the current one is kept while it is within
 `keep_margin` of the best, so noise does not make the knob move. At large batches the step is
 compute bound: drafts cost their full share of the step, and "off" delivers the most.
 
-Guardrails: a switch needs `confirm` consecutive steps proposing it and a cooldown since the last
-one (the shared SwitchGuard, counting steps, not seconds); every `probe_every` steps a short burst
-runs the least recently measured arm that the model does not rule out, so values stay current as
-acceptance and load change. A probe that
-measures its arm worse than the current one doubles how long that arm waits for its next probe at that
-batch size (up to `max_backoff` times), so where one arm is clearly best (speculation off at a large
-batch) exploration costs next to nothing; a probe that comes close resets the wait.
+Guardrails: a switch within a bucket needs `confirm` consecutive steps proposing it and a cooldown
+since the last one (the shared SwitchGuard, counting steps, not seconds); every `probe_every` steps
+a short burst runs the least recently measured arm that the model does not rule out, so values stay
+current as acceptance and load change. A probe that measures its arm worse than the current one
+doubles how long that arm waits for its next probe at that batch size (up to `max_backoff` times),
+so where one arm is clearly best (speculation off at a large batch) exploration costs next to
+nothing; a probe that comes close resets the wait. Off is always measured.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-
+from adaptserve.adapt.spec_estimates import (
+    Acceptance,
+    ArmValue,
+    OnlineLinearCost,
+    bucket_of,
+    draft_lengths,
+    expected_tokens,
+    neighbourhood,
+)
 from adaptserve.adapt.switch_guard import SwitchGuard
 
 OFF = ("", 0)  # the arm that drafts nothing
-
-
-@dataclass
-class OnlineLinearCost:
-    """seconds ≈ intercept + slope * tokens, least squares over recent steps (weights decay by
-    `forget` per step, so the fit follows a machine that changes)."""
-
-    forget: float = 0.97
-    _sums: list[float] = field(default_factory=lambda: [0.0] * 5)  # w, wx, wy, wxx, wxy
-
-    def add(self, tokens: float, seconds: float) -> None:
-        w, wx, wy, wxx, wxy = (s * self.forget for s in self._sums)
-        self._sums = [w + 1, wx + tokens, wy + seconds, wxx + tokens * tokens, wxy + tokens * seconds]
-
-    @property
-    def has_data(self) -> bool:
-        return self._sums[0] > 0
-
-    def coefficients(self) -> tuple[float, float]:
-        """(intercept, slope); slope 0 until two different token counts were seen."""
-        w, wx, wy, wxx, wxy = self._sums
-        if w <= 0:
-            return 0.0, 0.0
-        mean_x, mean_y = wx / w, wy / w
-        var_x = wxx / w - mean_x * mean_x
-        if var_x <= 1e-9 * max(1.0, mean_x * mean_x):
-            return mean_y, 0.0
-        slope = max(0.0, (wxy / w - mean_x * mean_y) / var_x)
-        return max(0.0, mean_y - slope * mean_x), slope
-
-    def predict(self, tokens: float) -> float:
-        intercept, slope = self.coefficients()
-        return intercept + slope * tokens
-
-
-@dataclass
-class Acceptance:
-    """Acceptance by draft position: `rate_at(j)` is the chance that draft j + 1 is accepted given
-    drafts 1..j were. Per position because drafts are not accepted independently: n-gram drafts
-    copy runs of text, so once the first is accepted the next ones mostly are too, and one pooled
-    rate misjudges how far to draft. Successes and trials per position, decayed by `forget` per
-    update, with a prior of `prior_trials` at `prior`, or at `parent`'s current rate for the
-    position (a request's own acceptance leans on its drafter's global one)."""
-
-    prior: float = 0.5
-    parent: Acceptance | None = None
-    prior_trials: float = 4.0
-    forget: float = 0.9
-    accepted: list[float] = field(default_factory=list)  # by position
-    trials: list[float] = field(default_factory=list)  # by position: drafts tested there
-
-    def add(self, num_drafts: int, num_accepted: int) -> None:
-        if num_drafts > len(self.trials):
-            grow = num_drafts - len(self.trials)
-            self.accepted.extend([0.0] * grow)
-            self.trials.extend([0.0] * grow)
-        for j in range(len(self.trials)):
-            self.accepted[j] *= self.forget
-            self.trials[j] *= self.forget
-        for j in range(min(num_accepted + 1, num_drafts)):  # tested up to the first rejection
-            self.trials[j] += 1.0
-        for j in range(num_accepted):
-            self.accepted[j] += 1.0
-
-    def rate_at(self, position: int) -> float:
-        prior = self.prior if self.parent is None else self.parent.rate_at(position)
-        measured = position < len(self.trials)
-        accepted = self.accepted[position] if measured else 0.0
-        trials = self.trials[position] if measured else 0.0
-        return min((accepted + prior * self.prior_trials) / (trials + self.prior_trials), 0.999)
-
-    def rates(self, k: int) -> tuple[float, ...]:
-        return tuple(self.rate_at(j) for j in range(k))
-
-    @property
-    def rate(self) -> float:
-        """Pooled over positions: accepted drafts over drafts tested (for reports)."""
-        prior = self.prior if self.parent is None else self.parent.rate
-        rate = (sum(self.accepted) + prior * self.prior_trials) / (sum(self.trials) + self.prior_trials)
-        return min(rate, 0.999)
-
-
-def expected_tokens(alpha: float | Sequence[float], k: int) -> float:
-    """Tokens a request gains in a step that verifies k drafts: 1 + the chance each draft is reached
-    and accepted. `alpha`: one acceptance rate for every position, or one per position."""
-    rates = [alpha] * k if isinstance(alpha, (int, float)) else list(alpha)
-    total = reach = 1.0
-    for rate in rates[:k]:
-        reach *= min(float(rate), 1.0)
-        total += reach
-    return total
-
-
-def draft_lengths(max_draft: int) -> tuple[int, ...]:
-    """The k an adaptive policy tries: powers of two below max_draft, and max_draft."""
-    return tuple(sorted({k for k in (1, 2, 4, 8) if k < max_draft} | {max_draft}))
-
-
-@dataclass
-class _ArmValue:
-    """The step time per sequence of one arm in one batch bucket: seconds per sequence over steps,
-    both sums decayed per step (its tokens come from the drafter's acceptance, not from these steps).
-    Per sequence, so that a neighbouring bucket's steps, at another batch size, still compare."""
-
-    seconds: float = 0.0  # decayed sum of step seconds / sequences in the step
-    steps: float = 0.0
-    samples: int = 0
-    last_step: int = -1
-
-    def add(self, seconds_per_sequence: float) -> None:
-        self.seconds = self.seconds * 0.9 + seconds_per_sequence
-        self.steps = self.steps * 0.9 + 1
-        self.samples += 1
-
-    @property
-    def mean_seconds(self) -> float:
-        """Mean step seconds per sequence."""
-        return self.seconds / self.steps if self.steps > 0 else 0.0
 
 
 class SpeculationPolicy:
@@ -201,7 +90,7 @@ class SpeculationPolicy:
         # what a drafter's steps cost beyond that line: per step for lookups (a host sync), per
         # drafted token for layer drafts (a partial pass each); exponentially weighted
         self.draft_overhead = dict.fromkeys(drafters, 0.0)
-        self.values: dict[tuple[int, tuple[str, int]], _ArmValue] = {}
+        self.values: dict[tuple[int, tuple[str, int]], ArmValue] = {}
         self.last_reason = "start"
         self._step = 0
         self._last_probe = 0  # the step of the last probe burst
@@ -213,7 +102,7 @@ class SpeculationPolicy:
         # (bucket, arm) -> how many probe_every periods the arm waits between probes at that bucket
         self.backoff: dict[tuple[int, tuple[str, int]], int] = {}
         self._judge: tuple[int, tuple[str, int]] | None = None  # a finished burst to judge
-        self._burst = _ArmValue()  # the current or last probe burst's own steps, undecayed
+        self._burst = ArmValue()  # the current or last probe burst's own steps, undecayed
         self._burst_arm: tuple[str, int] | None = None
         self._bucket: int | None = None  # the batch bucket of the last step
         self._chosen: dict[int, tuple[str, int]] = {}  # bucket -> the arm it last ran as current
@@ -229,7 +118,7 @@ class SpeculationPolicy:
             return self.current
         if num_sequences == 0:
             return OFF
-        bucket = _bucket(num_sequences)
+        bucket = bucket_of(num_sequences)
         if bucket != self._bucket:
             self._enter_bucket(bucket)
         self.draft_threshold = self._draft_threshold(num_sequences)
@@ -268,7 +157,7 @@ class SpeculationPolicy:
         if arm == self._burst_arm:
             self._burst.seconds += seconds / num_sequences
             self._burst.steps += 1
-        value = self.values.setdefault((_bucket(num_sequences), arm), _ArmValue())
+        value = self.values.setdefault((bucket_of(num_sequences), arm), ArmValue())
         value.add(seconds / num_sequences)
         value.last_step = self._step
 
@@ -309,7 +198,7 @@ class SpeculationPolicy:
     def value(self, arm: tuple[str, int], num_sequences: int) -> float | None:
         """Tokens/s the arm delivers at this batch size: measured when it has enough steps in the
         bucket, else predicted; None when neither is possible yet."""
-        measured = self._measured(_bucket(num_sequences), arm)
+        measured = self._measured(bucket_of(num_sequences), arm)
         return measured if measured is not None else self.predicted(arm, num_sequences)
 
     def predicted(self, arm: tuple[str, int], num_sequences: int) -> float | None:
@@ -330,7 +219,7 @@ class SpeculationPolicy:
         """Measured tokens/s at this batch size: from this bucket, else from the next smaller or
         larger one (values are kept per sequence, so a batch that shrinks as requests finish reuses
         what its neighbours measured); None when none has `min_samples` steps."""
-        for near in _neighbourhood(bucket):
+        for near in neighbourhood(bucket):
             value = self.values.get((near, arm))
             if value is not None and value.samples >= self.min_samples and value.mean_seconds > 0:
                 return self._tokens_per_sequence(arm) / value.mean_seconds  # = B tokens / B seconds
@@ -344,7 +233,7 @@ class SpeculationPolicy:
         was slower at both. Off, the baseline, joins from a neighbour when that bucket lacks it (on
         the H100, k=2 ran at batch 49 for want of off there, with off 30 % faster one bucket up)."""
         best: dict[tuple[str, int], float] = {}
-        for near in _neighbourhood(bucket):
+        for near in neighbourhood(bucket):
             known = {}
             for arm in self.arms:
                 value = self.values.get((near, arm))
@@ -435,7 +324,7 @@ class SpeculationPolicy:
             predicted = self.predicted(arm, num_sequences)
             if arm != OFF and predicted is not None and predicted < self.probe_floor * best:
                 continue  # the model rules it out (never off: its line may come from draft steps alone)
-            nearby = [v for near in _neighbourhood(bucket) if (v := self.values.get((near, arm)))]
+            nearby = [v for near in neighbourhood(bucket) if (v := self.values.get((near, arm)))]
             last_step = max((v.last_step for v in nearby), default=-1)
             measured_value = self._measured(bucket, arm)
             promise = max(v for v in (predicted, measured_value, 0.0) if v is not None)
@@ -458,7 +347,7 @@ class SpeculationPolicy:
             arm = min(stale, key=lambda c: c[1])[2] if stale else min(due)[2]
         self._last_probe = self._step
         self._probe_steps_left = self.min_samples - 1
-        self._burst, self._burst_arm = _ArmValue(), arm
+        self._burst, self._burst_arm = ArmValue(), arm
         if not self._probe_steps_left:
             self._judge = (bucket, arm)
         return arm
@@ -503,22 +392,6 @@ class SpeculationPolicy:
 def _overhead_units(drafter: str, k: int) -> int:
     """Layer drafts and the draft model pay a pass per drafted token; a lookup's extra is one per step."""
     return k if drafter.startswith("layers") or drafter == "draft" else 1
-
-
-def _bucket(num_sequences: int) -> int:
-    """Quarter-octave buckets of the batch size (1, 2, 3, ... 8 each alone; 16-18, 30-34, 128-143):
-    per-sequence step time still moves with the batch where the device is not busy, so values
-    measured at 17 and at 32 sequences, in one power-of-two bucket, did not compare."""
-    return round(4 * math.log2(max(1, num_sequences)))
-
-
-def _neighbourhood(bucket: int) -> tuple[int, ...]:
-    """The bucket, then the next smaller and the next larger batch size's buckets (small batches skip
-    bucket numbers: 3 sequences are bucket 6, 4 are bucket 8)."""
-    smallest = math.ceil(2 ** ((bucket - 0.5) / 4))  # the batch sizes in this bucket
-    largest = math.ceil(2 ** ((bucket + 0.5) / 4)) - 1
-    below = (_bucket(smallest - 1),) if smallest > 1 else ()
-    return (bucket, *below, _bucket(largest + 1))
 
 
 def _name(arm: tuple[str, int]) -> str:
