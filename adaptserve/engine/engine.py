@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import numbers
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from adaptserve.engine.kv_cache.chunk_pool import ChunkedBlockPool
 from adaptserve.engine.kv_cache.compression import attach_kv_changes, build_block_pool, requantize_cold_blocks
 from adaptserve.engine.output_processor import ParentRequest, finalize_text, find_stop_string
 from adaptserve.engine.outputs import Executor, SchedulerOutput
+from adaptserve.engine.prompt_ids import encode_prompt
 from adaptserve.engine.request import (
     InvalidRequestError,
     Request,
@@ -177,35 +177,7 @@ class LLMEngine:
 
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         """Token ids of a prompt, checked against the vocabulary and the context window."""
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequestError("prompt is empty; give at least one token", "prompt")
-            if self.tokenizer is None:
-                raise InvalidRequestError("this model has no tokenizer; give prompt token ids", "prompt")
-            ids = self.tokenizer.encode(prompt)
-        else:
-            try:
-                ids = [_token_id(t) for t in prompt]
-            except TypeError:  # not iterable: None, a bare int, ...
-                raise InvalidRequestError(
-                    f"prompt must be a string or a list of token ids, got {type(prompt).__name__}", "prompt"
-                ) from None
-        if not ids:
-            raise InvalidRequestError("prompt is empty; give at least one token", "prompt")
-        bad = next((i for i, t in enumerate(ids) if not 0 <= t < self.arch.vocab_size), None)
-        if bad is not None:
-            raise InvalidRequestError(
-                f"prompt token id {ids[bad]} at position {bad} is out of range; "
-                f"token ids must be in [0, {self.arch.vocab_size})",
-                "prompt",
-            )
-        if len(ids) >= self.max_model_len:
-            raise InvalidRequestError(
-                f"prompt is {len(ids)} tokens; the context window is {self.max_model_len} tokens and must "
-                f"leave room for at least one generated token",
-                "prompt",
-            )
-        return ids
+        return encode_prompt(prompt, self.tokenizer, self.arch.vocab_size, self.max_model_len)
 
     def abort_request(self, request_id: str) -> None:
         parent = self._parents.get(request_id)
@@ -404,15 +376,6 @@ def _graph_captures(runner) -> int:
 def _needs_token_history(scheduled: SchedulerOutput) -> bool:
     """A sequence with a penalty needs every earlier token on the host, the pending one included."""
     return any(seq.sampling_params.has_penalties for seq in scheduled.sequences)
-
-
-def _token_id(token: object) -> int:
-    """An int token id; a float or a string is refused rather than silently truncated or crashing later."""
-    if isinstance(token, bool) or not isinstance(token, numbers.Integral):
-        raise InvalidRequestError(
-            f"prompt token ids must be integers, got {token!r} ({type(token).__name__})", "prompt"
-        )
-    return int(token)
 
 
 def _max_model_len(config: EngineConfig, arch: ModelArchConfig) -> int:
