@@ -143,7 +143,11 @@ class SpeculationPolicy:
         if k:
             residual = seconds - self.step_cost.predict(num_tokens) if self.step_cost.has_data else 0.0
             units = _overhead_units(drafter, k)
-            self.draft_overhead[drafter] += 0.2 * (residual / units - self.draft_overhead[drafter])
+            overhead = self.draft_overhead[drafter] + 0.2 * (residual / units - self.draft_overhead[drafter])
+            # never negative: a verify step cheaper than the line says the line overshoots at many
+            # rows (on a CPU a GEMM's rows get cheaper as they grow), not that drafting saves time;
+            # a negative overhead inflated every step the line learnt from (-44 ms per n-gram step)
+            self.draft_overhead[drafter] = max(0.0, overhead)
             self.step_cost.add(num_tokens, seconds - self.draft_overhead[drafter] * units)
         else:
             self.step_cost.add(num_tokens, seconds)

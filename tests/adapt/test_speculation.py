@@ -173,6 +173,19 @@ def test_copy_like_acceptance_keeps_long_drafts_where_rows_cost():
     assert policy.request_draft_len("ngram", "r", 8) == 8
 
 
+def test_draft_overhead_is_never_negative():
+    """Verify steps cheaper than the plain steps' line (a CPU whose GEMM rows get cheaper as they
+    grow) leave the n-gram overhead at 0, and the line learns their real time (with the overhead
+    at -20 ms it had learnt 0.05 s for them)."""
+    policy = SpeculationPolicy(("ngram",), max_draft=4)
+    for tokens in range(1, 40):
+        policy.observe_step(OFF, tokens, tokens, 0.01 + 0.001 * tokens)
+    for _ in range(20):
+        policy.observe_step(("ngram", 4), 8, 40, 0.03)  # the line says 0.05
+    assert policy.draft_overhead["ngram"] == 0.0
+    assert 0.03 <= policy.step_cost.predict(40) < 0.04
+
+
 def test_fixed_policy_always_drafts_the_maximum():
     policy = SpeculationPolicy(("ngram",), max_draft=3, adaptive=False)
     simulate(policy, batch=64, steps=50, plain_cost=compute_bound, draft_cost={"ngram": compute_bound},
