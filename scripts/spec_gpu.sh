@@ -16,5 +16,6 @@ tail -3 "$out/runner-tests.log"
 # SPEC_LAYER_DRAFTS=24:4 adds a self-speculative setting (slow: its draft passes run eagerly)
 timeout "${SPEC_TIMEOUT:-450}" python3 -c "import sys; from adaptserve.cli import main; sys.exit(main())" bench spec \
   --model "$model" --batch-sizes "${SPEC_BATCHES:-1,8,32,64,128}" --draft-lens 2,4,8 --max-tokens 128 \
-  --layer-drafts "${SPEC_LAYER_DRAFTS:-}" --repeats "${SPEC_REPEATS:-3}" --result-dir "$out" "$@" 2>&1 \
+  --layer-drafts "${SPEC_LAYER_DRAFTS:-}" --repeats "${SPEC_REPEATS:-3}" --warm-passes "${SPEC_WARM_PASSES:-1}" \
+  --result-dir "$out" "$@" 2>&1 \
   | grep -v "it/s\]" | tail -40

@@ -52,6 +52,13 @@ def add_spec_bench_args(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="timed passes per setting, interleaved across settings (median kept)",
     )
+    parser.add_argument(
+        "--warm-passes",
+        type=int,
+        default=1,
+        help="untimed passes per engine before timing: kernels compile, the adaptive policy learns "
+        "(a served engine has seen many; every setting gets the same number)",
+    )
     parser.add_argument("--result-dir", default="docs/benchmarks")
 
 
@@ -80,13 +87,14 @@ class _StepRecorder:
         self.steps.append(stats)
 
 
-def build_engine(checkpoint, conversations, max_tokens: int, options: dict):
-    """An engine for one setting, warmed up on the same workload (untimed): kernels compile, and the
-    adaptive policy measures its options, as it would in the first seconds of serving."""
+def build_engine(checkpoint, conversations, max_tokens: int, options: dict, warm_passes: int = 1):
+    """An engine for one setting, warmed up on the same workload (`warm_passes` untimed passes):
+    kernels compile, and the adaptive policy measures its options, as it would while serving."""
     from adaptserve import LLM
 
     llm = LLM.from_checkpoint(checkpoint, max_num_seqs=max(64, len(conversations)), **options)
-    llm.chat(conversations, _greedy(max_tokens), use_tqdm=False)
+    for _ in range(warm_passes):
+        llm.chat(conversations, _greedy(max_tokens), use_tqdm=False)
     return llm
 
 
@@ -156,6 +164,8 @@ def run_spec_benchmark(args: argparse.Namespace) -> None:
 
     from adaptserve.model.loaders import load_checkpoint
 
+    if args.warm_passes < 1:
+        raise ValueError(f"--warm-passes must be at least 1 (kernels compile in it), got {args.warm_passes}")
     checkpoint = load_checkpoint(args.model, progress=False)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     draft_lens = [int(k) for k in args.draft_lens.split(",")]
@@ -181,7 +191,9 @@ def run_spec_benchmark(args: argparse.Namespace) -> None:
         for batch in batch_sizes:
             conversations = grounded_conversations(batch)
             engines = {
-                name: build_engine(checkpoint, conversations, args.max_tokens, {**base, **options})
+                name: build_engine(
+                    checkpoint, conversations, args.max_tokens, {**base, **options}, args.warm_passes
+                )
                 for name, options in settings
             }
             passes = {name: [] for name, _ in settings}
@@ -204,6 +216,7 @@ def run_spec_benchmark(args: argparse.Namespace) -> None:
             payload = {
                 "model": args.model or DEFAULT_MODEL_LABEL,
                 "max_tokens": args.max_tokens,
+                "warm_passes": args.warm_passes,
                 "batch_sizes": batch_sizes,
                 "rows": rows,
             }
