@@ -101,6 +101,23 @@ def expected_tokens(alpha: float | Sequence[float], k: int) -> float:
     return total
 
 
+def draft_cut(acceptance: Acceptance, k: int, threshold: float) -> int:
+    """k, or fewer: the drafts whose chance of being reached and accepted is at least `threshold`
+    (always one: a drafting request tests a token, so its acceptance stays measured)."""
+    j, reach = 1, acceptance.rate_at(0)
+    while j < k and reach * acceptance.rate_at(j) >= threshold:
+        reach *= acceptance.rate_at(j)
+        j += 1
+    return j
+
+
+def tokens_per_sequence(acceptance: Acceptance, hit_rate: float, k: int, threshold: float) -> float:
+    """Expected tokens a sequence gains in a step that drafts up to k: h E(k') + 1 - h, where h is
+    the chance the drafter finds a draft and k' is k after `draft_cut`."""
+    cut = draft_cut(acceptance, k, threshold)
+    return hit_rate * expected_tokens(acceptance.rates(cut), cut) + 1 - hit_rate
+
+
 def draft_lengths(max_draft: int) -> tuple[int, ...]:
     """The k an adaptive policy tries: powers of two below max_draft, and max_draft."""
     return tuple(sorted({k for k in (1, 2, 4, 8) if k < max_draft} | {max_draft}))

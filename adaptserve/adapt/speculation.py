@@ -41,9 +41,10 @@ from adaptserve.adapt.spec_estimates import (
     ArmValue,
     OnlineLinearCost,
     bucket_of,
+    draft_cut,
     draft_lengths,
-    expected_tokens,
     neighbourhood,
+    tokens_per_sequence,
 )
 from adaptserve.adapt.switch_guard import SwitchGuard
 
@@ -107,6 +108,9 @@ class SpeculationPolicy:
         self._bucket: int | None = None  # the batch bucket of the last step
         self._chosen: dict[int, tuple[str, int]] = {}  # bucket -> the arm it last ran as current
         self._last_observed: tuple[str, int] | None = None  # the arm of the last step observed
+        # arm -> expected tokens per sequence, kept until acceptance, hit rate or threshold move (a
+        # step reads it for every arm in up to three buckets: worked out once, not dozens of times)
+        self._tokens: dict[tuple[str, int], float] = {}
 
     # ---- before a step -------------------------------------------------------------------------------
 
@@ -118,10 +122,11 @@ class SpeculationPolicy:
             return self.current
         if num_sequences == 0:
             return OFF
+        self.draft_threshold = self._draft_threshold(num_sequences)
+        self._tokens.clear()
         bucket = bucket_of(num_sequences)
         if bucket != self._bucket:
             self._enter_bucket(bucket)
-        self.draft_threshold = self._draft_threshold(num_sequences)
         self._update_current(bucket, num_sequences)
         self._chosen[bucket] = self.current
         self._judge_probe()
@@ -129,10 +134,11 @@ class SpeculationPolicy:
         return self._probing or self.current
 
     def request_draft_len(self, drafter: str, request_id: str, k: int) -> int:
-        """This request's k: the arm's k, cut where its own alpha^j drops below `draft_threshold`."""
+        """This request's k: the arm's k, cut where its own chance of reaching and accepting a draft
+        drops below `draft_threshold`."""
         if k <= 0 or not self.adaptive:
             return k
-        return self._cut(self._request_acceptance(drafter, request_id), k)
+        return draft_cut(self._request_acceptance(drafter, request_id), k, self.draft_threshold)
 
     # ---- after a step --------------------------------------------------------------------------------
 
@@ -168,10 +174,12 @@ class SpeculationPolicy:
     def observe_request(self, drafter: str, request_id: str, num_drafts: int, num_accepted: int) -> None:
         self.acceptance[drafter].add(num_drafts, num_accepted)
         self._request_acceptance(drafter, request_id).add(num_drafts, num_accepted)
+        self._tokens.clear()
 
     def observe_proposals(self, drafter: str, num_asked: int, num_found: int) -> None:
         if num_asked:
             self.hit_rate[drafter] = 0.9 * self.hit_rate[drafter] + 0.1 * (num_found / num_asked)
+            self._tokens.clear()
 
     def forget(self, request_id: str) -> None:
         for key in [key for key in self.request_acceptance if key[1] == request_id]:
@@ -185,7 +193,7 @@ class SpeculationPolicy:
             "values": {
                 f"{bucket}|{_name(arm)}": [round(self._tokens_per_sequence(arm) / v.mean_seconds), v.samples]
                 for (bucket, arm), v in sorted(self.values.items())
-                if v.mean_seconds > 0
+                if v.mean_seconds > 0  # every sample, not only buckets with min_samples
             },
             "acceptance": {d: round(a.rate, 4) for d, a in self.acceptance.items()},
             "acceptance_by_position": {
@@ -224,10 +232,18 @@ class SpeculationPolicy:
         larger one (values are kept per sequence, so a batch that shrinks as requests finish reuses
         what its neighbours measured); None when none has `min_samples` steps."""
         for near in neighbourhood(bucket):
-            value = self.values.get((near, arm))
-            if value is not None and value.samples >= self.min_samples and value.mean_seconds > 0:
-                return self._tokens_per_sequence(arm) / value.mean_seconds  # = B tokens / B seconds
+            value = self._value_in(near, arm)
+            if value is not None:
+                return value
         return None
+
+    def _value_in(self, bucket: int, arm: tuple[str, int]) -> float | None:
+        """Tokens/s of the arm from this bucket's own steps (B tokens over B seconds per sequence), or
+        None before it has `min_samples` there."""
+        value = self.values.get((bucket, arm))
+        if value is None or value.samples < self.min_samples or value.mean_seconds <= 0:
+            return None
+        return self._tokens_per_sequence(arm) / value.mean_seconds
 
     def _known(self, bucket: int) -> dict[tuple[str, int], float]:
         """The arms measured in one bucket, tokens/s each: of this bucket and its two neighbours, the
@@ -238,11 +254,7 @@ class SpeculationPolicy:
         the H100, k=2 ran at batch 49 for want of off there, with off 30 % faster one bucket up)."""
         best: dict[tuple[str, int], float] = {}
         for near in neighbourhood(bucket):
-            known = {}
-            for arm in self.arms:
-                value = self.values.get((near, arm))
-                if value is not None and value.samples >= self.min_samples and value.mean_seconds > 0:
-                    known[arm] = self._tokens_per_sequence(arm) / value.mean_seconds
+            known = {arm: v for arm in self.arms if (v := self._value_in(near, arm)) is not None}
             if len(known) > len(best):
                 best = known
         if best and OFF not in best:  # the baseline: off from the nearest bucket that measured it
@@ -252,25 +264,16 @@ class SpeculationPolicy:
         return best
 
     def _tokens_per_sequence(self, arm: tuple[str, int]) -> float:
-        """Expected tokens a sequence gains in a step of this arm: h E(k') + 1 - h, where k' is the
-        arm's k cut at the drafter's alpha (as request_draft_len cuts each request's)."""
+        """Expected tokens a sequence gains in a step of this arm, its k cut at the drafter's
+        acceptance as request_draft_len cuts each request's (memoized in `_tokens`)."""
         drafter, k = arm
         if not k:
             return 1.0
-        acceptance, hit = self.acceptance[drafter], self.hit_rate[drafter]
-        cut = self._cut(acceptance, k)
-        return hit * expected_tokens(acceptance.rates(cut), cut) + 1 - hit
-
-    def _cut(self, acceptance: Acceptance, k: int) -> int:
-        """k, or fewer: the drafts whose chance of being reached and accepted beats the threshold."""
-        if not self.adaptive:
-            return k
-        j = 1  # a drafting request always tests at least one token, so its alpha stays measured
-        reach = acceptance.rate_at(0)
-        while j < k and reach * acceptance.rate_at(j) >= self.draft_threshold:
-            reach *= acceptance.rate_at(j)
-            j += 1
-        return j
+        if arm not in self._tokens:
+            threshold = self.draft_threshold if self.adaptive else 0.0  # fixed: every draft runs
+            acceptance, hit = self.acceptance[drafter], self.hit_rate[drafter]
+            self._tokens[arm] = tokens_per_sequence(acceptance, hit, k, threshold)
+        return self._tokens[arm]
 
     def _enter_bucket(self, bucket: int) -> None:
         """The batch size moved to another bucket (a pass arrived, requests finished): take the arm

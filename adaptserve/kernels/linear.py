@@ -28,7 +28,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if x.shape[0] == 1 and x.dtype == torch.bfloat16 and x.device.type == "cpu":
         out = torch.mv(weight, x[0])[None, :]  # [1, N]
         return out if bias is None else out + bias
-    if x.shape[0] <= gemv_row_limit(x.dtype, *weight.shape) and _gemv_suits(x, weight):
+    if _gemv_suits(x, weight) and x.shape[0] <= gemv_row_limit(x.dtype, *weight.shape):
         from adaptserve.kernels.triton_gemv import gemv
 
         return gemv(x, weight, bias)  # [M, N]

@@ -19,8 +19,8 @@ from adaptserve.kernels.autotune import Autotuner
 from adaptserve.kernels.availability import triton_available
 from adaptserve.kernels.choice_cache import ChoiceCache
 from adaptserve.kernels.registry import OPS
+from adaptserve.model.build import build_model
 from adaptserve.model.config import ModelArchConfig
-from adaptserve.model.llama import LlamaForCausalLM
 from adaptserve.model.loaders import LoadedCheckpoint
 from adaptserve.model.projection import quantize_model
 from adaptserve.runner.cuda_graphs import DecodeGraphPool, graph_rows_default
@@ -93,6 +93,10 @@ class ModelRunner:
         self.autotuner = self._build_autotuner(config.kernels) if self.compressed_kv is None else None
         self.sampler = Sampler()
         self.layer_drafter = self._build_layer_drafter(config.speculative)
+        # with speculation, verify and plain steps alternate at batch sizes that come and go with the
+        # policy's choices: they replay what is captured (a capture on demand costs tens of steps; on
+        # the H100 they made adaptive passes at batch 32 slower than every fixed setting)
+        self._capture_graphs_on_demand = config.speculative.spec_method == "off"
         self._generators: dict[str, torch.Generator] = {}  # per seeded request
         # the last step's sampled ids [N] on the device and each request's row in them
         self._last_sampled: tuple[torch.Tensor | None, dict[str, int]] = (None, {})
@@ -257,11 +261,7 @@ class ModelRunner:
         precision, shadow = self.precision.choose(batch.is_decode_only)
         inputs = None
         if self._can_replay(batch):
-            # with speculation, verify and plain steps alternate at batch sizes that come and go with
-            # the policy's choices: replay what is captured (a capture on demand costs tens of steps;
-            # on the H100 they made adaptive passes at batch 32 slower than every fixed setting)
-            speculating = verifies_drafts or self.config.speculative.spec_method != "off"
-            logits_in = self._graph_logits(batch, pending, capture=not speculating)
+            logits_in = self._graph_logits(batch, pending, capture=self._capture_graphs_on_demand)
         else:
             inputs = to_device(batch, self.device)
             if pending is not None:
@@ -399,18 +399,3 @@ class ModelRunner:
             generator = torch.Generator(device=self.device).manual_seed(int(seed))  # numpy ints too
             self._generators[request_id] = generator
         return generator
-
-
-def build_model(
-    checkpoint: LoadedCheckpoint, max_model_len: int, device: torch.device, dtype: torch.dtype, seed: int
-) -> LlamaForCausalLM:
-    """Build on the meta device, then allocate once on the target device in the target dtype."""
-    with torch.device("meta"):
-        model = LlamaForCausalLM(checkpoint.arch, max_model_len)
-    model = model.to(dtype).to_empty(device=device)
-    model.rebuild_rope(max_model_len, device)
-    if checkpoint.state_dict is None:
-        model.init_random(seed)
-    else:
-        model.load_hf_state_dict(checkpoint.state_dict)
-    return model.eval()

@@ -6,9 +6,11 @@ from adaptserve.adapt.spec_estimates import (
     Acceptance,
     OnlineLinearCost,
     bucket_of,
+    draft_cut,
     draft_lengths,
     expected_tokens,
     neighbourhood,
+    tokens_per_sequence,
 )
 
 
@@ -61,3 +63,11 @@ def test_buckets_are_quarter_octaves_and_neighbours_skip_empty_numbers():
     assert neighbourhood(bucket_of(3)) == (6, 4, 8)  # batch 3, then 2, then 4
     assert neighbourhood(bucket_of(1)) == (0, 4)
     assert neighbourhood(bucket_of(128)) == (28, 27, 29)
+
+
+def test_the_draft_cut_keeps_drafts_whose_chance_beats_the_threshold():
+    even = Acceptance(prior=0.5, prior_trials=1e9)  # 0.5 at every position
+    assert draft_cut(even, 8, 0.1) == 3  # 0.5^3 = 0.125 >= 0.1 > 0.5^4
+    assert draft_cut(even, 8, 0.0) == 8
+    assert draft_cut(even, 8, 0.9) == 1  # never fewer than one
+    assert tokens_per_sequence(even, 0.5, 8, 0.1) == pytest.approx(0.5 * expected_tokens(0.5, 3) + 0.5)
