@@ -138,7 +138,7 @@ def run_setting(llm, conversations, max_tokens: int) -> tuple[dict, list[list[in
         "acceptance_rate": round(accepted / drafted, 4) if drafted else None,
         "verify_steps": sum(1 for s in steps if s.num_drafts),
         # the policy's choice per decode step, "drafter k" (the adaptive setting's mix)
-        "arms": dict(Counter(f"{s.drafter} {s.draft_len}" if s.draft_len else "off" for s in pure)),
+        "arms": dict(Counter(_arm_of(s) for s in pure)),
     }
     speculator = llm.engine.speculator
     if speculator is not None and speculator.policy.adaptive:
@@ -147,11 +147,16 @@ def run_setting(llm, conversations, max_tokens: int) -> tuple[dict, list[list[in
     return row, token_ids
 
 
+def _arm_of(step: StepStats) -> str:
+    """The policy's choice for a step: "drafter k", or "off"."""
+    return f"{step.drafter} {step.draft_len}" if step.draft_len else "off"
+
+
 def _arm_runs(steps: list[StepStats]) -> list[list]:
     """The policy's choices, run-length coded: [decoding sequences, arm, steps] per run."""
     runs: list[list] = []
     for s in steps:
-        arm = f"{s.drafter} {s.draft_len}" if s.draft_len else "off"
+        arm = _arm_of(s)
         if runs and runs[-1][:2] == [s.num_decode_sequences, arm]:
             runs[-1][2] += 1
         else:
