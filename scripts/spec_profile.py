@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import os
 import pstats
+import subprocess
 import time
 from collections import defaultdict
 
@@ -86,6 +88,46 @@ def graph_replay_ms(llm) -> dict[int, float]:
     return result
 
 
+def device_trace(run, num_steps: int, name: str) -> None:
+    """One more pass under torch.profiler: the device's busy time (union of kernel and copy
+    intervals) against the wall time, and the host's CUDA runtime calls, per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        run()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    device = sorted(
+        (e.time_range.start, e.time_range.end)
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start
+    )
+    busy, end = 0.0, float("-inf")
+    for lo, hi in device:
+        if hi > end:
+            busy += hi - max(lo, end)
+            end = hi
+    print(
+        f"  trace: wall {wall * 1e3 / num_steps:.3f} ms/step, device busy "
+        f"{busy / 1e3 / num_steps:.3f} ms/step ({len(device) / num_steps:.0f} device events/step)"
+    )
+    if os.environ.get("SPEC_TRACE_DIR"):  # the whole timeline, for chrome://tracing or perfetto
+        path = os.path.join(
+            os.environ["SPEC_TRACE_DIR"], f"trace-{name.replace(' ', '').replace('=', '')}.json"
+        )
+        prof.export_chrome_trace(path)
+        subprocess.run(["gzip", "-f", path], check=False)
+    rows = sorted(prof.key_averages(), key=lambda a: a.self_cpu_time_total, reverse=True)[:25]
+    for a in rows:
+        print(
+            f"    {a.key[:60]:<60} {a.count / num_steps:6.1f}/step  self cpu "
+            f"{a.self_cpu_time_total / 1e3 / num_steps:7.3f} ms/step  device "
+            f"{a.self_device_time_total / 1e3 / num_steps:7.3f} ms/step"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m")
@@ -94,6 +136,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--k", default="4")
     parser.add_argument("--cprofile", type=int, default=0, help="print this many functions by own time")
+    parser.add_argument(
+        "--trace", action="store_true", help="torch.profiler: device busy time, idle gaps, CUDA API calls"
+    )
     args = parser.parse_args()
     checkpoint = load_checkpoint(args.model, progress=False)
     conversations = grounded_conversations(args.batch)
@@ -147,6 +192,8 @@ def main() -> None:
                     f"{totals[phase] / num_steps * 1e3:8.3f} ms/step"
                 )
         print("  graph replay ms by bucket:", graph_replay_ms(llm))
+        if args.trace:
+            device_trace(run, num_steps, name)
         if profiler is not None:
             for order in ("tottime", "cumulative"):
                 pstats.Stats(profiler).sort_stats(order).print_stats(args.cprofile)

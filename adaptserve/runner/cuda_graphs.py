@@ -29,8 +29,9 @@ from adaptserve.kernels.registry import (
     ShapeBucket,
     SwapEvent,
 )
-from adaptserve.runner.inputs import HostBatch, host_tensor
+from adaptserve.runner.inputs import HostBatch
 from adaptserve.runner.memory import max_sampled_rows
+from adaptserve.runner.staging import PinnedStaging
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -72,13 +73,15 @@ class DecodeGraphPool:
         self.sizes = batch_buckets(max_batch)
         self.max_batch, self.max_blocks, self.pad_slot = self.sizes[-1], max_blocks, pad_slot
         self.device = device
-        self.input_ids = torch.zeros(self.max_batch, dtype=torch.int64, device=device)  # [B]
-        self.positions = torch.zeros(self.max_batch, dtype=torch.int64, device=device)  # [B]
-        self.slot_mapping = torch.full((self.max_batch,), pad_slot, dtype=torch.int64, device=device)  # [B]
-        self.block_table = torch.zeros(
-            self.max_batch, max_blocks, dtype=torch.int32, device=device
-        )  # [B, MB]
-        self.context_lens = torch.zeros(self.max_batch, dtype=torch.int32, device=device)  # [B]
+        batch = self.max_batch
+        # the static inputs, as views of one buffer per dtype so a step sends each in one copy
+        longs = torch.zeros(3 * batch, dtype=torch.int64, device=device)  # [3B]
+        self.input_ids, self.positions, self.slot_mapping = longs.view(3, batch)  # each [B]
+        self.slot_mapping.fill_(pad_slot)
+        ints = torch.zeros(batch * (1 + max_blocks), dtype=torch.int32, device=device)  # [B + B * MB]
+        self.context_lens = ints[:batch]  # [B]
+        self.block_table = ints[batch:].view(batch, max_blocks)  # [B, MB]
+        self._long_staging, self._int_staging = PinnedStaging(longs), PinnedStaging(ints)
         self.query_start_loc = torch.arange(self.max_batch + 1, dtype=torch.int32, device=device)  # [B + 1]
         self.graphs: dict[tuple, _Graph] = {}
         self.num_captures = 0
@@ -166,15 +169,22 @@ class DecodeGraphPool:
         return graph.hidden[:num_seqs]
 
     def _fill(self, batch: HostBatch, num_seqs: int, size: int, width: int) -> None:
-        """Copy this step's inputs into the static buffers; padded rows attend to nothing."""
-        device = self.device
-        self.input_ids[:num_seqs].copy_(host_tensor(batch.input_ids, device), non_blocking=True)
-        self.positions[:num_seqs].copy_(host_tensor(batch.positions, device), non_blocking=True)
-        self.slot_mapping[:num_seqs].copy_(host_tensor(batch.slot_mapping, device), non_blocking=True)
-        self.slot_mapping[num_seqs:size].fill_(self.pad_slot)
-        self.context_lens[:num_seqs].copy_(host_tensor(batch.context_lens, device), non_blocking=True)
-        self.context_lens[num_seqs:size].zero_()
-        self.block_table[:num_seqs, :width].copy_(host_tensor(batch.block_table, device), non_blocking=True)
+        """Copy this step's inputs into the static buffers, one copy per dtype; padded rows attend
+        to nothing and write to the scratch slot. Block-table columns past `width` keep stale ids
+        that no kernel reads (they lie past every row's context)."""
+        max_batch = self.max_batch
+        longs = self._long_staging.host().reshape(3, max_batch)  # [3, B]
+        longs[0, :num_seqs] = batch.input_ids
+        longs[1, :num_seqs] = batch.positions
+        longs[2, :num_seqs] = batch.slot_mapping
+        longs[2, num_seqs:size] = self.pad_slot
+        self._long_staging.send(3 * max_batch)
+        ints = self._int_staging.host()  # [B + B * MB]
+        ints[:num_seqs] = batch.context_lens
+        ints[num_seqs:size] = 0
+        table = ints[max_batch:].reshape(max_batch, self.max_blocks)  # [B, MB]
+        table[:num_seqs, :width] = batch.block_table
+        self._int_staging.send(max_batch + size * self.max_blocks)
 
     def _bucket(self, size: int, context_len: int) -> ShapeBucket:
         return ShapeBucket.of(DECODE_ATTENTION, size, context_len, *self.attention.layout)

@@ -303,7 +303,7 @@ class ModelRunner:
         logprobs: list[dict[int, float] | None] = [None] * len(seqs)
         rows = [r for i in drafting for r in range(starts[i], starts[i] + counts[i])]
         verified = verify_drafts(
-            logits[torch.tensor(rows, device=logits.device)],  # [sum(k + 1), V]
+            logits if not plain else logits[torch.tensor(rows, device=logits.device)],  # [sum(k + 1), V]
             [s.token_ids[-s.num_draft_tokens :] for s in (seqs[i] for i in drafting)],
             [seqs[i].sampling_params for i in drafting],
             [self._generator(seqs[i].request_id, seqs[i].sampling_params.seed) for i in drafting],
