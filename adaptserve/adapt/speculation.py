@@ -111,6 +111,7 @@ class SpeculationPolicy:
         # arm -> expected tokens per sequence, kept until acceptance, hit rate or threshold move (a
         # step reads it for every arm in up to three buckets: worked out once, not dozens of times)
         self._tokens: dict[tuple[str, int], float] = {}
+        self._known_in: dict[int, dict[tuple[str, int], float]] = {}  # bucket -> _known, this step
 
     # ---- before a step -------------------------------------------------------------------------------
 
@@ -124,6 +125,7 @@ class SpeculationPolicy:
             return OFF
         self.draft_threshold = self._draft_threshold(num_sequences)
         self._tokens.clear()
+        self._known_in.clear()
         bucket = bucket_of(num_sequences)
         if bucket != self._bucket:
             self._enter_bucket(bucket)
@@ -251,7 +253,10 @@ class SpeculationPolicy:
         compared within one bucket: per-sequence step time still falls with the batch where the
         device is not yet busy, so off measured at 50 sequences lost to k=1 measured at 100 that
         was slower at both. Off, the baseline, joins from a neighbour when that bucket lacks it (on
-        the H100, k=2 ran at batch 49 for want of off there, with off 30 % faster one bucket up)."""
+        the H100, k=2 ran at batch 49 for want of off there, with off 30 % faster one bucket up).
+        Worked out once per bucket and step (the values move only when a step is observed)."""
+        if bucket in self._known_in:
+            return self._known_in[bucket]
         best: dict[tuple[str, int], float] = {}
         for near in neighbourhood(bucket):
             known = {arm: v for arm in self.arms if (v := self._value_in(near, arm)) is not None}
@@ -261,6 +266,7 @@ class SpeculationPolicy:
             off = self._measured(bucket, OFF)
             if off is not None:
                 best[OFF] = off
+        self._known_in[bucket] = best
         return best
 
     def _tokens_per_sequence(self, arm: tuple[str, int]) -> float:
