@@ -113,3 +113,8 @@ def test_int8_cache_runs_more_sequences_at_the_same_budget(smollm2):
     for row in rows.values():
         assert row["generated_tokens"] == result["settings"]["num_requests"] * 4
     assert json.loads(json.dumps(result)) == result
+
+
+def test_capacity_refuses_a_whole_block_format(smollm2):
+    with pytest.raises(ValueError, match=r"formats=\['int4k'\] take new blocks in another format"):
+        measure_kv_capacity(smollm2, formats=("bf16", "int4k"))
