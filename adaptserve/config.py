@@ -31,7 +31,9 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.85  # share of device memory the engine may use (CUDA)
     num_blocks: int | None = None  # force the number of KV blocks (tests), overrides the budget
     enable_prefix_caching: bool = True  # reuse KV of shared prompt prefixes
-    kv_format: str = "bf16"  # new KV blocks' format: bf16 (the model's dtype) | fp8 | int8 | int4
+    kv_format: str = (
+        "bf16"  # KV write format: bf16 (the model's dtype) | fp8 | int8 | int4k | int4 (formats.py)
+    )
     kv_policy: str = "static"  # static (kv_format always) | adaptive (the KV policy picks from kv_ladder)
     kv_ladder: tuple[str, ...] = ("bf16", "int8", "int4")  # adaptive: formats under rising memory pressure
     kv_int4_group_size: int = 64  # channels per int4 scale/minimum
@@ -313,8 +315,8 @@ def _validate_draft_model(spec: SpeculativeConfig, c: CacheConfig) -> None:
 
 
 def _validate_kv_compression(c: CacheConfig) -> None:
-    formats = ("bf16", "fp8", "int8", "int4")
-    _require(c.kv_format in formats, "cache.kv_format", c.kv_format, "bf16, fp8, int8 or int4")
+    formats = ("bf16", "fp8", "int8", "int4k", "int4")  # engine/kv_cache/formats.py's KV_FORMATS
+    _require(c.kv_format in formats, "cache.kv_format", c.kv_format, "bf16, fp8, int8, int4k or int4")
     _require(c.kv_policy in ("static", "adaptive"), "cache.kv_policy", c.kv_policy, "'static' or 'adaptive'")
     ladder = tuple(c.kv_ladder)
     _require(
@@ -324,7 +326,7 @@ def _validate_kv_compression(c: CacheConfig) -> None:
         and list(ladder) == sorted(set(ladder), key=formats.index),
         "cache.kv_ladder",
         ladder,
-        "bf16 first, then lower formats among fp8, int8, int4, each once, high to low",
+        "bf16 first, then lower formats among fp8, int8, int4k, int4, each once, high to low",
     )
     _require(
         c.kv_int4_group_size in (16, 32, 64, 128),

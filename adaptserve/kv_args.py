@@ -10,8 +10,9 @@ def add_kv_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--kv-format",
         default="bf16",
-        choices=["bf16", "fp8", "int8", "int4"],
-        help="format new KV blocks are written in (bf16 = the model's dtype)",
+        choices=["bf16", "fp8", "int8", "int4k", "int4"],
+        help="format KV blocks are written in (bf16 = the model's dtype; int4k = int4 keys per channel: "
+        "new tokens go to int8, full cold blocks are requantized into int4k)",
     )
     group.add_argument(
         "--kv-policy",
@@ -19,7 +20,11 @@ def add_kv_args(parser: argparse.ArgumentParser) -> None:
         choices=["static", "adaptive"],
         help="adaptive: lower the format under memory pressure, within the error budget",
     )
-    group.add_argument("--kv-ladder", default="bf16,int8,int4", help="adaptive: formats, high to low")
+    group.add_argument(
+        "--kv-ladder",
+        default="bf16,int8,int4",
+        help="adaptive: formats, high to low (per-channel int4 keys: add int4k, e.g. bf16,int8,int4k,int4)",
+    )
     group.add_argument(
         "--kv-error-budget",
         type=float,

@@ -10,7 +10,7 @@ from typing import Any
 from adaptserve.config import EngineConfig
 
 # the values a knob may take that later issues build; a controller may only choose among them
-KV_FORMATS = ("bf16", "int8", "int4", "fp8")  # KV-cache format of new blocks (fp8 last: gauge values stay)
+KV_FORMATS = ("bf16", "int8", "int4", "fp8", "int4k")  # KV write format (added last: gauge values stay)
 SPEC_MODES = ("off", "ngram", "layers", "auto", "draft")  # speculative decoding drafter (spec_method)
 PARALLELISM_MODES = ("single", "tp", "pp", "dp")  # how a request's work is spread over GPUs
 

@@ -1,6 +1,10 @@
 """The KV-cache format new blocks are written in: a ladder from high to low precision, stepped down
 under memory pressure (now or forecast) and held up by a quality floor on the measured KV error.
-The engine requantizes cold blocks to the chosen format in the background; this module only chooses."""
+The engine requantizes cold blocks to the chosen format in the background; this module only chooses.
+
+A ladder may hold int4k (int4 keys per channel, KIVI; between int8 and int4 in quality, e.g.
+bf16 -> int8 -> int4k -> int4): at that level new tokens are still written in int8 and full cold
+blocks are requantized into int4k (see engine/kv_cache/formats.py). The default ladder leaves it out."""
 
 from __future__ import annotations
 
@@ -13,14 +17,14 @@ from adaptserve.adapt.switch_guard import Hysteresis, SwitchGuard
 
 __all__ = ["KV_LADDER_FORMATS", "KVFormatPolicy", "KVPolicySettings"]
 
-KV_LADDER_FORMATS = ("bf16", "fp8", "int8", "int4")  # every format a ladder may hold, high to low
+KV_LADDER_FORMATS = ("bf16", "fp8", "int8", "int4k", "int4")  # every format a ladder may hold, high to low
 
 
 @dataclass(frozen=True)
 class KVPolicySettings:
     """The ladder, thresholds and guardrails of KVFormatPolicy (its docstring says how each is used)."""
 
-    ladder: tuple[str, ...] = ("bf16", "int8", "int4")  # high to low precision; bf16 = the model's dtype
+    ladder: tuple[str, ...] = ("bf16", "int8", "int4")  # high to low; bf16 = the model's dtype; opt in: int4k
     enter: tuple[float, ...] = ()  # pressure > enter[i-1] enters level i; () = even over 0.80..0.90
     exit_margin: float = 0.15  # level i is left only when pressure < enter[i-1] - exit_margin
     horizon_s: float = 5.0  # forecast kv usage this far ahead; 0 = no forecast

@@ -20,13 +20,15 @@ import torch
 from adaptserve.bench.precision_quality import _Timer
 from adaptserve.bench.release import release_engine
 from adaptserve.config import CacheConfig
-from adaptserve.engine.kv_cache.formats import KV_FORMATS
+from adaptserve.engine.kv_cache.formats import KV_FORMATS, WHOLE_BLOCK_FORMATS
 from adaptserve.engine.request import SamplingParams
 from adaptserve.engine.stats import StepStats
 from adaptserve.model.loaders import LoadedCheckpoint
 from adaptserve.runner.kv_compression import KVGeometry
 
 BF16_SEQUENCES = 8  # the default capacity budget holds this many whole sequences in plain bf16
+# a whole-block format (int4k) takes new blocks in another format: its capacity is not one number
+TOKEN_FORMATS = tuple(f for f in KV_FORMATS if f not in WHOLE_BLOCK_FORMATS)
 
 
 class _RunningRecorder:
@@ -42,7 +44,7 @@ class _RunningRecorder:
 
 def measure_kv_capacity(
     checkpoint: LoadedCheckpoint,
-    formats: tuple[str, ...] = KV_FORMATS,
+    formats: tuple[str, ...] = TOKEN_FORMATS,
     kv_cache_memory_gib: float | None = None,
     prompt_tokens: int = 256,
     max_tokens: int = 64,
@@ -54,6 +56,12 @@ def measure_kv_capacity(
     sequences in plain bf16). `num_requests` greedy requests (None: 1.2 times as many prompts as the
     lowest format's blocks hold) of `prompt_tokens` fixed random ids and `max_tokens` new tokens each
     (EOS ignored) run at once through LLM.generate, in bfloat16."""
+    whole_block = [f for f in formats if f in WHOLE_BLOCK_FORMATS]
+    if whole_block:
+        raise ValueError(
+            f"formats={whole_block} take new blocks in another format until requantized: no capacity of "
+            f"their own to measure here; measure some of {TOKEN_FORMATS}"
+        )
     arch = checkpoint.arch
     cache = CacheConfig()
     seq_tokens = prompt_tokens + max_tokens

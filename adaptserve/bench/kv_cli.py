@@ -16,6 +16,14 @@ def add_kv_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     parser.add_argument("--num-prompts", type=int, default=50, help="quality: chat prompts")
     parser.add_argument("--text-tokens", type=int, default=20480, help="quality: perplexity text tokens")
+    parser.add_argument(
+        "--quality-formats",
+        default="fp8,int8,int4",
+        help="quality: formats measured beside bf16 (e.g. int4k)",
+    )
+    parser.add_argument(
+        "--file-stem", default=None, help="result file name without .json; default kv-<device>"
+    )
     parser.add_argument("--ramp-requests", type=int, default=48, help="ramp: requests arriving")
     parser.add_argument("--ramp-max-tokens", type=int, default=96, help="ramp: tokens each generates")
     parser.add_argument("--ramp-blocks", type=int, default=96, help="ramp: KV memory as bf16 blocks")
@@ -39,7 +47,10 @@ def run_kv_benchmark(args: argparse.Namespace) -> dict:
     payload: dict = {"model": args.model or DEFAULT_MODEL_LABEL}
     start = time.perf_counter()
     if "quality" in parts:
-        spec = KVQualitySpec(num_prompts=args.num_prompts, num_text_tokens=args.text_tokens, device=device)
+        formats = tuple(f for f in args.quality_formats.split(",") if f)
+        spec = KVQualitySpec(
+            num_prompts=args.num_prompts, num_text_tokens=args.text_tokens, formats=formats, device=device
+        )
         payload["quality"] = measure_kv_quality(checkpoint, spec, log=print)
     if "capacity" in parts:
         payload["capacity"] = measure_kv_capacity(checkpoint, device=device, log=print)
@@ -50,7 +61,7 @@ def run_kv_benchmark(args: argparse.Namespace) -> dict:
             checkpoint, settings, args.ramp_requests, args.ramp_max_tokens, args.ramp_blocks, device=device
         )
     payload["seconds"] = round(time.perf_counter() - start, 1)
-    path = write_results("kv", torch.device(device), payload, args.result_dir)
+    path = write_results("kv", torch.device(device), payload, args.result_dir, file_stem=args.file_stem)
     print(summary_table(payload.get("quality"), payload.get("capacity")))
     for name, row in payload.get("ramp", {}).get("rows", {}).items():
         agreement = row["agreement"]["agreement_to_divergence"]

@@ -14,6 +14,13 @@ forward pass would measure nothing. Both are scored in steps of `chunk` tokens i
 computes tokens [j * chunk, (j + 1) * chunk) of every sequence in a pack, which attend to the earlier
 steps' tokens (and their own) through the cache, in the measured format. The reference is scored the
 same way over its plain cache, so every row differs from it only in the cache's format.
+
+A whole-block format (int4k: keys per channel over a block's tokens) is never written a token at a
+time, so it is measured as the engine holds it once cold blocks are requantized: generation runs the
+engine as served (new tokens in int8, full blocks moved into int4k between steps, the newest block
+kept); scoring writes each step's tokens into int8 blocks, and moves every block that step filled
+into int4k before the next step reads it, so all full blocks are int4k and only each sequence's
+partial last block stays int8.
 Capacity is measured in kv_capacity.py.
 """
 
@@ -36,7 +43,7 @@ from adaptserve.bench.precision_quality import (
 from adaptserve.bench.release import release_engine
 from adaptserve.bench.runner_scoring import LOGIT_ROWS, scheduled_sequence
 from adaptserve.config import CacheConfig
-from adaptserve.engine.kv_cache.formats import FORMAT_CODES, KV_FORMATS
+from adaptserve.engine.kv_cache.formats import FORMAT_CODES, KV_FORMATS, token_format
 from adaptserve.model.loaders import LoadedCheckpoint
 from adaptserve.runner.inputs import HostBatch, build_host_batch, to_device
 
@@ -177,8 +184,11 @@ def score_in_steps(
     sequences share a step. The runner's engine must be idle: every block is taken."""
     if min(len(s) for s in sequences) < 2:
         raise ValueError("each scored sequence needs >= 2 tokens")
-    block_ids = _claim_blocks(runner, kv_format)
     block_size, max_seqs = runner.block_size, max(1, forward_tokens // chunk)
+    # a whole-block format: each sequence's unfilled blocks live in its token format until full
+    per_pack = min(max_seqs, len(sequences)) * (-(-chunk // block_size) + 1)  # filling + a partial last
+    num_staging = per_pack if token_format(kv_format) != kv_format else 0
+    block_ids, staging = _claim_blocks(runner, kv_format, num_staging)
     results, pack, tables, next_block = [], [], [], 0
     for ids in sequences:
         num_blocks = -(-len(ids) // block_size)
@@ -187,34 +197,55 @@ def score_in_steps(
                 f"a {len(ids)}-token sequence needs {num_blocks} KV blocks; the runner has {len(block_ids)}"
             )
         if pack and (len(pack) == max_seqs or next_block + num_blocks > len(block_ids)):
-            results += _score_pack(runner, pack, tables, chunk)
+            results += _score_pack(runner, pack, tables, chunk, staging)
             pack, tables, next_block = [], [], 0
         pack.append(ids)
         tables.append(block_ids[next_block : next_block + num_blocks])
         next_block += num_blocks
-    return results + _score_pack(runner, pack, tables, chunk)
+    return results + _score_pack(runner, pack, tables, chunk, staging)
 
 
-def _claim_blocks(runner, kv_format: str) -> list[int]:
-    """Hand every chunk of a compressed cache to `kv_format`; the block ids usable in it."""
+def _claim_blocks(runner, kv_format: str, num_staging: int = 0) -> tuple[list[int], list[int]]:
+    """Hand the chunks of a compressed cache to `kv_format`, the first ones, enough for `num_staging`
+    blocks, to its token format; the block ids usable in each."""
     compressed = runner.compressed_kv
     if compressed is None:
         if kv_format != "bf16":
             raise ValueError(f"kv_format={kv_format!r} needs a compressed cache; this runner's is plain")
-        return list(range(runner.num_blocks))
+        return list(range(runner.num_blocks)), []
     g = compressed.geometry
-    compressed.chunk_formats[: g.num_chunks] = FORMAT_CODES[kv_format]  # the padding chunk stays bf16
-    return [
-        chunk * g.max_blocks_per_chunk + index
-        for chunk in range(g.num_chunks)
-        for index in range(g.blocks_per_chunk[kv_format])
-    ]
+    staging_format = token_format(kv_format)
+    num_staging_chunks = -(-num_staging // g.blocks_per_chunk[staging_format])
+    if num_staging_chunks >= g.num_chunks:
+        raise ValueError(
+            f"{num_staging} {staging_format} blocks leave no chunk of {g.num_chunks} for {kv_format}"
+        )
+    formats = [staging_format] * num_staging_chunks + [kv_format] * (g.num_chunks - num_staging_chunks)
+    compressed.chunk_formats[: g.num_chunks] = torch.tensor(
+        [FORMAT_CODES[f] for f in formats]
+    )  # padding: bf16
+    ids = {name: [] for name in formats}
+    for chunk, name in enumerate(formats):
+        ids[name] += [chunk * g.max_blocks_per_chunk + index for index in range(g.blocks_per_chunk[name])]
+    return ids[kv_format], ids.get(staging_format, []) if num_staging_chunks else []
 
 
-def _score_pack(runner, sequences, tables, chunk: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _score_pack(
+    runner, sequences, tables, chunk: int, staging: list[int]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Score one pack. With `staging` blocks (a whole-block format), a block takes its tokens in a
+    staging block and is moved to its own id (`tables`) once the step that fills it has run."""
     argmax = [torch.empty(len(ids), dtype=torch.long) for ids in sequences]
     nll = [torch.empty(len(ids) - 1) for ids in sequences]
+    final_tables, tables = tables, [list(t) for t in tables]  # what each step reads: staged ids until moved
+    free_staging, staged = list(staging), {}  # (sequence, block index) -> its staging block id
+    block_size = runner.block_size
     for start in range(0, max(len(ids) for ids in sequences), chunk):
+        if staging:
+            for i, ids in enumerate(sequences):
+                for b in range(start // block_size, -(-min(len(ids), start + chunk) // block_size)):
+                    if (i, b) not in staged and start < len(ids):
+                        staged[i, b] = tables[i][b] = free_staging.pop()
         scheduled = [
             scheduled_sequence(str(i), ids[start : start + chunk], start, tables[i], ids, [])
             for i, ids in enumerate(sequences)
@@ -233,7 +264,23 @@ def _score_pack(runner, sequences, tables, chunk: int) -> list[tuple[torch.Tenso
             argmax[i][start : start + hi - lo] = step_argmax[lo:hi]
             num_predicted = min(hi - lo, len(sequences[i]) - 1 - start)
             nll[i][start : start + num_predicted] = step_nll[lo : lo + num_predicted]
+        if staging:
+            _move_full_blocks(runner, sequences, start + chunk, staged, tables, final_tables, free_staging)
     return list(zip(argmax, nll, strict=True))
+
+
+def _move_full_blocks(runner, sequences, num_written, staged, tables, final_tables, free_staging) -> None:
+    """Requantize every staged block that `num_written` tokens of its sequence fill into its own
+    (whole-block format) id, as the engine's cold-block moves do, and free its staging block."""
+    block_size, moves = runner.block_size, []
+    for (i, b), src in list(staged.items()):
+        if (b + 1) * block_size <= min(len(sequences[i]), num_written):
+            moves.append((src, final_tables[i][b]))
+            tables[i][b] = final_tables[i][b]
+            free_staging.append(src)
+            del staged[i, b]
+    if moves:
+        runner.compressed_kv.apply([], moves)
 
 
 def _forward(runner, batch: HostBatch, targets: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -206,7 +206,8 @@ class LLMEngine:
         for the host's bookkeeping."""
         start = self.clock()
         outputs = self._propose_drafts(start) if self.speculator is not None else []
-        migrations = requantize_cold_blocks(self.kv_cache, self.config.cache)  # before: steps see the moves
+        # before the schedule: steps see the moves
+        migrations = requantize_cold_blocks(self.kv_cache, self.config.cache, self.scheduler.requests)
         scheduler_output = self.scheduler.schedule(start)
         attach_kv_changes(scheduler_output, self.kv_cache, migrations)
         if self.speculator is not None:

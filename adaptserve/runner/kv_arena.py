@@ -3,8 +3,11 @@
 A block id is `chunk * max_blocks_per_chunk + index`; `chunk_formats[chunk]` (a device tensor every
 layer shares, updated by the runner when the pool hands a chunk to another format) says how to read
 it. For each format the arena keeps typed, strided views over the same bytes:
-data [chunks, blocks, block_size, H, D'] and scales [chunks, blocks, block_size, H, S], for K and V.
-This is the torch reference; the Triton kernels read the same bytes through the same offsets.
+data [chunks, blocks, block_size, H, D'] and scales [chunks, blocks, block_size, H, S], for K and V
+(int4k's K scales: [chunks, blocks, H, 2, D], per block, head and channel). Tokens are written with
+`write`; whole blocks (the runner's requantization moves) with `write_blocks`, the only way into a
+whole-block format (int4k): `write` refuses a slot in one. This is the torch reference; the Triton
+kernels read the same bytes through the same offsets.
 """
 
 from __future__ import annotations
@@ -14,7 +17,14 @@ from dataclasses import dataclass
 import torch
 
 from adaptserve.engine.kv_cache.formats import KV_FORMATS, SCALE_DTYPE, FormatLayout, KVLayout
-from adaptserve.kernels.kv_quant import STORAGE_DTYPES, dequantize, quantize
+from adaptserve.kernels.kv_quant import (
+    STORAGE_DTYPES,
+    dequantize,
+    dequantize_key_blocks,
+    quantize,
+    quantize_key_blocks,
+    value_format,
+)
 
 
 @dataclass
@@ -22,7 +32,7 @@ class _FormatViews:
     fmt: FormatLayout
     k_data: torch.Tensor  # [C, n, bs, H, D']
     v_data: torch.Tensor
-    k_scales: torch.Tensor | None  # [C, n, bs, H, S]
+    k_scales: torch.Tensor | None  # [C, n, bs, H, S]; int4k: [C, n, H, 2, D]
     v_scales: torch.Tensor | None
     blocks_per_chunk: int
 
@@ -51,14 +61,17 @@ class KVArena:
         dtype = layout.native_dtype if fmt.name == "bf16" else STORAGE_DTYPES[fmt.name]
         shape = (num_chunks, count, layout.block_size, layout.num_kv_heads, -1)
 
-        def region(start: int, size: int, region_dtype) -> torch.Tensor:
-            return blocks[..., start : start + size].view(region_dtype).view(shape)
+        def region(start: int, size: int, region_dtype, region_shape=shape) -> torch.Tensor:
+            return blocks[..., start : start + size].view(region_dtype).view(region_shape)
 
         scales = (None, None)
-        if fmt.scale_bytes:
+        if fmt.v_scale_bytes:
+            k_shape = (
+                (num_chunks, count, layout.num_kv_heads, 2, layout.head_dim) if fmt.whole_block else shape
+            )
             scales = (
-                region(fmt.k_scales, fmt.scale_bytes, SCALE_DTYPE),
-                region(fmt.v_scales, fmt.scale_bytes, SCALE_DTYPE),
+                region(fmt.k_scales, fmt.k_scale_bytes, SCALE_DTYPE, k_shape),
+                region(fmt.v_scales, fmt.v_scale_bytes, SCALE_DTYPE),
             )
         return _FormatViews(
             fmt,
@@ -75,13 +88,19 @@ class KVArena:
         return chunks, block_ids % self.max_blocks_per_chunk, self.chunk_formats[chunks].long()
 
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v: [T, H, D] quantized into their slots [T] (block_id * block_size + offset)."""
+        """k, v: [T, H, D] quantized into their slots [T] (block_id * block_size + offset). A slot in a
+        block of a whole-block format (int4k) is refused: those blocks are only written whole."""
         layout = self.layout
         block_size = layout.block_size
         chunks, index, codes = self._locate(slots // block_size)
         offsets = slots.long() % block_size
         for code in codes.unique().tolist():
             views = self.views[KV_FORMATS[code]]
+            if views.fmt.whole_block:
+                raise ValueError(
+                    f"cannot write single tokens into {views.fmt.name} blocks: that format is only "
+                    "written as whole full blocks (write_blocks, the requantization of cold blocks)"
+                )
             rows = (codes == code).nonzero().squeeze(1)  # [t]
             where = (chunks[rows], index[rows].clamp(max=views.blocks_per_chunk - 1), offsets[rows])
             for x, data, scales in ((k, views.k_data, views.k_scales), (v, views.v_data, views.v_scales)):
@@ -89,6 +108,30 @@ class KVArena:
                 data[where] = q
                 if scales is not None:
                     scales[where] = s
+
+    def write_blocks(self, block_ids: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: [M, block_size, H, D] quantized into whole blocks block_ids [M], each in its chunk's
+        format; int4k keys take their per-channel scales over the block's tokens."""
+        chunks, index, codes = self._locate(block_ids)
+        for code in codes.unique().tolist():
+            views = self.views[KV_FORMATS[code]]
+            rows = (codes == code).nonzero().squeeze(1)  # [m]
+            where = (chunks[rows], index[rows].clamp(max=views.blocks_per_chunk - 1))
+            name = views.fmt.name
+            if views.fmt.whole_block:
+                views.k_data[where], views.k_scales[where] = quantize_key_blocks(k[rows])
+                name = value_format(name)
+            else:
+                self._write_block_tokens(views.k_data, views.k_scales, where, k[rows], name)
+            self._write_block_tokens(views.v_data, views.v_scales, where, v[rows], name)
+
+    def _write_block_tokens(self, data, scales, where, x: torch.Tensor, name: str) -> None:
+        """x [m, bs, H, D] quantized a token at a time in `name` into the blocks at `where`."""
+        layout = self.layout
+        q, s = quantize(x.flatten(0, 1), name, layout.int4_group_size, layout.native_dtype)  # [m * bs, H, *]
+        data[where] = q.view(*x.shape[:2], *q.shape[1:])
+        if scales is not None:
+            scales[where] = s.view(*x.shape[:2], *s.shape[1:])
 
     def read_blocks(self, block_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """block ids [N] -> dequantized (k, v), each [N, block_size, H, D] in `dtype`."""
@@ -102,16 +145,24 @@ class KVArena:
             rows = (codes == code).nonzero().squeeze(1)  # [n]
             # a padded table entry may point past a chunk's blocks: its rows are masked, any block will do
             where = (chunks[rows], index[rows].clamp(max=views.blocks_per_chunk - 1))
-            for out, data, scales in ((k, views.k_data, views.k_scales), (v, views.v_data, views.v_scales)):
-                flat = data[where].flatten(0, 1)  # [n * bs, H, D']
-                flat_scales = None if scales is None else scales[where].flatten(0, 1)
-                values = dequantize(flat, flat_scales, views.fmt.name, layout.int4_group_size, dtype)
-                out[rows] = values.view(rows.shape[0], *shape[1:])
+            name = views.fmt.name
+            if views.fmt.whole_block:
+                k[rows] = dequantize_key_blocks(views.k_data[where], views.k_scales[where], dtype)
+                name = value_format(name)
+            else:
+                k[rows] = self._read_block_tokens(views.k_data, views.k_scales, where, name, dtype)
+            v[rows] = self._read_block_tokens(views.v_data, views.v_scales, where, name, dtype)
         return k, v
+
+    def _read_block_tokens(self, data, scales, where, name: str, dtype) -> torch.Tensor:
+        """The blocks at `where` of a per-token format's region -> [n, bs, H, D] in `dtype`."""
+        layout = self.layout
+        blocks = data[where]  # [n, bs, H, D']
+        flat_scales = None if scales is None else scales[where].flatten(0, 1)  # [n * bs, H, S]
+        values = dequantize(blocks.flatten(0, 1), flat_scales, name, layout.int4_group_size, dtype)
+        return values.view(*blocks.shape[:3], layout.head_dim)
 
     def migrate(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy whole blocks src [M] -> dst [M], requantizing into each destination's format."""
-        layout = self.layout
         k, v = self.read_blocks(src, torch.float32)  # [M, bs, H, D]
-        slots = dst.long()[:, None] * layout.block_size + torch.arange(layout.block_size, device=dst.device)
-        self.write(slots.flatten(), k.flatten(0, 1), v.flatten(0, 1))
+        self.write_blocks(dst, k, v)

@@ -1,6 +1,7 @@
 """The runner's side of KV compression: the chunk geometry the block pool mirrors, one KVArena per
 layer, the chunk-format table they share, and applying a step's chunk hand-overs and block
-requantizations before its forward pass."""
+requantizations before its forward pass. A move copies a whole full block (the engine moves only
+blocks it will never write again), so it may land in a whole-block format (int4k)."""
 
 from __future__ import annotations
 
@@ -84,10 +85,7 @@ class CompressedKVCache:
             codes = torch.tensor([FORMAT_CODES[f] for _, f in chunk_formats], dtype=torch.int8, device=device)
             self.chunk_formats[chunks] = codes
         if migrations:
-            block_size = self.geometry.layout.block_size
-            dst = torch.tensor([d for _, d in migrations], device=device)
-            offsets = torch.arange(block_size, device=device)  # [bs]
-            slots = (dst[:, None] * block_size + offsets).flatten()  # [M * bs]
+            dst = torch.tensor([d for _, d in migrations], device=device)  # [M]
             for arena, (k, v) in zip(self.arenas, moved, strict=True):
-                arena.write(slots, k.flatten(0, 1), v.flatten(0, 1))
+                arena.write_blocks(dst, k, v)  # whole blocks: int4k keys take per-channel scales
             self.num_requantized_blocks += len(migrations)

@@ -136,6 +136,7 @@ def test_a_second_breach_reverts_one_more_level():
     [
         ({"ladder": ("bf16", "fp4")}, "unknown format 'fp4'"),
         ({"ladder": ("bf16", "int4", "int8")}, "ladder"),
+        ({"ladder": ("bf16", "int4", "int4k")}, "ladder"),  # int4k is above int4
         ({"ladder": ("int8", "int4")}, "ladder"),
         ({"ladder": ("bf16",)}, "ladder"),
         ({"enter": (0.9, 0.8)}, "enter"),
@@ -185,3 +186,21 @@ def test_a_format_measured_over_budget_is_never_entered():
     for t in range(6, 10):
         loop.round(float(t), 0.97, preemptions=1)
     assert loop.formats() == [(1.0, "int8"), (7.0, "int4")]
+
+
+def test_int4k_is_opt_in_and_a_ladder_level_between_int8_and_int4():
+    assert "int4k" not in KVPolicySettings().ladder  # the default ladder is unchanged
+    loop = Loop(ladder=("bf16", "int8", "int4k", "int4"), horizon_s=0)
+    assert loop.policy.enter == (0.80, 0.85, 0.90)
+    for t, usage in enumerate([0.82, 0.82, 0.87, 0.87, 0.95, 0.95, 0.50, 0.50]):
+        loop.round(float(t), usage)
+    assert loop.formats() == [(1.0, "int8"), (3.0, "int4k"), (5.0, "int4"), (7.0, "bf16")]
+    assert loop.switches[1][2] == "kv usage 0.87 > 0.85: write int4k"
+
+
+def test_int4k_measured_over_budget_caps_the_ladder_at_int8():
+    loop = Loop(ladder=("bf16", "int8", "int4k", "int4"), horizon_s=0, cooldown_s=0.0)
+    loop.policy.format_errors = {"int8": 0.01, "int4k": 0.08, "int4": 0.2}
+    for t in range(4):
+        loop.round(float(t), 0.97, preemptions=1)
+    assert loop.formats() == [(1.0, "int8")] and loop.policy.floor_level == 1

@@ -55,6 +55,19 @@ def test_int4_cache_raises_perplexity_over_int8(smollm2):
     assert math.exp(int4) > math.exp(int8) * 1.02  # 4 bits a channel, a scale and minimum per 64
 
 
+def test_int4k_scoring_moves_every_full_block_and_beats_int4(smollm2):
+    """int4k is scored as the engine settles it: each block a step fills moves from int8 into int4k
+    before the next step reads it; only the partial last blocks stay int8."""
+    ids = text_tokens(smollm2.tokenizer, 256)
+    windows = [ids[:128], ids[128:200]]  # 8 + 4 full blocks, and 8 tokens of a partial one
+    runner = _engine(smollm2, "int4k").engine.runner
+    scored = score_in_steps(runner, windows, "int4k", 16, 2048)
+    assert runner.compressed_kv.num_requantized_blocks == 8 + 4
+    int4k = sum(float(nll.sum()) for _, nll in scored) / sum(len(nll) for _, nll in scored)
+    int4 = _text_nll(smollm2, "int4", windows)
+    assert math.isfinite(int4k) and math.exp(int4k) < math.exp(int4)
+
+
 @pytest.fixture(scope="module")
 def measured(smollm2):
     return measure_kv_quality(smollm2, SLICE)
@@ -100,3 +113,8 @@ def test_int8_cache_runs_more_sequences_at_the_same_budget(smollm2):
     for row in rows.values():
         assert row["generated_tokens"] == result["settings"]["num_requests"] * 4
     assert json.loads(json.dumps(result)) == result
+
+
+def test_capacity_refuses_a_whole_block_format(smollm2):
+    with pytest.raises(ValueError, match=r"formats=\['int4k'\] take new blocks in another format"):
+        measure_kv_capacity(smollm2, formats=("bf16", "int4k"))

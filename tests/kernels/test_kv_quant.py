@@ -10,6 +10,9 @@ Error bounds used below (s = the stored fp16 scale of a token and head, or of an
   2^-4 of |x|; below it the subnormal grid's spacing is 2^-9, so the error is at most 2^-10 * s.
 - relative Frobenius error on unit normal data: int8 about 0.0065, fp8 about 0.026, int4 about 0.09
   with groups of 64 (0.08 with 32); a few outlier channels (10x) inflate every per-token scale.
+- int4k keys (per block, head and channel, over the block's 16 tokens): codes round((x - m) / s) with
+  m, s per channel, so again |error| <= s / 2; about 0.065 on unit normal data (16 values span less
+  than 64), and outlier channels cost the other channels nothing.
 """
 
 from __future__ import annotations
@@ -18,7 +21,15 @@ import pytest
 import torch
 
 from adaptserve.engine.kv_cache.formats import SCALE_DTYPE
-from adaptserve.kernels.kv_quant import FP8_MAX, STORAGE_DTYPES, dequantize, quantize
+from adaptserve.kernels.kv_quant import (
+    FP8_MAX,
+    STORAGE_DTYPES,
+    dequantize,
+    dequantize_key_blocks,
+    quantize,
+    quantize_key_blocks,
+    value_format,
+)
 
 N, H, D = 64, 4, 128
 OUTLIER_CHANNELS = [5, 77, 100]
@@ -213,7 +224,77 @@ def test_int4_stored_scale_and_min_are_the_ones_used(group_size):
 def test_storage_dtypes_cover_the_quantized_formats():
     x = _normal()[:2]
     for name, dtype in STORAGE_DTYPES.items():
-        assert quantize(x, name, 64, torch.float32)[0].dtype == dtype
+        if name == "int4k":
+            assert quantize_key_blocks(x[None])[0].dtype == dtype
+            assert quantize(x, value_format(name), 64, torch.float32)[0].dtype == dtype
+        else:
+            assert quantize(x, name, 64, torch.float32)[0].dtype == dtype
+
+
+# ---- int4k: keys per block, head and channel -----------------------------------------------------
+
+BS = 16  # tokens per block
+
+
+def _key_blocks(x: torch.Tensor) -> torch.Tensor:
+    """[N, H, D] tokens as [N / BS, BS, H, D] blocks."""
+    return x.view(-1, BS, H, D)
+
+
+def _key_round_trip(blocks: torch.Tensor) -> torch.Tensor:
+    return dequantize_key_blocks(*quantize_key_blocks(blocks), torch.float32)
+
+
+def test_int4k_refuses_a_token_alone():
+    with pytest.raises(ValueError, match="int4k keys are quantized per block"):
+        quantize(_normal()[:2], "int4k", 64, torch.float32)
+    assert value_format("int4k") == "int4" and value_format("int8") == "int8"
+
+
+@pytest.mark.parametrize("make", [_normal, _with_outliers])
+def test_int4k_keys_error_within_half_a_step_per_channel(make):
+    blocks = _key_blocks(make())  # [B, bs, H, D]
+    packed, scales = quantize_key_blocks(blocks)
+    assert packed.dtype == torch.uint8 and packed.shape == (N // BS, BS, H, D // 2)
+    assert scales.dtype == SCALE_DTYPE and scales.shape == (N // BS, H, 2, D)
+    step, low = scales.float()[:, None, :, 0], scales.float()[:, None, :, 1]  # [B, 1, H, D] each
+    assert torch.equal(low, blocks.amin(dim=1, keepdim=True).to(SCALE_DTYPE).float())
+    error = (dequantize_key_blocks(packed, scales, torch.float32) - blocks).abs()  # [B, bs, H, D]
+    assert (error <= 0.501 * step + 2.0**-11 * low.abs()).all()
+    assert _rel_frobenius(dequantize_key_blocks(packed, scales, torch.float32), blocks) < 0.07
+
+
+def test_int4k_outlier_channels_cost_the_other_channels_nothing():
+    x = _with_outliers()  # [N, H, D]
+    others = torch.ones(D, dtype=torch.bool)
+    others[OUTLIER_CHANNELS] = False
+    per_channel = _key_round_trip(_key_blocks(x)).view(N, H, D)
+    per_token = _round_trip(x, "int4", 64)
+    baseline = _round_trip(_normal(), "int4", 64)  # per-token int4 without outliers
+    error_k = _rel_frobenius(per_channel[..., others], x[..., others])
+    error_t = _rel_frobenius(per_token[..., others], x[..., others])
+    # per token, each group's step is set by its outlier: the other channels lose several times more
+    assert error_t > 3 * error_k
+    assert error_k < 0.07 and error_k < _rel_frobenius(baseline, _normal())
+    assert _rel_frobenius(per_channel, x) < 0.07  # the outlier channels themselves: 16 values each
+
+
+def test_int4k_codes_and_scales_of_a_hand_computed_block():
+    # one head, two channels, 4 tokens: channel 0 spans -1..14 (scale 1), channel 1 spans 0..7.5 (0.5)
+    x = torch.tensor([[-1.0, 0.0], [14.0, 7.5], [3.0, 3.6], [6.4, 1.0]]).view(1, 4, 1, 2)  # [1, bs, H, D]
+    packed, scales = quantize_key_blocks(x)
+    # codes: channel 0 (x + 1) / 1 = [0, 15, 4, 7.4 -> 7]; channel 1 x / 0.5 = [0, 15, 7.2 -> 7, 2]
+    assert packed.view(4).tolist() == [0 | 0 << 4, 15 | 15 << 4, 4 | 7 << 4, 7 | 2 << 4]
+    assert scales.tolist() == [[[[1.0, 0.5], [-1.0, 0.0]]]]  # per head: the D scales, then the D minimums
+    out = dequantize_key_blocks(packed, scales, torch.float32)
+    assert out.view(4, 2).tolist() == [[-1.0, 0.0], [14.0, 7.5], [3.0, 3.5], [6.0, 1.0]]
+
+
+def test_int4k_constant_channels_round_trip_exactly():
+    x = torch.full((1, BS, 2, 4), -0.75)  # [1, bs, H, D]; exact in fp16, so the stored minimum is exact
+    x[..., 1, :] = 2.5
+    x[..., 3] = 0.0  # an all-zero channel: the scale floor, no NaN
+    assert torch.equal(_key_round_trip(x), x)
 
 
 @pytest.mark.parametrize("name", ["int2", "fp16", ""])

@@ -6,6 +6,9 @@ even as torch does, in the interpreter and on the GPU alike. The reference arena
 the CPU: CUDA's torch turns `amax / 127.0` into a multiplication by the reciprocal, which can land one
 float32 ulp away from the division (the CPU's and the kernel's) and so round a scale the other way.
 
+int4k blocks (keys per channel) are only ever written whole (KVArena.write_blocks, the runner's
+requantization moves): the write kernel must leave them untouched, and decode reads them like the rest.
+
 Decode is compared with torch_ref's decode over KVArena.read_blocks within 1e-3 (float32) / 2e-2
 (bfloat16). Every byte of the arena that no sequence may read starts as 0xFF, which dequantizes to NaN
 in every format (the fp16 scales are NaN), and the output starts as NaN: reading past a context or
@@ -72,9 +75,11 @@ def _head_vectors(num_tokens, num_kv_heads, head_dim, generator, spread: float =
 
 
 def _compare_writes(layout, chunk_formats, slots, k, v) -> None:
-    """The kernel's bytes equal KVArena.write's (on the CPU) everywhere; negative slots write nothing."""
+    """The kernel's bytes equal KVArena.write's (on the CPU) everywhere; negative slots, and slots in
+    int4k blocks (whole blocks only), write nothing."""
     expected = _arena(layout, chunk_formats, device="cpu")
-    keep = slots >= 0
+    codes = expected.chunk_formats[(slots // BLOCK_SIZE // expected.max_blocks_per_chunk).clamp(min=0)]
+    keep = (slots >= 0) & (codes != FORMAT_CODES["int4k"])
     expected.write(slots[keep], k[keep].cpu(), v[keep].cpu())
     arena = _arena(layout, chunk_formats)
     write_kv_compressed(arena, slots.to(DEVICE), k.to(DEVICE), v.to(DEVICE))
@@ -137,6 +142,22 @@ def _tie_vectors(name: str, num_vectors: int, head_dim: int, group: int) -> torc
     return vectors.view(num_vectors, head_dim)
 
 
+def test_write_skips_int4k_blocks():
+    """A token in an int4k block (which the block pool never hands to a write) leaves every byte of
+    that chunk as it was; the tokens around it are written as usual."""
+    g = torch.Generator().manual_seed(8)
+    layout = KVLayout(BLOCK_SIZE, 2, 32, torch.float32, int4_group_size=16)
+    chunk_formats = ["int8", "int4k", "int4"]
+    all_slots = _slots(_arena(layout, chunk_formats, "cpu"))
+    slots = all_slots[torch.randperm(all_slots.shape[0], generator=g)[:24]]  # [T] over the three chunks
+    int4k_chunk = slots // BLOCK_SIZE // _arena(layout, chunk_formats, "cpu").max_blocks_per_chunk == 1
+    assert 0 < int4k_chunk.sum() < 24
+    _compare_writes(layout, chunk_formats, slots, _head_vectors(24, 2, 32, g), _head_vectors(24, 2, 32, g))
+    arena = _arena(layout, chunk_formats)
+    write_kv_compressed(arena, slots.to(DEVICE), *[_head_vectors(24, 2, 32, g).to(DEVICE)] * 2)
+    assert (arena.bytes[1] == 0xFF).all()
+
+
 @pytest.mark.parametrize("name", ["fp8", "int8", "int4"])
 def test_write_rounds_ties_to_even(name):
     layout = KVLayout(BLOCK_SIZE, 2, 64, torch.float32, int4_group_size=16)
@@ -149,8 +170,9 @@ def test_write_rounds_ties_to_even(name):
 
 
 def _decode_inputs(layout, chunk_formats, lens, group, seed):
-    """An arena whose sequences' context slots hold random K/V (written by KVArena.write) and whose
-    every other byte is 0xFF; a block table of shuffled blocks from chunks of every format; q."""
+    """An arena whose sequences' context slots hold random K/V (written by KVArena.write; an int4k
+    block whole, by KVArena.write_blocks, its rows past the context too) and whose every other byte
+    is 0xFF; a block table of shuffled blocks from chunks of every format; q."""
     g = torch.Generator().manual_seed(seed)
     arena = _arena(layout, chunk_formats)
     block_ids = torch.tensor(_block_ids(arena))
@@ -162,11 +184,20 @@ def _decode_inputs(layout, chunk_formats, lens, group, seed):
         num_blocks = -(-length // BLOCK_SIZE)
         block_table[n, :num_blocks] = block_ids[used : used + num_blocks]
         used += num_blocks
-        positions = torch.arange(length)  # [L]
+        positions = torch.arange(num_blocks * BLOCK_SIZE)  # [L rounded up to whole blocks]
         slots = block_table[n, positions // BLOCK_SIZE].long() * BLOCK_SIZE + positions % BLOCK_SIZE
-        shape = (length, layout.num_kv_heads, layout.head_dim)
-        k = _head_vectors(max(length, 1), *shape[1:], g, spread=0.5)[:length]  # softmax not one-hot
-        arena.write(slots.to(DEVICE), k.to(DEVICE), torch.randn(shape, generator=g).to(DEVICE))
+        shape = (positions.shape[0], layout.num_kv_heads, layout.head_dim)
+        k = _head_vectors(max(shape[0], 1), *shape[1:], g, spread=0.5)[: shape[0]]  # softmax not one-hot
+        v = torch.randn(shape, generator=g)
+        codes = arena.chunk_formats.cpu()[slots // BLOCK_SIZE // arena.max_blocks_per_chunk]  # [L]
+        whole = codes == FORMAT_CODES["int4k"]
+        tokens = ~whole & (positions < length)
+        arena.write(slots[tokens].to(DEVICE), k[tokens].to(DEVICE), v[tokens].to(DEVICE))
+        blocks = whole.view(-1, BLOCK_SIZE)[:, 0]  # [num_blocks] the int4k blocks
+        if blocks.any():
+            k_blocks, v_blocks = (x.view(num_blocks, BLOCK_SIZE, *shape[1:])[blocks] for x in (k, v))
+            ids = block_table[n, :num_blocks][blocks]
+            arena.write_blocks(ids.to(DEVICE), k_blocks.to(DEVICE), v_blocks.to(DEVICE))
     assert used < block_ids.shape[0], "the arena is too small for these contexts"
     q = torch.randn(len(lens), layout.num_kv_heads * group, layout.head_dim, generator=g)  # [N, H, D]
     context_lens = torch.tensor(lens, dtype=torch.int32)
@@ -200,8 +231,9 @@ def _reference(q, arena, block_table, context_lens, scale) -> torch.Tensor:
 )
 def test_decode_matches_reference(native_dtype, num_kv_heads, head_dim, int4_group, num_splits, lens):
     layout = KVLayout(BLOCK_SIZE, num_kv_heads, head_dim, native_dtype, int4_group_size=int4_group)
-    chunk_formats = ["bf16", "int4", "fp8", "int8", "int4", "fp8", "int8", "bf16"]
+    chunk_formats = ["bf16", "int4", "int4k", "fp8", "int8", "int4", "fp8", "int4k", "int8", "bf16"]
     arena, q, block_table, context_lens = _decode_inputs(layout, chunk_formats, lens, 3, seed=head_dim)
+    assert (arena.chunk_formats[block_table.long() // arena.max_blocks_per_chunk] == 3).any()
     scale = head_dim**-0.5
     out = torch.full_like(q, float("nan"))  # [N, H, D]
     result = decode_attention_compressed(

@@ -2,7 +2,10 @@
 
 KV memory is cut into equal chunks; a chunk holds `chunk_bytes // block_bytes(format)` blocks of the
 format it was handed to, so a chunk of int4 blocks holds about 3.5 times as many as one of bf16
-blocks. New blocks are taken in `write_format` (the KV policy's knob). A chunk whose blocks are all
+blocks. `write_format` is the KV policy's knob: cold blocks are requantized into it, and new blocks
+are taken in `token_format`, the same format unless it is a whole-block one (int4k, see formats.py),
+whose new blocks are taken in its per-token stand-in (int8) and reach int4k only as full blocks moved
+by requantization (`get_new_blocks(..., for_move=True)`). A chunk whose blocks are all
 unreferenced goes back to the free chunks (at once when none holds a cached prefix; otherwise when a
 format needs a chunk, evicting those prefixes), so memory freed in one format is usable by another.
 
@@ -17,6 +20,7 @@ from collections.abc import Iterable
 
 from adaptserve.engine.kv_cache.block import KVCacheBlock
 from adaptserve.engine.kv_cache.block_pool import FreeBlockQueue, PrefixCache
+from adaptserve.engine.kv_cache.formats import token_format
 
 
 class ChunkedBlockPool(PrefixCache):
@@ -58,9 +62,14 @@ class ChunkedBlockPool(PrefixCache):
 
     @write_format.setter
     def write_format(self, name: str) -> None:
-        if name not in self.blocks_per_chunk:
+        if name not in self.blocks_per_chunk or token_format(name) not in self.blocks_per_chunk:
             raise ValueError(f"unknown KV format {name!r}; known: {sorted(self.blocks_per_chunk)}")
         self._write_format = name
+
+    @property
+    def token_format(self) -> str:
+        """The format new blocks (filled a token at a time) are taken in."""
+        return token_format(self._write_format)
 
     def chunk_of(self, block: KVCacheBlock) -> int:
         return block.block_id // self.max_blocks_per_chunk
@@ -70,23 +79,22 @@ class ChunkedBlockPool(PrefixCache):
 
     @property
     def num_free_blocks(self) -> int:
-        """Blocks of the write format that can be handed out now (reclaiming idle chunks included),
+        """Blocks of the token format that can be handed out now (reclaiming idle chunks included),
         the reserve kept back."""
-        return self._free_blocks(self.reserve_chunks)
+        return self._free_blocks(self.token_format, self.reserve_chunks)
 
     @property
     def num_free_blocks_for_moves(self) -> int:
         """Blocks of the write format requantization may take: the reserve included."""
-        return self._free_blocks(0)
+        return self._free_blocks(self._write_format, 0)
 
-    def _free_blocks(self, reserve: int) -> int:
-        name = self._write_format
+    def _free_blocks(self, name: str, reserve: int) -> int:
         spare = len(self.free_chunks) + sum(len(c) for n, c in self.idle_chunks.items() if n != name)
         return len(self.queues[name]) + max(0, spare - reserve) * self.blocks_per_chunk[name]
 
     def free_capacity_after(self, hit_blocks: Iterable[KVCacheBlock]) -> int:
         """`num_free_blocks` once the prefix hits `hit_blocks` are referenced."""
-        name, lost, lost_chunks = self._write_format, 0, set()
+        name, lost, lost_chunks = self.token_format, 0, set()
         for block in hit_blocks:
             if block.ref_cnt:
                 continue
@@ -107,16 +115,19 @@ class ChunkedBlockPool(PrefixCache):
         """Referenced blocks per format."""
         return dict(self.referenced_blocks)
 
-    def get_new_blocks(self, num_blocks: int, use_reserve: bool = False) -> list[KVCacheBlock]:
-        """`num_blocks` blocks of the write format, each with ref_cnt 1 and no hash."""
-        free = self.num_free_blocks_for_moves if use_reserve else self.num_free_blocks
+    def get_new_blocks(self, num_blocks: int, for_move: bool = False) -> list[KVCacheBlock]:
+        """`num_blocks` blocks, each with ref_cnt 1 and no hash: of the token format for new tokens, or
+        with `for_move` of the write format, the reserve included, for whole blocks requantization
+        copies (the only blocks a whole-block format like int4k receives)."""
+        name = self._write_format if for_move else self.token_format
+        free = self.num_free_blocks_for_moves if for_move else self.num_free_blocks
         if num_blocks > free:
             raise ValueError(f"asked for {num_blocks} blocks, only {free} are free")
-        queue = self.queues[self._write_format]
+        queue = self.queues[name]
         new_blocks = []
         for _ in range(num_blocks):
             if not len(queue):
-                self._take_chunk(self._write_format)
+                self._take_chunk(name)
             block = queue.popleft()
             self._evict(block)
             self._reference(block)

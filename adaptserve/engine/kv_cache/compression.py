@@ -3,11 +3,14 @@ into the write format before each step, and the memory changes a step carries to
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from adaptserve.config import CacheConfig
 from adaptserve.engine.kv_cache.block_pool import BlockPool
 from adaptserve.engine.kv_cache.chunk_pool import ChunkedBlockPool
 from adaptserve.engine.kv_cache.manager import KVCacheManager
 from adaptserve.engine.outputs import SchedulerOutput
+from adaptserve.engine.request import Request
 
 
 def build_block_pool(cache: CacheConfig, runner) -> BlockPool | ChunkedBlockPool:
@@ -23,11 +26,19 @@ def build_block_pool(cache: CacheConfig, runner) -> BlockPool | ChunkedBlockPool
     )
 
 
-def requantize_cold_blocks(kv_cache: KVCacheManager, cache: CacheConfig) -> list[tuple[int, int]]:
-    """Up to `kv_requantize_blocks` cold blocks moved into the write format (none for a plain cache)."""
-    if not isinstance(kv_cache.block_pool, ChunkedBlockPool):
+def requantize_cold_blocks(
+    kv_cache: KVCacheManager, cache: CacheConfig, requests: Mapping[str, Request]
+) -> list[tuple[int, int]]:
+    """Up to `kv_requantize_blocks` cold blocks moved into the write format (none for a plain cache).
+    A whole-block format (int4k) takes only blocks full of each request's settled tokens: computed,
+    and not drafts still in flight (a rejected draft's block is refilled a token at a time)."""
+    pool = kv_cache.block_pool
+    if not isinstance(pool, ChunkedBlockPool):
         return []
-    return kv_cache.requantize_cold(cache.kv_requantize_blocks, cache.kv_keep_recent_blocks)
+    settled = None
+    if pool.write_format != pool.token_format:
+        settled = {rid: r.num_computed_tokens - r.num_drafts_in_flight for rid, r in requests.items()}
+    return kv_cache.requantize_cold(cache.kv_requantize_blocks, cache.kv_keep_recent_blocks, settled)
 
 
 def attach_kv_changes(output: SchedulerOutput, kv_cache: KVCacheManager, migrations: list[tuple[int, int]]):

@@ -164,11 +164,18 @@ class KVCacheManager:
             del req_blocks[num_needed:]
             self.block_pool.free_blocks(reversed(surplus))
 
-    def requantize_cold(self, max_blocks: int, keep_recent_blocks: int) -> list[tuple[int, int]]:
+    def requantize_cold(
+        self, max_blocks: int, keep_recent_blocks: int, settled_tokens: dict[str, int] | None = None
+    ) -> list[tuple[int, int]]:
         """Move up to `max_blocks` cold blocks (all but each request's last `keep_recent_blocks`,
         held by one request only) whose format is above the write format into new blocks of the write
         format. Blocks of the emptiest chunks go first, so whole chunks come free. Returns the
-        (source, destination) block ids; the runner copies them before the next step's writes."""
+        (source, destination) block ids; the runner copies them before the next step's writes.
+
+        Into a whole-block format (int4k) only full blocks that are never written again may move:
+        those within `settled_tokens[request id]`, the request's computed tokens that no rejected
+        draft can roll back (required then; a block partly held by in-flight drafts may be trimmed
+        and refilled a token at a time)."""
         pool = self.block_pool
         if not isinstance(pool, ChunkedBlockPool) or max_blocks <= 0:
             return []
@@ -176,16 +183,24 @@ class KVCacheManager:
         rank = list(pool.blocks_per_chunk)  # formats, high to low precision
         if target == rank[0]:  # nothing is above the write format: skip the scan (every step at bf16)
             return []
+        whole_blocks = target != pool.token_format
+        if whole_blocks and settled_tokens is None:
+            raise ValueError(
+                f"requantizing into {target} (whole blocks only) needs settled_tokens per request"
+            )
         candidates = []  # (chunk's referenced blocks, request id, position)
         for request_id, blocks in self.req_to_blocks.items():
-            for i, block in enumerate(blocks[: max(0, len(blocks) - keep_recent_blocks)]):
+            num_cold = max(0, len(blocks) - keep_recent_blocks)
+            if whole_blocks:
+                num_cold = min(num_cold, settled_tokens.get(request_id, 0) // self.block_size)
+            for i, block in enumerate(blocks[:num_cold]):
                 if block.ref_cnt == 1 and rank.index(pool.format_of(block)) < rank.index(target):
                     candidates.append((pool.chunk_referenced[pool.chunk_of(block)], request_id, i))
         candidates.sort()
         moves = []
         for _, request_id, i in candidates[: min(max_blocks, pool.num_free_blocks_for_moves)]:
             blocks = self.req_to_blocks[request_id]
-            src, (dst,) = blocks[i], pool.get_new_blocks(1, use_reserve=True)
+            src, (dst,) = blocks[i], pool.get_new_blocks(1, for_move=True)
             pool.move_hash(src, dst)
             blocks[i] = dst
             pool.free_blocks([src])

@@ -10,7 +10,12 @@ The error monitor (KVErrorMonitor) samples steps; on a sampled step it takes one
 K/V, whose exact values are at hand, and measures for each format what storing them would cost:
 the relative reconstruction error of K and V, and the relative error of the prompt's attention
 output (same queries, exact K/V against the format's round trip): a bf16 shadow of exactly the
-tokens being measured.
+tokens being measured. int4k's round trip is the cache's settled state: full blocks in int4k (keys
+per channel), the partial last block in its per-token stand-in.
+
+int4k blocks are read like any other (read_blocks dequantizes keys with their per-channel scales);
+they are never written here: new tokens land in per-token formats, and the runner's requantization
+moves whole full blocks into int4k (KVArena.write_blocks).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import random
 
 import torch
 
+from adaptserve.engine.kv_cache.formats import WHOLE_BLOCK_FORMATS, token_format
 from adaptserve.kernels.attention.metadata import AttentionMetadata
 from adaptserve.kernels.attention.torch_ref import (
     _attention,
@@ -27,7 +33,13 @@ from adaptserve.kernels.attention.torch_ref import (
     chunk_after_context,
     grouped_decode,
 )
-from adaptserve.kernels.kv_quant import dequantize, quantize
+from adaptserve.kernels.kv_quant import (
+    dequantize,
+    dequantize_key_blocks,
+    quantize,
+    quantize_key_blocks,
+    value_format,
+)
 from adaptserve.model.rope import apply_rope
 from adaptserve.runner.kv_arena import KVArena
 
@@ -58,8 +70,8 @@ class KVErrorMonitor:
         self._armed_layer = None
         exact = _attention(q, k, v, scale).float()  # [Q, H, D]
         for name in self.formats:
-            k_hat = _round_trip(k, name, layout)
-            v_hat = _round_trip(v, name, layout)
+            k_hat = _round_trip(k, name, layout, is_key=True)
+            v_hat = _round_trip(v, name, layout, is_key=False)
             approx = _attention(q, k_hat, v_hat, scale).float()
             self._update(self.attention_error, name, _relative(approx, exact))
             self._update(self.reconstruction_error, name, (_relative(k_hat, k) + _relative(v_hat, v)) / 2)
@@ -149,9 +161,22 @@ class CompressedKVAttention:
         return chunk_after_context(q, k, v, seq, scale)
 
 
-def _round_trip(x: torch.Tensor, name: str, layout) -> torch.Tensor:
-    data, scales = quantize(x, name, layout.int4_group_size, layout.native_dtype)
-    return dequantize(data, scales, name, layout.int4_group_size, x.dtype)
+def _round_trip(x: torch.Tensor, name: str, layout, is_key: bool) -> torch.Tensor:
+    """x [Q, KVH, D] as the cache would hold it in format `name`. For int4k, as it settles: the full
+    blocks' worth of tokens requantized (keys per channel over each run of block_size tokens, values
+    int4), the partial tail in the per-token stand-in (int8)."""
+    group = layout.int4_group_size
+    if name not in WHOLE_BLOCK_FORMATS:
+        data, scales = quantize(x, name, group, layout.native_dtype)
+        return dequantize(data, scales, name, group, x.dtype)
+    num_full = x.shape[0] // layout.block_size * layout.block_size
+    full = x[:num_full].unflatten(0, (-1, layout.block_size))  # [B, bs, KVH, D]
+    if is_key:
+        full_hat = dequantize_key_blocks(*quantize_key_blocks(full), x.dtype).flatten(0, 1)
+    else:
+        full_hat = _round_trip(full.flatten(0, 1), value_format(name), layout, is_key)
+    tail_hat = _round_trip(x[num_full:], token_format(name), layout, is_key)
+    return torch.cat([full_hat, tail_hat])  # [Q, KVH, D]
 
 
 def _relative(approx: torch.Tensor, exact: torch.Tensor) -> float:

@@ -6,7 +6,8 @@ the matching write kernel is in triton_kv_write.py (re-exported here, with `supp
 One query token per sequence; the grid is (sequences, KV heads, splits). A program serves the G query
 heads that share a KV head (padded to 16 rows for tl.dot) and walks its share of the context one block
 at a time: it reads the block's format code once, dequantizes K and V of that block to float32 (fp8
-and int8: data * scale; int4: code * scale + min), and accumulates with an online softmax in float32.
+and int8: data * scale; int4: code * scale + min; int4k: keys code * scale + min with the block's
+scale and min per channel, values as int4), and accumulates with an online softmax in float32.
 The dequantized tile is rounded to q's dtype for the dots (what the torch reference,
 KVArena.read_blocks(ids, q.dtype), gives); under the interpreter, whose bf16 arithmetic is broken and
 whose float32 -> bf16 cast truncates, the tile and the output are rounded with round_to_dtype and the
@@ -40,7 +41,7 @@ from adaptserve.runner.kv_arena import KVArena
 
 __all__ = ["decode_attention_compressed", "supports", "unsupported_reason", "write_kv_compressed"]
 
-KERNEL_VERSION = 1
+KERNEL_VERSION = 2
 
 
 # ---- kernel -----------------------------------------------------------------------------------------
@@ -64,7 +65,7 @@ def _dequantize_rows(
     if CODE == 0:
         ptrs = data_base.to(tl.pointer_type(NATIVE_DTYPE)) + rows[:, None] * HEAD_DIM + channels[None, :]
         x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    elif CODE == 3:
+    elif CODE == 4:
         ptrs = data_base + rows[:, None] * (HEAD_DIM // 2) + channels[None, :] // 2  # [BS, D] bytes
         packed = tl.load(ptrs, mask=mask, other=0).to(tl.int32)
         codes = ((packed >> ((channels[None, :] % 2) * 4)) & 0xF).to(tl.float32)  # even channel: low nibble
@@ -85,10 +86,26 @@ def _dequantize_rows(
 
 
 @triton.jit
+def _dequantize_key_channels(data_base, scale_base, rows, head, valid, HEAD_DIM: tl.constexpr):
+    """int4k keys: rows `rows` [BS] of a block's K region, with the block's (scale, min) per channel of
+    KV head `head` -> float32 [BS, D], as kv_quant.dequantize_key_blocks; rows not `valid` read as 0."""
+    channels = tl.arange(0, HEAD_DIM)  # [D]
+    mask = valid[:, None]  # [BS, 1]
+    ptrs = data_base + rows[:, None] * (HEAD_DIM // 2) + channels[None, :] // 2  # [BS, D] bytes
+    packed = tl.load(ptrs, mask=mask, other=0).to(tl.int32)
+    codes = ((packed >> ((channels[None, :] % 2) * 4)) & 0xF).to(tl.float32)  # even channel: low nibble
+    scale_ptrs = scale_base.to(tl.pointer_type(tl.float16)) + head * (2 * HEAD_DIM) + channels  # [D]
+    scale = tl.load(scale_ptrs).to(tl.float32)  # [D] the head's D scales ...
+    low = tl.load(scale_ptrs + HEAD_DIM).to(tl.float32)  # [D] ... then its D minimums
+    return tl.where(mask, codes * scale[None, :] + low[None, :], 0.0)
+
+
+@triton.jit
 def _read_block(
     chunk_base,
     index,
     rows,
+    head,
     valid,
     CODE: tl.constexpr,
     FORMATS: tl.constexpr,
@@ -96,10 +113,15 @@ def _read_block(
     INT4_GROUP: tl.constexpr,
     NATIVE_DTYPE: tl.constexpr,
 ):
-    """K and V rows `rows` [BS] of block `index` of a chunk in format CODE -> float32 [BS, D] each."""
+    """K and V rows `rows` [BS] (KV head `head`) of block `index` of a chunk in format CODE -> float32
+    [BS, D] each. int4k (3): keys per channel, values as int4 (4)."""
     k_data, v_data, k_scales, v_scales = _block_regions(chunk_base, index, CODE, FORMATS)
-    k = _dequantize_rows(k_data, k_scales, rows, valid, CODE, HEAD_DIM, INT4_GROUP, NATIVE_DTYPE)
-    v = _dequantize_rows(v_data, v_scales, rows, valid, CODE, HEAD_DIM, INT4_GROUP, NATIVE_DTYPE)
+    if CODE == 3:
+        k = _dequantize_key_channels(k_data, k_scales, rows, head, valid, HEAD_DIM)
+        v = _dequantize_rows(v_data, v_scales, rows, valid, 4, HEAD_DIM, INT4_GROUP, NATIVE_DTYPE)
+    else:
+        k = _dequantize_rows(k_data, k_scales, rows, valid, CODE, HEAD_DIM, INT4_GROUP, NATIVE_DTYPE)
+        v = _dequantize_rows(v_data, v_scales, rows, valid, CODE, HEAD_DIM, INT4_GROUP, NATIVE_DTYPE)
     return k, v
 
 
@@ -172,13 +194,25 @@ def _decode_kernel(
         base = bytes_ptr + chunk * chunk_bytes
         valid = b * BLOCK_SIZE + offs_n < context_len  # [BS]
         if code == 0:
-            k, v = _read_block(base, index, rows, valid, 0, FORMATS, HEAD_DIM, INT4_GROUP, NATIVE_DTYPE)
+            k, v = _read_block(
+                base, index, rows, kv_head, valid, 0, FORMATS, HEAD_DIM, INT4_GROUP, NATIVE_DTYPE
+            )
         elif code == 1:
-            k, v = _read_block(base, index, rows, valid, 1, FORMATS, HEAD_DIM, INT4_GROUP, NATIVE_DTYPE)
+            k, v = _read_block(
+                base, index, rows, kv_head, valid, 1, FORMATS, HEAD_DIM, INT4_GROUP, NATIVE_DTYPE
+            )
         elif code == 2:
-            k, v = _read_block(base, index, rows, valid, 2, FORMATS, HEAD_DIM, INT4_GROUP, NATIVE_DTYPE)
+            k, v = _read_block(
+                base, index, rows, kv_head, valid, 2, FORMATS, HEAD_DIM, INT4_GROUP, NATIVE_DTYPE
+            )
+        elif code == 3:
+            k, v = _read_block(
+                base, index, rows, kv_head, valid, 3, FORMATS, HEAD_DIM, INT4_GROUP, NATIVE_DTYPE
+            )
         else:
-            k, v = _read_block(base, index, rows, valid, 3, FORMATS, HEAD_DIM, INT4_GROUP, NATIVE_DTYPE)
+            k, v = _read_block(
+                base, index, rows, kv_head, valid, 4, FORMATS, HEAD_DIM, INT4_GROUP, NATIVE_DTYPE
+            )
         if UPCAST:  # the interpreter: float32 arithmetic on the values the GPU's casts would give
             k = round_to_dtype(k, dtype)  # [BS, D]
             v = round_to_dtype(v, dtype)  # [BS, D]

@@ -6,7 +6,8 @@ chunk * max_blocks_per_chunk + index, format code = chunk_formats[chunk], the bl
 chunk * chunk_bytes + index * block_bytes(format), regions [K data][V data][K scales][V scales] as
 engine/kv_cache/formats.py lays them out. Typed loads and stores go through cast pointers. The byte
 sizes of each format's regions come from FormatLayout as compile-time constants, so the kernels hold
-no second copy of the layout.
+no second copy of the layout. Format codes are indices in KV_FORMATS: 0 bf16, 1 fp8, 2 int8, 3 int4k,
+4 int4.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ def _block_regions(chunk_base, index, CODE: tl.constexpr, FORMATS: tl.constexpr)
     chunk in format CODE. The index is clamped to the chunk's blocks in that format, as KVArena does:
     never a byte outside the chunk."""
     DATA: tl.constexpr = FORMATS[CODE][0]
-    SCALE: tl.constexpr = FORMATS[CODE][1]
-    block = chunk_base + tl.minimum(index, FORMATS[CODE][2] - 1) * (2 * (DATA + SCALE))
-    return block, block + DATA, block + 2 * DATA, block + 2 * DATA + SCALE
+    K_SCALE: tl.constexpr = FORMATS[CODE][1]
+    V_SCALE: tl.constexpr = FORMATS[CODE][2]
+    block = chunk_base + tl.minimum(index, FORMATS[CODE][3] - 1) * (2 * DATA + K_SCALE + V_SCALE)
+    return block, block + DATA, block + 2 * DATA, block + 2 * DATA + K_SCALE
 
 
 def supports(arena: KVArena) -> bool:
@@ -60,13 +62,14 @@ def _check_arena(arena: KVArena) -> None:
 
 
 def _layout_constants(arena: KVArena) -> dict:
-    """The arena's geometry and, per format code, (data bytes, scale bytes, blocks per chunk) of one
-    block: FormatLayout's numbers, as kernel constants."""
+    """The arena's geometry and, per format code, (data bytes, K scale bytes, V scale bytes, blocks per
+    chunk) of one block: FormatLayout's numbers, as kernel constants."""
     layout = arena.layout
     formats = tuple(
         (
             arena.views[name].fmt.data_bytes,
-            arena.views[name].fmt.scale_bytes,
+            arena.views[name].fmt.k_scale_bytes,
+            arena.views[name].fmt.v_scale_bytes,
             arena.views[name].blocks_per_chunk,
         )
         for name in KV_FORMATS

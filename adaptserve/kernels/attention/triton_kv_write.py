@@ -7,8 +7,10 @@ with the even channel in the low nibble. Two steps avoid what differs between th
 interpreter: rounding to an integer adds and subtracts 1.5 * 2**23 (exact ties-to-even in float32
 arithmetic, with no libdevice `rint`, which the interpreter lacks), and fp8 e4m3 codes are built from
 the float32 bits (the interpreter's float32 -> e4m3 cast rounds ties away from zero and mishandles
-subnormals). A negative slot (a padded row) writes nothing. Blocks are found as triton_kv_layout.py
-describes.
+subnormals). A negative slot (a padded row) writes nothing, and so does a slot in an int4k block: that
+format's key scales span the whole block, so its blocks are only written whole, by the runner's
+requantization moves (KVArena.write_blocks); the block pool never hands one to new tokens, and
+KVArena.write refuses one. Blocks are found as triton_kv_layout.py describes.
 
 Measured on an H100: writing 4096 tokens takes about 25 us in every format.
 """
@@ -86,7 +88,7 @@ def _quantize_store(
         ptrs = data_base.to(tl.pointer_type(NATIVE_DTYPE)) + row * HEAD_DIM + channels  # [NG, GS/2]
         tl.store(ptrs, round_to_dtype(x_even, NATIVE_DTYPE).to(NATIVE_DTYPE))
         tl.store(ptrs + 1, round_to_dtype(x_odd, NATIVE_DTYPE).to(NATIVE_DTYPE))
-    elif CODE == 3:
+    elif CODE == 4:
         # int4: per group of channels, min rounded to fp16 and scale = (max - min) / 15, codes 0..15
         low = tl.minimum(tl.min(x_even, 1), tl.min(x_odd, 1)).to(tl.float16).to(tl.float32)  # [NG]
         high = tl.maximum(tl.max(x_even, 1), tl.max(x_odd, 1))  # [NG]
@@ -183,8 +185,9 @@ def _write_kernel(
             _write_head(base, index, row, channels, k_head, v_head, 1, FORMATS, NATIVE_DTYPE)
         elif code == 2:
             _write_head(base, index, row, channels, k_head, v_head, 2, FORMATS, NATIVE_DTYPE)
-        else:
-            _write_head(base, index, row, channels, k_head, v_head, 3, FORMATS, NATIVE_DTYPE)
+        elif code == 4:
+            _write_head(base, index, row, channels, k_head, v_head, 4, FORMATS, NATIVE_DTYPE)
+        # code 3 (int4k) is written only as whole blocks (KVArena.write_blocks): nothing here
 
 
 # ---- launcher ---------------------------------------------------------------------------------------

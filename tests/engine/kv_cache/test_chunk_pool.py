@@ -1,9 +1,10 @@
 """ChunkedBlockPool: chunks handed to formats on demand, capacity in the write format, idle chunks
 kept for their prefixes and reclaimed, usage by bytes, invariants under random load; and the
-KVCacheManager on top of it requantizing cold blocks into the write format.
+KVCacheManager on top of it requantizing cold blocks into the write format. With int4k (a whole-block
+format) as the write format, new blocks are int8 and only requantization moves reach int4k.
 
 The layout (16 tokens, 3 KV heads, head_dim 64, bf16) cuts a chunk of 16 bf16 blocks into 31 fp8 or
-int8 blocks or 56 int4 blocks; block ids are chunk * 56 + index.
+int8 blocks, 48 int4k blocks or 56 int4 blocks; block ids are chunk * 56 + index.
 """
 
 from __future__ import annotations
@@ -15,14 +16,14 @@ import torch
 
 from adaptserve.engine.kv_cache import KVCacheBlock, KVCacheManager
 from adaptserve.engine.kv_cache.chunk_pool import ChunkedBlockPool
-from adaptserve.engine.kv_cache.formats import KV_FORMATS, KVLayout
+from adaptserve.engine.kv_cache.formats import KV_FORMATS, KVLayout, token_format
 from adaptserve.runner.kv_compression import CompressedKVCache, KVGeometry
 from tests.engine.kv_cache.test_manager import FakeRequest
 
 LAYOUT = KVLayout(block_size=16, num_kv_heads=3, head_dim=64, native_dtype=torch.bfloat16)
 BLOCK_SIZE = LAYOUT.block_size
 CHUNK_BYTES = 16 * LAYOUT.format("bf16").block_bytes
-BLOCKS_PER_CHUNK = {"bf16": 16, "fp8": 31, "int8": 31, "int4": 56}
+BLOCKS_PER_CHUNK = {"bf16": 16, "fp8": 31, "int8": 31, "int4k": 48, "int4": 56}
 MAX_BLOCKS = 56
 
 
@@ -78,7 +79,7 @@ def test_allocation_takes_chunks_on_demand_and_records_them():
     assert ids(pool.get_new_blocks(1)) == [2 * MAX_BLOCKS]
     assert pool.drain_chunk_format_changes() == [(2, "int8")]
     assert pool.num_free_blocks == 30 + 31
-    assert pool.usage_by_format() == {"bf16": 17, "fp8": 0, "int8": 1, "int4": 0}
+    assert pool.usage_by_format() == {"bf16": 17, "fp8": 0, "int8": 1, "int4k": 0, "int4": 0}
 
     pool.write_format = "bf16"  # the rest of chunk 1 and chunk 3
     assert pool.num_free_blocks == 15 + 16
@@ -93,7 +94,8 @@ def test_capacity_in_each_write_format_on_empty_memory():
     for name in KV_FORMATS:
         pool.write_format = name
         capacity[name] = pool.num_free_blocks
-    assert capacity == {name: 4 * n for name, n in BLOCKS_PER_CHUNK.items()}
+    assert capacity == {name: 4 * BLOCKS_PER_CHUNK[token_format(name)] for name in KV_FORMATS}
+    assert capacity["int4k"] == capacity["int8"]  # new int4k-era blocks are int8
     assert capacity["int4"] / capacity["bf16"] == pytest.approx(3.5)
     assert len(pool.get_new_blocks(capacity["int4"])) == 4 * 56  # all of it can really be taken
     assert pool.num_free_blocks == 0
@@ -252,7 +254,7 @@ def check_invariants(pool: ChunkedBlockPool, holders: list[list[KVCacheBlock]]) 
         if name is None:
             assert chunk in pool.free_chunks
             assert all(b.ref_cnt == 0 and b.block_hash is None and b.block_id not in in_queue for b in blocks)
-            spare_chunks += pool.write_format != name
+            spare_chunks += pool.token_format != name
             continue
         assert chunk not in pool.free_chunks
         usable, beyond = blocks[: BLOCKS_PER_CHUNK[name]], blocks[BLOCKS_PER_CHUNK[name] :]
@@ -267,13 +269,13 @@ def check_invariants(pool: ChunkedBlockPool, holders: list[list[KVCacheBlock]]) 
         assert (chunk in pool.idle_chunks[name]) == idle
         if idle:  # an idle chunk is kept only for its prefixes
             assert any(b.block_hash is not None for b in usable)
-            spare_chunks += name != pool.write_format
-        if name == pool.write_format:
+            spare_chunks += name != pool.token_format
+        if name == pool.token_format:
             free_in_write_format += BLOCKS_PER_CHUNK[name] - referenced
     assert pool.referenced_blocks == referenced_by_format
     for name, chunks in pool.idle_chunks.items():
         assert all(pool.chunk_format[c] == name for c in chunks)
-    expected_free = free_in_write_format + spare_chunks * BLOCKS_PER_CHUNK[pool.write_format]
+    expected_free = free_in_write_format + spare_chunks * BLOCKS_PER_CHUNK[pool.token_format]
     assert pool.num_free_blocks == expected_free
 
     hashed = {b.block_hash: b for b in pool.blocks if b.block_hash is not None}
@@ -303,7 +305,7 @@ class RandomLoad:
                 pool.get_new_blocks(num_blocks)
             self.num_refused += 1
             return
-        name = pool.write_format
+        name = pool.token_format
         idle_elsewhere = {c for n, chunks in pool.idle_chunks.items() if n != name for c in chunks}
         blocks = pool.get_new_blocks(num_blocks)
         assert all(b.ref_cnt == 1 and b.block_hash is None for b in blocks)
@@ -363,6 +365,7 @@ def test_invariants_under_random_load(seed):
     load = RandomLoad(seed)
     for _ in range(300):
         load.step()
+        assert "int4k" not in load.pool.chunk_format  # new blocks never are int4k, whatever the format
     assert load.num_hits > 10 and load.num_full_allocations > 0 and load.num_refused > 0
     assert load.num_reclaims > 0
     # everything freed: every chunk is free again or idle for its prefixes, and all of it is usable
@@ -371,7 +374,7 @@ def test_invariants_under_random_load(seed):
     check_invariants(load.pool, load.holders)
     for name in KV_FORMATS:
         load.pool.write_format = name
-        assert load.pool.num_free_blocks == 5 * BLOCKS_PER_CHUNK[name]
+        assert load.pool.num_free_blocks == 5 * BLOCKS_PER_CHUNK[token_format(name)]
     assert load.pool.reset_prefix_cache()
     assert sorted(load.pool.free_chunks) == list(range(5))
 
@@ -444,7 +447,7 @@ def test_requantize_cold_moves_only_cold_unshared_blocks():
         assert pool.blocks[dst].ref_cnt == 1
     for i, block_hash in enumerate(hashes[:5]):  # the prefix cache follows the moved blocks
         assert pool.get_cached_block(block_hash).block_id == manager.get_block_ids("a")[i]
-    assert pool.usage_by_format() == {"bf16": 4, "fp8": 0, "int8": 0, "int4": 4}
+    assert pool.usage_by_format() == {"bf16": 4, "fp8": 0, "int8": 0, "int4k": 0, "int4": 4}
 
     # a new request still hits all of a's full blocks, bf16 and int4 alike
     c = FakeRequest("c", tokens(0, 5 * BLOCK_SIZE + 1))
@@ -521,3 +524,84 @@ def test_requantized_kv_survives_the_runner_applying_the_moves():
     for out, expected in ((out_k, k), (out_v, v)):
         error = (out.flatten(0, 1) - expected).norm() / expected.norm()
         assert error < 0.12
+
+
+# ---------------------------------------------------------------------------------------------------
+# int4k: a whole-block format, reached only by requantization
+
+
+def test_int4k_write_format_takes_new_blocks_in_int8():
+    pool = make_pool(write_format="int4k")
+    assert pool.write_format == "int4k" and pool.token_format == "int8"
+    assert pool.num_free_blocks == 4 * 31
+    new = pool.get_new_blocks(40)  # a chunk and a half of int8 blocks
+    assert {pool.format_of(b) for b in new} == {"int8"}
+    (moved,) = pool.get_new_blocks(1, for_move=True)  # a requantization copy: int4k
+    assert pool.format_of(moved) == "int4k"
+    assert pool.drain_chunk_format_changes() == [(0, "int8"), (1, "int8"), (2, "int4k")]
+    assert pool.num_free_blocks == (2 * 31 - 40) + 31  # the rest of chunk 1, and chunk 3 as int8 ...
+    assert pool.num_free_blocks_for_moves == 47 + 48  # ... or the rest of chunk 2, and chunk 3 as int4k
+
+
+def test_requantize_into_int4k_moves_only_settled_full_blocks():
+    manager = make_manager()
+    pool = manager.block_pool
+    a = FakeRequest("a", tokens(0, 5 * BLOCK_SIZE + 3))  # 5 full blocks and one partial
+    schedule_prefill(manager, a)
+    pool.write_format = "int4k"
+    with pytest.raises(ValueError, match="needs settled_tokens"):
+        manager.requantize_cold(max_blocks=100, keep_recent_blocks=1)
+    # drafts in flight cover the last 2 full blocks' tail: a rejection could refill them a token at a time
+    moves = manager.requantize_cold(100, 1, settled_tokens={"a": 3 * BLOCK_SIZE + 7})
+    assert [src for src, _ in moves] == [0, 1, 2]
+    assert {pool.format_of(pool.blocks[dst]) for _, dst in moves} == {"int4k"}
+    moves = manager.requantize_cold(100, 1, settled_tokens={"a": a.num_computed_tokens})
+    assert [src for src, _ in moves] == [3, 4]  # never the last, partial block
+    assert [pool.format_of(b) for b in manager.req_to_blocks["a"]] == ["int4k"] * 5 + ["bf16"]
+    b = FakeRequest("b", tokens(900, 20))
+    schedule_prefill(manager, b)  # new tokens: int8 while the write format is int4k
+    assert [pool.format_of(block) for block in manager.req_to_blocks["b"]] == ["int8", "int8"]
+    pool.write_format = "int4"  # int4k is above int4: its blocks move again, a token at a time
+    moves = manager.requantize_cold(100, 1)
+    assert len(moves) == 6 and {pool.format_of(pool.blocks[d]) for _, d in moves} == {"int4"}
+
+
+def test_int4k_moves_survive_the_runner_and_new_tokens_never_land_in_int4k():
+    """Write bf16 KV, requantize every full block into int4k as the engine does, apply the moves as the
+    runner does and read them back; the partial last block keeps taking tokens, in int8 once the
+    write format is int4k, and a token write into an int4k block is refused."""
+    manager = make_manager(num_chunks=6)
+    pool = manager.block_pool
+    geometry = KVGeometry(LAYOUT, 6, CHUNK_BYTES, dict(pool.blocks_per_chunk), dict(pool.block_bytes))
+    cache = CompressedKVCache(geometry, num_layers=1, device=torch.device("cpu"))
+    arena = cache.arenas[0]
+    request = FakeRequest("a", tokens(0, 20 * BLOCK_SIZE + 5))  # 20 full blocks, one partial
+    schedule_prefill(manager, request)
+    cache.apply(pool.drain_chunk_format_changes(), [])
+    g = torch.Generator().manual_seed(0)
+    block_ids = torch.tensor(manager.get_block_ids("a"))  # [21]
+    shape = (len(block_ids), BLOCK_SIZE, LAYOUT.num_kv_heads, LAYOUT.head_dim)
+    k, v = torch.randn(shape, generator=g), torch.randn(shape, generator=g)  # [21, bs, H, D]
+    k[..., 7] *= 10.0  # an outlier key channel
+    arena.write_blocks(block_ids, k, v)
+
+    pool.write_format = "int4k"
+    moves = manager.requantize_cold(64, 1, settled_tokens={"a": request.num_computed_tokens})
+    assert len(moves) == 20
+    cache.apply(pool.drain_chunk_format_changes(), moves)
+    new_ids = torch.tensor(manager.get_block_ids("a"))
+    assert [pool.format_of(pool.blocks[i]) for i in new_ids.tolist()] == ["int4k"] * 20 + ["bf16"]
+    out_k, out_v = arena.read_blocks(new_ids[:20], torch.float32)  # [20, bs, H, D]
+    assert ((out_k - k[:20]).norm() / k[:20].norm()) < 0.07
+    assert ((out_v - v[:20]).norm() / v[:20].norm()) < 0.12
+
+    request.output_token_ids.extend(tokens(5000, BLOCK_SIZE))  # a block's worth of decoding
+    assert manager.allocate_slots(request, BLOCK_SIZE) is not None
+    (tail,) = manager.req_to_blocks["a"][21:]
+    assert pool.format_of(tail) == "int8"
+    cache.apply(pool.drain_chunk_format_changes(), [])
+    slots = torch.arange(20 * BLOCK_SIZE + 5, 21 * BLOCK_SIZE + 5)
+    slots = torch.tensor(manager.get_block_ids("a"))[slots // BLOCK_SIZE] * BLOCK_SIZE + slots % BLOCK_SIZE
+    arena.write(slots, k[0], v[0])  # the bf16 tail and the new int8 block take tokens
+    with pytest.raises(ValueError, match="cannot write single tokens into int4k"):
+        arena.write(new_ids[:1] * BLOCK_SIZE, k[0, :1], v[0, :1])
