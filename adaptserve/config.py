@@ -40,6 +40,7 @@ class CacheConfig:
     kv_chunk_blocks: int = 16  # bf16 blocks' worth of memory per chunk (a chunk holds one format)
     kv_requantize_blocks: int = 64  # most cold blocks requantized to the write format per step
     kv_keep_recent_blocks: int = 1  # newest blocks of a sequence never requantized (they still fill)
+    kv_hot_window: int = 0  # >0: new tokens in bf16 at every level, the newest N blocks stay bf16; 0 = off
     kv_error_budget: float = 0.05  # adaptive: most attention-output error before a format is undone
     kv_monitor_rate: float = 0.25  # share of steps whose KV error is sampled (compressed caches)
 
@@ -47,6 +48,12 @@ class CacheConfig:
     def compressed(self) -> bool:
         """Whether the cache holds quantized formats (chunked memory; see engine/kv_cache/formats.py)."""
         return self.kv_format != "bf16" or self.kv_policy == "adaptive"
+
+    @property
+    def num_recent_blocks(self) -> int:
+        """Newest blocks of a sequence never requantized: the hot window subsumes kv_keep_recent_blocks
+        (the wider of the two; with the window on, every block not requantized is bf16)."""
+        return max(self.kv_keep_recent_blocks, self.kv_hot_window)
 
 
 @dataclass
@@ -337,6 +344,13 @@ def _validate_kv_compression(c: CacheConfig) -> None:
     _require(1 <= c.kv_chunk_blocks <= 256, "cache.kv_chunk_blocks", c.kv_chunk_blocks, "[1, 256]")
     _require(c.kv_requantize_blocks >= 0, "cache.kv_requantize_blocks", c.kv_requantize_blocks, ">= 0")
     _require(c.kv_keep_recent_blocks >= 1, "cache.kv_keep_recent_blocks", c.kv_keep_recent_blocks, ">= 1")
+    _require(
+        0 <= c.kv_hot_window <= 64 and (c.kv_hot_window == 0 or c.compressed),
+        "cache.kv_hot_window",
+        c.kv_hot_window,
+        "[0, 64] blocks, and 0 unless the cache is compressed (kv_format other than bf16 or kv_policy "
+        "'adaptive')",
+    )
     _require(0 < c.kv_error_budget <= 1, "cache.kv_error_budget", c.kv_error_budget, "(0, 1]")
     _require(0 <= c.kv_monitor_rate <= 1, "cache.kv_monitor_rate", c.kv_monitor_rate, "[0, 1]")
 

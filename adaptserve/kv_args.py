@@ -31,6 +31,14 @@ def add_kv_args(parser: argparse.ArgumentParser) -> None:
         default=0.05,
         help="adaptive: most attention-output error of a format",
     )
+    group.add_argument(
+        "--kv-hot-window",
+        type=int,
+        default=0,
+        metavar="N",
+        help="write new tokens in bf16 at every format and keep each sequence's newest N blocks bf16; "
+        "only colder blocks are requantized (0 = off)",
+    )
 
 
 def kv_options(args: argparse.Namespace) -> dict:
@@ -40,4 +48,5 @@ def kv_options(args: argparse.Namespace) -> dict:
         "kv_policy": getattr(args, "kv_policy", "static"),
         "kv_ladder": tuple(getattr(args, "kv_ladder", "bf16,int8,int4").split(",")),
         "kv_error_budget": getattr(args, "kv_error_budget", 0.05),
+        "kv_hot_window": getattr(args, "kv_hot_window", 0),
     }

@@ -41,3 +41,24 @@ def test_a_misplaced_int4k_is_refused_naming_the_field(ladder):
 def test_an_unknown_kv_format_is_refused_naming_the_field():
     with pytest.raises(ConfigError, match=r"cache\.kv_format='int4kk'.*int4k"):
         EngineConfig.from_flat(kv_format="int4kk")
+
+
+def test_hot_window_flag_is_off_by_default_and_sets_the_window():
+    assert EngineConfig.from_flat(**_options()).cache.kv_hot_window == 0
+    cache = EngineConfig.from_flat(**_options("--kv-policy", "adaptive", "--kv-hot-window", "2")).cache
+    assert cache.kv_hot_window == 2 and cache.num_recent_blocks == 2  # keep_recent (1) is subsumed
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [("--kv-policy", "adaptive", "--kv-hot-window", "-1"), ("--kv-hot-window", "65", "--kv-format", "int8")],
+)
+def test_a_hot_window_out_of_range_is_refused_naming_the_field(argv):
+    with pytest.raises(ConfigError, match=r"cache\.kv_hot_window=.*\[0, 64\]"):
+        EngineConfig.from_flat(**_options(*argv))
+
+
+def test_a_hot_window_on_a_plain_cache_is_refused():
+    """A plain bf16 cache never requantizes: a window there would silently do nothing."""
+    with pytest.raises(ConfigError, match=r"cache\.kv_hot_window=1 .*compressed"):
+        EngineConfig.from_flat(**_options("--kv-hot-window", "1"))

@@ -27,6 +27,12 @@ def add_kv_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ramp-requests", type=int, default=48, help="ramp: requests arriving")
     parser.add_argument("--ramp-max-tokens", type=int, default=96, help="ramp: tokens each generates")
     parser.add_argument("--ramp-blocks", type=int, default=96, help="ramp: KV memory as bf16 blocks")
+    parser.add_argument(
+        "--ramp-settings",
+        default="bf16,adaptive",
+        help="ramp: rows, of bf16 (static), adaptive (with --kv-ladder, --kv-error-budget, "
+        "--kv-hot-window) and adaptive-hotN (the same with an N-block hot window)",
+    )
     parser.add_argument("--result-dir", default="docs/benchmarks")
 
 
@@ -55,8 +61,7 @@ def run_kv_benchmark(args: argparse.Namespace) -> dict:
     if "capacity" in parts:
         payload["capacity"] = measure_kv_capacity(checkpoint, device=device, log=print)
     if "ramp" in parts:
-        adaptive = {"kv_policy": "adaptive", "kv_ladder": tuple(args.kv_ladder.split(","))}
-        settings = {"bf16": {}, "adaptive": {**adaptive, "kv_error_budget": args.kv_error_budget}}
+        settings = ramp_settings(args)
         payload["ramp"] = run_ramp(
             checkpoint, settings, args.ramp_requests, args.ramp_max_tokens, args.ramp_blocks, device=device
         )
@@ -75,3 +80,25 @@ def run_kv_benchmark(args: argparse.Namespace) -> dict:
 
     plot_after_run(path)
     return payload
+
+
+def ramp_settings(args: argparse.Namespace) -> dict[str, dict]:
+    """The ramp's rows (name -> engine options) from --ramp-settings and the KV flags."""
+    adaptive = {
+        "kv_policy": "adaptive",
+        "kv_ladder": tuple(args.kv_ladder.split(",")),
+        "kv_error_budget": args.kv_error_budget,
+        "kv_hot_window": args.kv_hot_window,
+    }
+    settings = {}
+    for name in (n for n in args.ramp_settings.split(",") if n):
+        window = name.removeprefix("adaptive-hot")
+        if name == "bf16":
+            settings[name] = {}
+        elif name == "adaptive":
+            settings[name] = dict(adaptive)
+        elif window != name and window.isdigit():
+            settings[name] = {**adaptive, "kv_hot_window": int(window)}
+        else:
+            raise SystemExit(f"--ramp-settings: unknown {name!r}; known: bf16, adaptive, adaptive-hotN")
+    return settings

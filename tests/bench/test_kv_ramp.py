@@ -24,3 +24,28 @@ def test_ramp_loses_nothing_and_bf16_matches_the_reference():
     assert len(adaptive["timeline"]["kv_format"]) == adaptive["steps"]
     assert all(s["new"] in ("bf16", "int8", "int4") for s in adaptive["switches"])
     assert result["cache_tokens_bf16"] == 32 * 16 and bf16["peak_demand_vs_bf16_cache"] > 0
+
+
+def test_ramp_settings_name_the_hot_window_rows():
+    import argparse
+
+    import pytest
+
+    from adaptserve.bench.kv_cli import ramp_settings
+
+    args = argparse.Namespace(
+        ramp_settings="bf16,adaptive,adaptive-hot2",
+        kv_ladder="bf16,int8",
+        kv_error_budget=0.05,
+        kv_hot_window=0,
+    )
+    settings = ramp_settings(args)
+    assert list(settings) == ["bf16", "adaptive", "adaptive-hot2"] and settings["bf16"] == {}
+    assert settings["adaptive"]["kv_hot_window"] == 0 and settings["adaptive"]["kv_ladder"] == (
+        "bf16",
+        "int8",
+    )
+    assert settings["adaptive-hot2"] == {**settings["adaptive"], "kv_hot_window": 2}
+    for wrong in ("adaptive-hot", "adaptive-hotx", "int8"):
+        with pytest.raises(SystemExit, match="--ramp-settings"):
+            ramp_settings(argparse.Namespace(**{**vars(args), "ramp_settings": wrong}))

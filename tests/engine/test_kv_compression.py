@@ -100,3 +100,37 @@ def test_pressure_lowers_the_format_requantizes_and_fits_more(checkpoint):
     assert llm.engine.runner.compressed_kv.num_requantized_blocks > 0
     preemptions, plain_preemptions = (sum(s.num_preemptions for s in run) for run in (steps, plain_steps))
     assert plain_preemptions > 0 and preemptions < plain_preemptions
+
+
+def test_hot_window_under_pressure_writes_bf16_and_loses_nothing(checkpoint):
+    """The pressure run with a 1-block hot window: the policy still lowers the format and cold blocks
+    move, but every sequence's newest block is bf16 after every step, and every request finishes."""
+    prompts = [f"Count from {i} to {i + 60}, one number per line:" for i in range(12)]
+    params = SamplingParams(temperature=0.0, max_tokens=90, ignore_eos=True)
+    llm = LLM.from_checkpoint(
+        checkpoint,
+        max_model_len=256,
+        num_blocks=64,
+        max_num_seqs=12,
+        enable_prefix_caching=False,
+        kv_policy="adaptive",
+        kv_monitor_rate=0.0,
+        control_interval_s=0.0,
+        kv_hot_window=1,
+    )
+    llm.engine.clock = itertools.count(start=1.0, step=0.05).__next__  # as in the pressure test above
+    manager = llm.engine.kv_cache
+    pool = manager.block_pool
+    newest, lower = set(), set()
+
+    def record(_, stats):
+        newest.update(pool.format_of(blocks[-1]) for blocks in manager.req_to_blocks.values() if blocks)
+        lower.update(name for name, n in pool.usage_by_format().items() if n and name != "bf16")
+
+    llm.engine.stat_loggers.append(type("R", (), {"record": record})())
+    out = _generate(llm, prompts, params)
+    assert [len(t) for t in out] == [90] * 12  # none lost, none cut short
+    switches = [s for s in llm.engine.control.switches.recent if s.knob == "kv_format"]
+    assert switches and switches[0].new in ("int8", "int4")
+    assert llm.engine.runner.compressed_kv.num_requantized_blocks > 0 and lower
+    assert newest == {"bf16"}

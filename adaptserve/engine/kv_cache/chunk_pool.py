@@ -5,7 +5,10 @@ format it was handed to, so a chunk of int4 blocks holds about 3.5 times as many
 blocks. `write_format` is the KV policy's knob: cold blocks are requantized into it, and new blocks
 are taken in `token_format`, the same format unless it is a whole-block one (int4k, see formats.py),
 whose new blocks are taken in its per-token stand-in (int8) and reach int4k only as full blocks moved
-by requantization (`get_new_blocks(..., for_move=True)`). A chunk whose blocks are all
+by requantization (`get_new_blocks(..., for_move=True)`). With `hot_window` on, new blocks are
+always taken in bf16 (the model's dtype), whatever the write format, and the write format receives
+only moves: the same split, for every format (KIVI's full-precision window of recent tokens; which
+blocks stay is the manager's `keep_recent_blocks`). A chunk whose blocks are all
 unreferenced goes back to the free chunks (at once when none holds a cached prefix; otherwise when a
 format needs a chunk, evicting those prefixes), so memory freed in one format is usable by another.
 
@@ -32,6 +35,7 @@ class ChunkedBlockPool(PrefixCache):
         write_format: str,
         enable_prefix_caching: bool,
         reserve_chunks: int = 0,
+        hot_window: bool = False,
     ):
         if num_chunks < 1:
             raise ValueError(f"the KV cache needs at least one chunk, got {num_chunks}")
@@ -52,6 +56,7 @@ class ChunkedBlockPool(PrefixCache):
         self.referenced_blocks = dict.fromkeys(blocks_per_chunk, 0)
         self.cached_blocks: dict[int, KVCacheBlock] = {}
         self.chunk_format_changes: list[tuple[int, str]] = []
+        self.hot_window = hot_window  # new tokens in bf16 at every write format; only moves go lower
         self.write_format = write_format
         # chunks only requantization may take: moving blocks to a lower format needs room to move into
         self.reserve_chunks = reserve_chunks
@@ -68,8 +73,8 @@ class ChunkedBlockPool(PrefixCache):
 
     @property
     def token_format(self) -> str:
-        """The format new blocks (filled a token at a time) are taken in."""
-        return token_format(self._write_format)
+        """The format new blocks (filled a token at a time) are taken in: bf16 with the hot window on."""
+        return "bf16" if self.hot_window else token_format(self._write_format)
 
     def chunk_of(self, block: KVCacheBlock) -> int:
         return block.block_id // self.max_blocks_per_chunk

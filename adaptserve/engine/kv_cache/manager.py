@@ -172,10 +172,11 @@ class KVCacheManager:
         format. Blocks of the emptiest chunks go first, so whole chunks come free. Returns the
         (source, destination) block ids; the runner copies them before the next step's writes.
 
-        Into a whole-block format (int4k) only full blocks that are never written again may move:
-        those within `settled_tokens[request id]`, the request's computed tokens that no rejected
-        draft can roll back (required then; a block partly held by in-flight drafts may be trimmed
-        and refilled a token at a time)."""
+        Into a format new tokens are not written in (a whole-block format like int4k, or any lower
+        format when the pool's hot window keeps new tokens in bf16) only full blocks that are never
+        written again may move: those within `settled_tokens[request id]`, the request's computed
+        tokens that no rejected draft can roll back (required then; a block partly held by in-flight
+        drafts may be trimmed and refilled a token at a time)."""
         pool = self.block_pool
         if not isinstance(pool, ChunkedBlockPool) or max_blocks <= 0:
             return []
@@ -186,7 +187,8 @@ class KVCacheManager:
         whole_blocks = target != pool.token_format
         if whole_blocks and settled_tokens is None:
             raise ValueError(
-                f"requantizing into {target} (whole blocks only) needs settled_tokens per request"
+                f"requantizing into {target} (whole blocks only: new tokens go to {pool.token_format}) "
+                "needs settled_tokens per request"
             )
         candidates = []  # (chunk's referenced blocks, request id, position)
         for request_id, blocks in self.req_to_blocks.items():
