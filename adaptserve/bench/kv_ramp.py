@@ -108,8 +108,10 @@ def _run_setting(checkpoint, options, num_blocks, prompts, params, arrivals, ref
     engine.stat_loggers.append(_Recorder(steps))
     first_step: dict[str, int] = {}
     tokens: dict[str, list[int]] = {}
+    token_steps: dict[str, list[int]] = {}  # the step each reply token came out of
     done: dict[str, int] = {}
     formats: list[str] = []  # the write format after each step
+    in_force = [engine.knobs.kv_format]  # ... and during each step (the one before it, then formats)
     step, next_request, start = 0, 0, time.perf_counter()
     while next_request < len(prompts) or engine.has_unfinished_requests():
         while next_request < len(prompts) and arrivals[next_request] <= step:
@@ -118,6 +120,7 @@ def _run_setting(checkpoint, options, num_blocks, prompts, params, arrivals, ref
         for output in engine.step():
             completion = output.outputs[0]
             tokens.setdefault(output.request_id, []).extend(completion.token_ids)
+            token_steps.setdefault(output.request_id, []).extend([step] * len(completion.token_ids))
             first_step.setdefault(output.request_id, step)
             if output.finished:
                 done[output.request_id] = step
@@ -131,6 +134,7 @@ def _run_setting(checkpoint, options, num_blocks, prompts, params, arrivals, ref
         for t in range(step)
     ]
     replies = [tokens.get(str(i), []) for i in range(len(prompts))]
+    token_steps = [token_steps.get(str(i), []) for i in range(len(prompts))]
     ttft = [first_step[str(i)] - arrivals[i] for i in range(len(prompts)) if str(i) in first_step]
     tpot = [(done[r] - first_step[r]) / max(1, len(tokens[r]) - 1) for r in done]
     return {
@@ -148,6 +152,7 @@ def _run_setting(checkpoint, options, num_blocks, prompts, params, arrivals, ref
         "max_ttft_steps": max(ttft),
         "mean_tpot_steps": round(sum(tpot) / len(tpot), 3),
         "agreement": compare_free_running(reference, replies),
+        "divergences": _divergences(reference, replies, token_steps, in_force + formats, arrivals),
         "timeline": {
             "kv_usage": [round(s.kv_cache_usage, 4) for s in steps],
             "num_running": [s.num_running for s in steps],
@@ -163,6 +168,27 @@ def _run_setting(checkpoint, options, num_blocks, prompts, params, arrivals, ref
             if s.knob == "kv_format"
         ],
     }
+
+
+def _divergences(reference, replies, token_steps, formats, arrivals) -> list[dict[str, Any]]:
+    """Each reply that left the reference's: where (token position, engine step), the write format in
+    force during that step (`formats[step]`), and every write format from its arrival to that step."""
+    rows = []
+    for i, (ref, reply) in enumerate(zip(reference, replies, strict=True)):
+        position = next((p for p, (a, b) in enumerate(zip(ref, reply, strict=False)) if a != b), None)
+        if position is None:
+            continue
+        step = token_steps[i][position]
+        rows.append(
+            {
+                "request": i,
+                "position": position,
+                "step": step,
+                "kv_format": formats[step],
+                "formats_before": sorted(set(formats[arrivals[i] : step + 1])),
+            }
+        )
+    return rows
 
 
 class _Recorder:
