@@ -1,0 +1,71 @@
+"""What DecodeGraphPool._fill leaves in the graphs' static input buffers: the batch's rows, padded
+rows that attend to nothing and write to the scratch slot, and nothing of an earlier, larger batch
+in the rows a graph reads. The buffers and their pinned mirrors are plain tensors, so this runs on
+the CPU."""
+
+import torch
+
+from adaptserve.engine.outputs import ScheduledSequence
+from adaptserve.engine.request import SamplingParams
+from adaptserve.kernels.registry import KernelRegistry
+from adaptserve.runner.cuda_graphs import DecodeGraphPool
+from adaptserve.runner.inputs import build_host_batch
+
+BLOCK_SIZE, PAD_SLOT, MAX_BLOCKS = 4, 999, 6
+
+
+def pool() -> DecodeGraphPool:
+    return DecodeGraphPool(
+        None,
+        [],
+        None,
+        KernelRegistry(),
+        max_batch=8,
+        max_blocks=MAX_BLOCKS,
+        pad_slot=PAD_SLOT,
+        device=torch.device("cpu"),
+    )
+
+
+def decode(token: int, position: int, blocks: list[int]) -> ScheduledSequence:
+    return ScheduledSequence(f"r{token}", [token], position, blocks, True, SamplingParams(), [], [])
+
+
+def fill(graphs: DecodeGraphPool, seqs: list[ScheduledSequence]) -> int:
+    batch = build_host_batch(seqs, BLOCK_SIZE)
+    size = graphs.bucket(len(seqs))
+    graphs._fill(batch, len(seqs), size, batch.block_table.shape[1])
+    return size
+
+
+def test_rows_carry_the_batch_and_padding_attends_to_nothing():
+    graphs = pool()
+    size = fill(graphs, [decode(11, 5, [3, 7]), decode(12, 2, [4]), decode(13, 9, [5, 6, 8])])
+    assert size == 3
+    assert graphs.input_ids[:3].tolist() == [11, 12, 13]
+    assert graphs.positions[:3].tolist() == [5, 2, 9]
+    # position 5 is block 1 (id 7), offset 1; 2 is block 0 (id 4), offset 2; 9 is block 2 (id 8), offset 1
+    assert graphs.slot_mapping[:3].tolist() == [7 * 4 + 1, 4 * 4 + 2, 8 * 4 + 1]
+    assert graphs.context_lens[:3].tolist() == [6, 3, 10]
+    assert graphs.block_table[0, :2].tolist() == [3, 7]
+    assert graphs.block_table[2, :3].tolist() == [5, 6, 8]
+
+
+def test_a_smaller_batch_after_a_larger_one_pads_the_rows_its_graph_reads():
+    graphs = pool()
+    fill(graphs, [decode(t, t % 4, [t]) for t in range(1, 6)])  # 5 rows
+    fill(graphs, [decode(20, 1, [2]), decode(21, 3, [2])])  # 2 rows: the size-2 graph
+    fill(graphs, [decode(30, 0, [1]), decode(31, 1, [1]), decode(32, 2, [1])])  # bucket 3, mirror 1 again
+    assert graphs.input_ids[:3].tolist() == [30, 31, 32]
+    assert graphs.slot_mapping[:3].tolist() == [4, 5, 6]
+    assert graphs.context_lens[:3].tolist() == [1, 2, 3]
+
+
+def test_padded_rows_of_a_bucket_get_the_scratch_slot_and_no_context():
+    graphs = pool()
+    fill(graphs, [decode(t, t % 4, [t]) for t in range(1, 9)])  # 8 rows: every row real
+    graphs.sizes = [4, 8]  # a bucket of 4 for a batch of 3: one padded row
+    size = fill(graphs, [decode(40, 0, [1]), decode(41, 0, [2]), decode(42, 0, [3])])
+    assert size == 4
+    assert graphs.slot_mapping[3].item() == PAD_SLOT
+    assert graphs.context_lens[3].item() == 0
