@@ -96,6 +96,9 @@ class KernelConfig:
     attention_backend: str = "auto"  # auto (Triton on CUDA, reference on CPU) | torch_ref | triton | flex
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs (CUDA with a graph-safe backend)
     cuda_graph_max_batch: int | None = None  # largest captured decode batch; None = max_num_seqs
+    # graphs per decode step, each over a group of layers: the device starts on the first while the
+    # host launches the rest (a verify step's launch is not hidden behind an earlier step)
+    cuda_graph_pieces: int = 1
     autotune: str = "cache"  # off | cache (reuse saved choices) | online (also tune while serving)
     kernel_cache: str | None = None  # file of saved kernel choices; None = ~/.cache/adaptserve/kernels.json
     pins: tuple[str, ...] = ()  # "op=variant" forced choices, e.g. "decode_attention=torch_ref"
@@ -204,6 +207,7 @@ class EngineConfig:
             k.cuda_graph_max_batch,
             ">= 1",
         )
+        _require(1 <= k.cuda_graph_pieces <= 64, "kernels.cuda_graph_pieces", k.cuda_graph_pieces, "1..64")
         for pin in k.pins:
             _require(pin.count("=") == 1, "kernels.pins", pin, "entries of the form op=variant")
         p.weight_formats = tuple(p.weight_formats)

@@ -21,6 +21,13 @@ def add_kernel_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-cuda-graphs", action="store_true", help="launch decode steps eagerly")
     group.add_argument("--cuda-graph-max-batch", type=int, default=None, help="default: --max-num-seqs")
     group.add_argument(
+        "--cuda-graph-pieces",
+        type=int,
+        default=1,
+        help="CUDA graphs per decode step, each over a group of layers (the device starts on the first "
+        "while the host launches the rest)",
+    )
+    group.add_argument(
         "--autotune",
         default="cache",
         choices=AUTOTUNE_MODES,
@@ -49,6 +56,7 @@ def kernel_options(args: argparse.Namespace) -> dict:
         "attention_backend": getattr(args, "attention_backend", "auto"),
         "cuda_graphs": not getattr(args, "no_cuda_graphs", False),
         "cuda_graph_max_batch": getattr(args, "cuda_graph_max_batch", None),
+        "cuda_graph_pieces": getattr(args, "cuda_graph_pieces", 1),
         "autotune": getattr(args, "autotune", "cache"),
         "kernel_cache": getattr(args, "kernel_cache", None),
         "pins": tuple(getattr(args, "pin_kernel", None) or ()),

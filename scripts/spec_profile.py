@@ -79,11 +79,11 @@ def graph_replay_ms(llm) -> dict[int, float]:
         if size > 16 or size in result:
             continue
         for _ in range(5):
-            graph.graph.replay()
+            graph.replay()
         torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(50):
-            graph.graph.replay()
+            graph.replay()
         torch.cuda.synchronize()
         result[size] = round((time.perf_counter() - start) / 50 * 1e3, 4)
     return result
@@ -140,15 +140,24 @@ def main() -> None:
     parser.add_argument(
         "--trace", action="store_true", help="torch.profiler: device busy time, idle gaps, CUDA API calls"
     )
+    parser.add_argument(
+        "--graph-pieces", default="1", help="kernels.cuda_graph_pieces values to compare, e.g. 1,3"
+    )
     args = parser.parse_args()
     checkpoint = load_checkpoint(args.model, progress=False)
     conversations = grounded_conversations(args.batch)
     if checkpoint.tokenizer is None:  # a preset: token ids straight away
         prompts = [list(range(100 + i, 200 + i)) * 2 for i in range(args.batch)]
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
-    settings = [("off", {})] + [
+    base = [("off", {})] + [
         (f"ngram k={k}", {"spec_method": "ngram", "spec_adaptive": False, "num_speculative_tokens": int(k)})
         for k in args.k.split(",")
+    ]
+    pieces = [int(p) for p in args.graph_pieces.split(",")]
+    settings = [
+        (name if len(pieces) == 1 else f"{name} pieces={p}", {**options, "cuda_graph_pieces": p})
+        for p in pieces
+        for name, options in base
     ]
     totals: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)

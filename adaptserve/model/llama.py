@@ -126,12 +126,37 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions: [T] -> hidden states [T, hidden], the projections computed in
         `precision` (a weight format the model holds; see model/projection.py). `num_layers` runs only
         the first layers, then the final norm (a self-speculative draft: spec/layer_drafter.py)."""
+        x, rope = self.embed(input_ids, positions)
+        end = len(self.layers) if num_layers is None else num_layers
+        x, residual = self.run_layers(x, None, rope, kv_caches, meta, backend, precision, 0, end)
+        return self.final_norm(x, residual)
+
+    # the forward pass in parts, so a CUDA graph can be captured per group of layers (runner/cuda_graphs.py)
+
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor):
+        """-> (embeddings [T, hidden], the rotary context of `positions`)."""
         x = self.embed_tokens(input_ids)  # [T, hidden]
-        rope = self.rotary.context(positions, x.dtype)
-        residual = None
-        layers = self.layers if num_layers is None else self.layers[:num_layers]
-        for layer, kv_cache in zip(layers, kv_caches[: len(layers)], strict=True):
+        return x, self.rotary.context(positions, x.dtype)
+
+    def run_layers(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        rope,
+        kv_caches: list[KVCache],
+        meta: AttentionMetadata,
+        backend: AttentionBackend,
+        precision: str,
+        start: int,
+        end: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layers start..end-1 -> (x [T, hidden], residual [T, hidden])."""
+        for layer, kv_cache in zip(self.layers[start:end], kv_caches[start:end], strict=True):
             x, residual = layer(x, residual, rope, kv_cache, meta, backend, precision)
+        return x, residual
+
+    def final_norm(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """-> hidden states [T, hidden]."""
         return self.norm(x, residual)[0]
 
     def rebuild_rope(self, max_positions: int, device: torch.device) -> None:

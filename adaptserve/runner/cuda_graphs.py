@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -48,11 +48,33 @@ def batch_buckets(max_batch: int) -> list[int]:
     return sorted({s for s in sizes if s < max_batch} | {max_batch})
 
 
+def layer_pieces(num_layers: int, num_pieces: int) -> list[tuple[int, int]]:
+    """Layer ranges [start, end) of `num_pieces` graphs (at most one per layer), as even as can be,
+    the longer ones first."""
+    pieces = max(1, min(num_pieces, num_layers))
+    size, extra = divmod(num_layers, pieces)
+    bounds = [0]
+    for i in range(pieces):
+        bounds.append(bounds[-1] + size + (i < extra))
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
+
+
 @dataclass
 class _Graph:
-    graph: torch.cuda.CUDAGraph
-    hidden: torch.Tensor  # [size, hidden] the graph's output
+    pieces: list[torch.cuda.CUDAGraph]  # one per group of layers, replayed in order
+    hidden: torch.Tensor  # [size, hidden] the last piece's output
     variant: str
+    # the tensors one piece hands the next (hidden, residual, rotary context): kept alive, since the
+    # next piece's kernels read them at the addresses they had at capture
+    handoffs: list = field(default_factory=list)
+
+    def replay(self) -> None:
+        for piece in self.pieces:
+            piece.replay()
+
+    def reset(self) -> None:
+        for piece in self.pieces:
+            piece.reset()
 
 
 class DecodeGraphPool:
@@ -67,12 +89,15 @@ class DecodeGraphPool:
         pad_slot: int,
         device: torch.device,
         clock: Callable[[], float] = time.monotonic,
+        num_pieces: int = 1,
     ):
-        """`clock`: the time source of `last_used` (the engine's clock)."""
+        """`clock`: the time source of `last_used` (the engine's clock). `num_pieces`: graphs per
+        step, each over a group of layers (kernels.cuda_graph_pieces)."""
         self.model, self.kv_caches, self.attention, self.registry = model, kv_caches, attention, registry
         self.sizes = batch_buckets(max_batch)
         self.max_batch, self.max_blocks, self.pad_slot = self.sizes[-1], max_blocks, pad_slot
         self.device = device
+        self.pieces = layer_pieces(len(model.layers), num_pieces)  # [(first layer, end)] per graph
         batch = self.max_batch
         # the static inputs, as views of one buffer per dtype so a step sends each in one copy
         longs = torch.zeros(3 * batch, dtype=torch.int64, device=device)  # [3B]
@@ -137,7 +162,7 @@ class DecodeGraphPool:
             return
         torch.cuda.synchronize(self.device)  # a launched step may still be replaying one of them
         for key in [k for k in self.graphs if k[0] in drop]:
-            self.graphs.pop(key).graph.reset()
+            self.graphs.pop(key).reset()
         for size in drop:
             self.last_used.pop(size, None)
 
@@ -165,7 +190,7 @@ class DecodeGraphPool:
         self._fill(batch, num_seqs, size, width)
         if pending is not None:
             self.input_ids.index_copy_(0, *pending)
-        graph.graph.replay()
+        graph.replay()
         return graph.hidden[:num_seqs]
 
     def _fill(self, batch: HostBatch, num_seqs: int, size: int, width: int) -> None:
@@ -227,27 +252,44 @@ class DecodeGraphPool:
         self.slot_mapping[:size].fill_(self.pad_slot)
         self.context_lens[:size].fill_(1)  # a real length while warming up; replays overwrite it
 
-        def forward() -> torch.Tensor:
-            self.attention.begin_step(meta, decode=variant)
-            return self.model(
-                self.input_ids[:size], self.positions[:size], self.kv_caches, meta, self.attention, precision
+        model, last = self.model, len(self.pieces) - 1
+
+        def forward_piece(i: int, state: tuple):
+            """Piece i of the forward pass: (x, residual, rope) in, and out, or hidden [size, hidden]."""
+            start, end = self.pieces[i]
+            if i == 0:
+                self.attention.begin_step(meta, decode=variant)
+                x, rope = model.embed(self.input_ids[:size], self.positions[:size])
+                residual = None
+            else:
+                x, residual, rope = state
+            x, residual = model.run_layers(
+                x, residual, rope, self.kv_caches, meta, self.attention, precision, start, end
             )
+            return model.final_norm(x, residual) if i == last else (x, residual, rope)
 
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            forward()  # warm-up: compiles kernels and settles lazy state outside the capture
+        with torch.cuda.stream(stream):  # warm-up: compiles kernels, settles lazy state outside capture
+            state = ()
+            for i in range(len(self.pieces)):
+                state = forward_piece(i, state)
         torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
+        pieces, handoffs, state = [], [], ()
         # thread_local: the server builds the engine off the event-loop thread, whose own CUDA calls
         # must not invalidate the capture. Each graph keeps its own memory pool: a shared pool hit an
         # allocator assertion (use_count > 0) when captures ran on the server's loader thread.
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            hidden = forward()  # [size, hidden]
+        for i in range(len(self.pieces)):
+            piece = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(piece, capture_error_mode="thread_local"):
+                state = forward_piece(i, state)  # the last piece: hidden [size, hidden]
+            pieces.append(piece)
+            if i < last:
+                handoffs.append(state)
         torch.cuda.synchronize(self.device)
         self.num_captures += 1
         self.capture_seconds += time.perf_counter() - start
-        return _Graph(graph, hidden, variant.name)
+        return _Graph(pieces, state, variant.name, handoffs)
 
     def _forget_swapped(self, event: SwapEvent) -> None:
         if event.op == DECODE_ATTENTION:

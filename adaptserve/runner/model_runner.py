@@ -198,6 +198,7 @@ class ModelRunner:
             max_blocks,
             self.pad_slot,
             self.device,
+            num_pieces=config.kernels.cuda_graph_pieces,
         )
 
     def warm_up(self, context_len: int = 1024) -> None:

@@ -3,6 +3,8 @@ rows that attend to nothing and write to the scratch slot, and nothing of an ear
 in the rows a graph reads. The buffers and their pinned mirrors are plain tensors, so this runs on
 the CPU."""
 
+from types import SimpleNamespace
+
 import torch
 
 from adaptserve.engine.outputs import ScheduledSequence
@@ -16,7 +18,7 @@ BLOCK_SIZE, PAD_SLOT, MAX_BLOCKS = 4, 999, 6
 
 def pool() -> DecodeGraphPool:
     return DecodeGraphPool(
-        None,
+        SimpleNamespace(layers=[None, None]),
         [],
         None,
         KernelRegistry(),
