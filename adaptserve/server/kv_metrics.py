@@ -62,7 +62,8 @@ class KVCollector(Collector):
         yield blocks
         current = GaugeMetricFamily(
             "adaptserve:kv_write_format",
-            "1 for the format new KV blocks are written in.",
+            "1 for the KV policy's format: cold blocks are requantized into it, and new blocks are written "
+            "in it unless it is int4k (new blocks int8) or the hot window is on (new blocks bf16).",
             labels=["model_name", "format"],
         )
         current.add_metric([name, report.write_format], 1.0)
