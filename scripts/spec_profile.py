@@ -61,6 +61,43 @@ def instrument(totals: dict[str, float], counts: dict[str, int]) -> None:
         setattr(owner, attr, timed)
 
 
+class GraphDeviceSpan:
+    """Without the profiler: CUDA events around each DecodeGraphPool.run. The first is reached at
+    once when the device is idle; the second when the graph has run. Their gap less the graph's own
+    replay time is how long the device waited for the host to finish launching (verify steps)."""
+
+    def __init__(self):
+        self.pairs: list = []
+
+    def install(self) -> None:
+        from adaptserve.runner.cuda_graphs import DecodeGraphPool
+
+        original = DecodeGraphPool.run
+
+        def run(pool, *args, **kwargs):
+            if not torch.cuda.is_available():
+                return original(pool, *args, **kwargs)
+            before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            before.record()
+            hidden = original(pool, *args, **kwargs)
+            after.record()
+            self.pairs.append((len(args[0].sequences), before, after))
+            return hidden
+
+        DecodeGraphPool.run = run
+
+    def report(self) -> dict[int, float]:
+        """Mean ms from the first event to the second, by rows in the step."""
+        if not self.pairs:
+            return {}
+        torch.cuda.synchronize()
+        spans: dict[int, list[float]] = defaultdict(list)
+        for rows, before, after in self.pairs:
+            spans[rows].append(before.elapsed_time(after))
+        self.pairs.clear()
+        return {rows: round(sum(v) / len(v), 4) for rows, v in sorted(spans.items())}
+
+
 class Recorder:
     def __init__(self, steps: list):
         self.steps = steps
@@ -162,6 +199,8 @@ def main() -> None:
     totals: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
     instrument(totals, counts)
+    spans = GraphDeviceSpan()
+    spans.install()
     for name, options in settings:
         memory = {"kv_cache_memory_gib": 4.0} if torch.cuda.is_available() else {}
         llm = LLM.from_checkpoint(checkpoint, max_num_seqs=64, dtype=args.dtype, **memory, **options)
@@ -175,6 +214,7 @@ def main() -> None:
         run()
         totals.clear()
         counts.clear()
+        spans.report()  # drops the warm-up passes' spans
         steps = []
         llm.engine.stat_loggers.append(Recorder(steps))
         profiler = cProfile.Profile() if args.cprofile else None
@@ -201,6 +241,7 @@ def main() -> None:
                     f"{totals[phase] / counts[phase] * 1e3:8.3f} ms/call  "
                     f"{totals[phase] / num_steps * 1e3:8.3f} ms/step"
                 )
+        print("  graph span ms by rows (launch wait + replay):", spans.report())
         print("  graph replay ms by bucket:", graph_replay_ms(llm))
         if args.trace:
             device_trace(run, num_steps, name)
