@@ -58,6 +58,7 @@ def config_name(config: dict) -> str:
     return (
         f"{kind} n{config['block_n']} k{config['block_k']} s{config['split_k']} "
         f"w{config['num_warps']} st{config['num_stages']}"
+        + (f" m{config['block_m']}" if "block_m" in config else "")
     )
 
 

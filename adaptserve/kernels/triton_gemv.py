@@ -61,12 +61,46 @@ CONFIGS: list[dict] = [
     {"block_n": 4, "block_k": 512, "split_k": 1, "num_warps": 2, "num_stages": 1, "use_dot": False},
     {"block_n": 4, "block_k": 1024, "split_k": 1, "num_warps": 4, "num_stages": 2, "use_dot": False},
     {"block_n": 2, "block_k": 1024, "split_k": 1, "num_warps": 2, "num_stages": 1, "use_dot": False},
+    # CUDA-core tiles of up to 8 rows ("block_m"), for a verify step's 5-9 rows at short K, where a
+    # 4-row tile reads the weight twice (unmeasured: no pick uses them until gemv_bench has timed them)
+    {
+        "block_n": 4,
+        "block_k": 512,
+        "split_k": 1,
+        "num_warps": 4,
+        "num_stages": 1,
+        "use_dot": False,
+        "block_m": 8,
+    },
+    {
+        "block_n": 2,
+        "block_k": 1024,
+        "split_k": 1,
+        "num_warps": 4,
+        "num_stages": 1,
+        "use_dot": False,
+        "block_m": 8,
+    },
+    {
+        "block_n": 4,
+        "block_k": 256,
+        "split_k": 1,
+        "num_warps": 4,
+        "num_stages": 2,
+        "use_dot": False,
+        "block_m": 8,
+    },
 ]
 
 
 def configs_for(num_rows: int) -> list[dict]:
     """The CONFIGS that suit `num_rows` rows (all of them are correct for any row count)."""
-    return [c for c in CONFIGS if c["use_dot"] or num_rows <= FMA_MAX_ROWS]
+    return [c for c in CONFIGS if c["use_dot"] or num_rows <= fma_rows(c)]
+
+
+def fma_rows(config: dict) -> int:
+    """Rows one program of a CUDA-core config multiplies (FMA_MAX_ROWS unless it says `block_m`)."""
+    return config.get("block_m", FMA_MAX_ROWS)
 
 
 def num_programs(config: dict, num_rows: int, out_features: int) -> int:
@@ -293,7 +327,7 @@ def reduce_split_k(partial: torch.Tensor, bias: torch.Tensor | None, out: torch.
 def _block_rows(config: dict, num_rows: int) -> int:
     if config["use_dot"]:
         return DOT_ROWS
-    return min(triton.next_power_of_2(num_rows), FMA_MAX_ROWS)
+    return min(triton.next_power_of_2(num_rows), fma_rows(config))
 
 
 def _check_shapes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:

@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from adaptserve.kernels.linear import gemv_row_limit
 from adaptserve.kernels.triton_gemv import (
     CONFIGS,
-    FMA_MAX_ROWS,
     H100_SMS,
     KERNEL_VERSION,
     configs_for,
+    fma_rows,
     gemv,
     num_programs,
     pick_config,
@@ -99,7 +99,7 @@ def test_bad_shapes():
 def test_pick_config_fills_the_gpu():
     assert KERNEL_VERSION == 1
     for num_rows in (1, 2, 4, 8, 16):
-        assert all(c["use_dot"] or num_rows <= FMA_MAX_ROWS for c in configs_for(num_rows))
+        assert all(c["use_dot"] or num_rows <= fma_rows(c) for c in configs_for(num_rows))
         for out_features, in_features in ((4096, 4096), (6144, 4096), (4096, 14336), (128256, 4096)):
             config = pick_config(num_rows, out_features, in_features)
             assert config in configs_for(num_rows)
