@@ -87,22 +87,28 @@ class KVArena:
         chunks = block_ids // self.max_blocks_per_chunk
         return chunks, block_ids % self.max_blocks_per_chunk, self.chunk_formats[chunks].long()
 
+    def _by_format(self, block_ids: torch.Tensor):
+        """Block ids [N] grouped by their chunk's format: (views, rows [n] into block_ids, (chunk [n],
+        index in chunk [n])) per format present. A padded table entry may point past a chunk's blocks:
+        its index is clamped (its rows are masked, any block will do)."""
+        chunks, index, codes = self._locate(block_ids)
+        for code in codes.unique().tolist():
+            views = self.views[KV_FORMATS[code]]
+            rows = (codes == code).nonzero().squeeze(1)  # [n]
+            yield views, rows, (chunks[rows], index[rows].clamp(max=views.blocks_per_chunk - 1))
+
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: [T, H, D] quantized into their slots [T] (block_id * block_size + offset). A slot in a
         block of a whole-block format (int4k) is refused: those blocks are only written whole."""
         layout = self.layout
-        block_size = layout.block_size
-        chunks, index, codes = self._locate(slots // block_size)
-        offsets = slots.long() % block_size
-        for code in codes.unique().tolist():
-            views = self.views[KV_FORMATS[code]]
+        offsets = slots.long() % layout.block_size
+        for views, rows, block in self._by_format(slots // layout.block_size):
             if views.fmt.whole_block:
                 raise ValueError(
                     f"cannot write single tokens into {views.fmt.name} blocks: that format is only "
                     "written as whole full blocks (write_blocks, the requantization of cold blocks)"
                 )
-            rows = (codes == code).nonzero().squeeze(1)  # [t]
-            where = (chunks[rows], index[rows].clamp(max=views.blocks_per_chunk - 1), offsets[rows])
+            where = (*block, offsets[rows])
             for x, data, scales in ((k, views.k_data, views.k_scales), (v, views.v_data, views.v_scales)):
                 q, s = quantize(x[rows], views.fmt.name, layout.int4_group_size, layout.native_dtype)
                 data[where] = q
@@ -112,11 +118,7 @@ class KVArena:
     def write_blocks(self, block_ids: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: [M, block_size, H, D] quantized into whole blocks block_ids [M], each in its chunk's
         format; int4k keys take their per-channel scales over the block's tokens."""
-        chunks, index, codes = self._locate(block_ids)
-        for code in codes.unique().tolist():
-            views = self.views[KV_FORMATS[code]]
-            rows = (codes == code).nonzero().squeeze(1)  # [m]
-            where = (chunks[rows], index[rows].clamp(max=views.blocks_per_chunk - 1))
+        for views, rows, where in self._by_format(block_ids):
             name = views.fmt.name
             if views.fmt.whole_block:
                 views.k_data[where], views.k_scales[where] = quantize_key_blocks(k[rows])
@@ -139,12 +141,7 @@ class KVArena:
         shape = (block_ids.shape[0], layout.block_size, layout.num_kv_heads, layout.head_dim)
         k = torch.empty(shape, dtype=dtype, device=self.bytes.device)
         v = torch.empty(shape, dtype=dtype, device=self.bytes.device)
-        chunks, index, codes = self._locate(block_ids)
-        for code in codes.unique().tolist():
-            views = self.views[KV_FORMATS[code]]
-            rows = (codes == code).nonzero().squeeze(1)  # [n]
-            # a padded table entry may point past a chunk's blocks: its rows are masked, any block will do
-            where = (chunks[rows], index[rows].clamp(max=views.blocks_per_chunk - 1))
+        for views, rows, where in self._by_format(block_ids):
             name = views.fmt.name
             if views.fmt.whole_block:
                 k[rows] = dequantize_key_blocks(views.k_data[where], views.k_scales[where], dtype)
