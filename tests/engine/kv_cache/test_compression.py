@@ -18,15 +18,9 @@ from adaptserve.engine.kv_cache import KVCacheManager
 from adaptserve.engine.kv_cache.compression import build_block_pool, requantize_cold_blocks
 from adaptserve.engine.kv_cache.formats import KV_FORMATS
 from adaptserve.runner.kv_compression import KVGeometry
-from tests.engine.kv_cache.test_chunk_pool import (
-    BLOCK_SIZE,
-    BLOCKS_PER_CHUNK,
-    CHUNK_BYTES,
-    LAYOUT,
-    schedule_prefill,
-    tokens,
-)
+from tests.engine.kv_cache.test_chunk_pool import BLOCK_SIZE, BLOCKS_PER_CHUNK, CHUNK_BYTES, LAYOUT
 from tests.engine.kv_cache.test_manager import FakeRequest
+from tests.engine.kv_cache.test_requantize import schedule_prefill, tokens
 
 
 @dataclass
