@@ -65,6 +65,20 @@ class KernelVariant:
         return self.family + "[" + ",".join(f"{k}={v}" for k, v in self.params) + "]"
 
 
+class FixedKernelChoice:
+    """The registry's choose/on_swap for an attention that runs its own kernels (the compressed KV
+    cache): one variant for every bucket, never swapped, so the decode graph pool can ask it."""
+
+    def __init__(self, variant: KernelVariant):
+        self.variant = variant
+
+    def choose(self, bucket: ShapeBucket) -> KernelVariant:
+        return self.variant
+
+    def on_swap(self, callback: Callable[[SwapEvent], None]) -> None:
+        """Nothing to hear: the choice never changes."""
+
+
 @dataclass
 class SwapEvent:
     time: float  # time.time() of the change

@@ -6,7 +6,8 @@ that `run` refills each step: the batch is padded up to its bucket with rows who
 (they attend to nothing) and whose K/V goes to a scratch slot outside the allocator's blocks.
 
 Graphs are captured at start for every bucket and on demand for new keys; a kernel swap in the
-registry drops the graphs that captured the old variant (they are re-captured on next use). The
+registry drops the graphs that captured the old variant (they are re-captured on next use). A
+compressed KV cache's attention runs its own kernels: the pool then asks its FixedKernelChoice. The
 prewarmer (adapt/prewarm.py) may also `capture` sizes ahead of need and `release` sizes nobody uses;
 `last_used` tells when each size was last replayed.
 """
@@ -24,6 +25,7 @@ from adaptserve.kernels.attention.dispatch import TunedAttention
 from adaptserve.kernels.attention.metadata import AttentionMetadata
 from adaptserve.kernels.registry import (
     DECODE_ATTENTION,
+    FixedKernelChoice,
     KernelRegistry,
     KernelVariant,
     ShapeBucket,
@@ -83,7 +85,7 @@ class DecodeGraphPool:
         model: torch.nn.Module,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         attention: TunedAttention,
-        registry: KernelRegistry,
+        registry: KernelRegistry | FixedKernelChoice,
         max_batch: int,
         max_blocks: int,
         pad_slot: int,

@@ -88,8 +88,8 @@ class ModelRunner:
             if self.draft_model_drafter is not None:
                 self.draft_model_drafter.allocate_kv_caches(self.num_blocks + 1)
         self.pad_slot = self.num_blocks * self.block_size
-        # a compressed cache runs its steps eagerly, with its own attention (no graphs, no autotuning)
-        self.graphs = self._build_graph_pool(config) if self.compressed_kv is None else None
+        # a compressed cache runs its own attention kernels (no autotuning); its decodes replay graphs
+        self.graphs = self._build_graph_pool(config)
         self.autotuner = self._build_autotuner(config.kernels) if self.compressed_kv is None else None
         self.sampler = Sampler()
         self.layer_drafter = self._build_layer_drafter(config.speculative)
@@ -119,7 +119,9 @@ class ModelRunner:
             if reason is not None:
                 logger.warning("compressed KV runs the torch reference attention: %s", reason)
                 use_triton = False
-        self.attention = CompressedKVAttention(self.arch.num_layers, monitor, use_triton=use_triton)
+        arch = self.arch
+        heads = (arch.num_heads, arch.num_kv_heads, arch.head_dim)
+        self.attention = CompressedKVAttention(arch.num_layers, heads, monitor, use_triton=use_triton)
         return compressed
 
     def _build_layer_drafter(self, spec) -> LayerDrafter | None:
@@ -187,13 +189,18 @@ class ModelRunner:
     def _build_graph_pool(self, config: EngineConfig) -> DecodeGraphPool | None:
         if self.device.type != "cuda" or not config.kernels.cuda_graphs:
             return None
+        registry = self.registry
+        if self.compressed_kv is not None:
+            if not self.attention.use_triton:  # the reference compressed attention is not graph-safe
+                return None
+            registry = self.attention.decode_kernel()
         max_batch = config.kernels.cuda_graph_max_batch or graph_rows_default(config)
         max_blocks = -(-self.max_model_len // self.block_size)
         return DecodeGraphPool(
             self.model,
             self.kv_caches,
             self.attention,
-            self.registry,
+            registry,
             max_batch,
             max_blocks,
             self.pad_slot,

@@ -268,10 +268,11 @@ def test_unsupported_shapes_raise():
 
 @pytest.mark.cuda
 def test_cuda_real_shapes_and_graph_replay():
-    """Llama-8B-like layer (32 heads over 8 KV heads, D 128, bf16): the write is byte-exact, and decode
+    """Llama-8B-like layer (32 heads over 8 KV heads, D 128, bf16; chunks of every format, int4k
+    included): the write is byte-exact, and decode
     captured once in a CUDA graph follows new block tables and context lengths on replay."""
     layout = KVLayout(BLOCK_SIZE, 8, 128, torch.bfloat16, int4_group_size=64)
-    chunk_formats = ["bf16", "fp8", "int8", "int4"] * 16
+    chunk_formats = ["bf16", "fp8", "int8", "int4", "int4k"] * 13
     g = torch.Generator().manual_seed(5)
     all_slots = _slots(_arena(layout, chunk_formats, "cpu"))
     slots = all_slots[torch.randperm(all_slots.shape[0], generator=g)[:512]]  # [T]

@@ -40,6 +40,7 @@ from adaptserve.kernels.kv_quant import (
     quantize_key_blocks,
     value_format,
 )
+from adaptserve.kernels.registry import DECODE_ATTENTION, FixedKernelChoice, KernelVariant
 from adaptserve.model.rope import apply_rope
 from adaptserve.runner.kv_arena import KVArena
 
@@ -89,11 +90,29 @@ class KVErrorMonitor:
 class CompressedKVAttention:
     name = "compressed_kv"
 
-    def __init__(self, num_layers: int, monitor: KVErrorMonitor | None = None, use_triton: bool = False):
+    def __init__(
+        self,
+        num_layers: int,
+        layout: tuple[int, int, int],
+        monitor: KVErrorMonitor | None = None,
+        use_triton: bool = False,
+    ):
+        """`layout`: (num_heads, num_kv_heads, head_dim), as TunedAttention.layout."""
         self.num_layers = num_layers
+        self.layout = layout
         self.monitor = monitor
         self.use_triton = use_triton
         self._layer = 0  # counts layers within a step (the monitor samples one)
+
+    def decode_kernel(self) -> FixedKernelChoice:
+        """What the decode graph pool captures: this attention's own decode for every bucket. Only
+        the Triton path is graph-safe (the reference gathers blocks through host-sized indexing and
+        `nonzero`); the chunk-format table is read on the device, so block moves and format
+        hand-overs between steps reach replayed graphs."""
+        family = f"{self.name}_{'triton' if self.use_triton else 'torch'}"
+        return FixedKernelChoice(
+            KernelVariant(DECODE_ATTENTION, family, _runs_in_attend, graph_safe=self.use_triton)
+        )
 
     def begin_step(self, meta: AttentionMetadata, decode=None) -> None:
         self._layer = 0
@@ -135,11 +154,18 @@ class CompressedKVAttention:
 
     def _decode(self, q, arena: KVArena, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         if self.use_triton:
+            from adaptserve.kernels.attention.triton_decode import choose_num_splits
             from adaptserve.kernels.attention.triton_kv_compressed import decode_attention_compressed
 
             out = torch.empty_like(q)
-            num = q.shape[0]
-            decode_attention_compressed(q, arena, meta.block_table[:num], meta.context_lens[:num], scale, out)
+            num, layout = q.shape[0], arena.layout
+            # split long contexts while the grid is small (max_context_len is host data; in a graph,
+            # the bucket's, so each captured graph keeps its split count)
+            kv_heads, tile = layout.num_kv_heads, layout.block_size
+            splits = choose_num_splits(num, kv_heads, meta.max_context_len, tile_n=tile)
+            decode_attention_compressed(
+                q, arena, meta.block_table[:num], meta.context_lens[:num], scale, out, num_splits=splits
+            )
             return out
         block_table, context_mask = meta.decode_block_table, meta.decode_context_mask
         if context_mask is None:
@@ -159,6 +185,10 @@ class CompressedKVAttention:
         k = k.flatten(0, 1)[: seq.context_len]  # [L, KVH, D]
         v = v.flatten(0, 1)[: seq.context_len]  # [L, KVH, D]
         return chunk_after_context(q, k, v, seq, scale)
+
+
+def _runs_in_attend(*args, **kwargs) -> None:
+    raise RuntimeError("the compressed cache's decode runs inside CompressedKVAttention.attend")
 
 
 def _round_trip(x: torch.Tensor, name: str, layout, is_key: bool) -> torch.Tensor:
