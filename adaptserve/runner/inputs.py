@@ -6,7 +6,6 @@ goes to the device in one copy per tensor; nothing here waits on the device.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -72,13 +71,16 @@ def verify_as_decode_rows(sequences: list[ScheduledSequence]) -> list[ScheduledS
 def decode_row(seq: ScheduledSequence, token_id: int, offset: int) -> ScheduledSequence:
     """A one-token row of `seq`: `token_id` at position start + offset, sampled, over the same block
     table (it attends to start + offset + 1 tokens)."""
-    return dataclasses.replace(
-        seq,
-        token_ids=[token_id],
-        num_computed_tokens=seq.num_computed_tokens + offset,
-        sample=True,
-        num_pending_tokens=0,
-        num_draft_tokens=0,
+    # built directly: dataclasses.replace costs about 6x as much, k + 1 times per sequence per step
+    return ScheduledSequence(
+        seq.request_id,
+        [token_id],
+        seq.num_computed_tokens + offset,
+        seq.block_ids,
+        True,
+        seq.sampling_params,
+        seq.prompt_token_ids,
+        seq.output_token_ids,
     )
 
 
