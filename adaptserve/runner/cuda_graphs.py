@@ -196,14 +196,18 @@ class DecodeGraphPool:
         return graph.hidden[:num_seqs]
 
     def _fill(self, batch: HostBatch, num_seqs: int, size: int, width: int) -> None:
-        """Copy this step's inputs into the static buffers, one copy per dtype; padded rows attend
-        to nothing and write to the scratch slot. Block-table columns past `width` keep stale ids
-        that no kernel reads (they lie past every row's context)."""
+        """Copy this step's inputs into the static buffers, one copy per dtype; padded rows read
+        token 0 at position 0, attend to nothing and write to the scratch slot. Block-table columns
+        past `width` keep stale ids that no kernel reads (they lie past every row's context)."""
         max_batch = self.max_batch
         longs = self._long_staging.host().reshape(3, max_batch)  # [3, B]
         longs[0, :num_seqs] = batch.input_ids
         longs[1, :num_seqs] = batch.positions
         longs[2, :num_seqs] = batch.slot_mapping
+        # padded rows: token 0 at position 0 into the scratch slot. Not the mirror's stale values: a
+        # row whose token was pending held PENDING_TOKEN_ID (-1) here (the device got the real id by
+        # index_copy), and an embedding lookup of -1 is a device-side assert
+        longs[:2, num_seqs:size] = 0
         longs[2, num_seqs:size] = self.pad_slot
         self._long_staging.send(3 * max_batch)
         ints = self._int_staging.host()  # [B + B * MB]

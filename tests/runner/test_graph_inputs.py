@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import torch
 
-from adaptserve.engine.outputs import ScheduledSequence
+from adaptserve.engine.outputs import PENDING_TOKEN_ID, ScheduledSequence
 from adaptserve.engine.request import SamplingParams
 from adaptserve.kernels.registry import KernelRegistry
 from adaptserve.runner.cuda_graphs import DecodeGraphPool
@@ -71,3 +71,19 @@ def test_padded_rows_of_a_bucket_get_the_scratch_slot_and_no_context():
     assert size == 4
     assert graphs.slot_mapping[3].item() == PAD_SLOT
     assert graphs.context_lens[3].item() == 0
+
+
+def test_padded_rows_never_read_a_pending_placeholder():
+    """A row whose token is still on the device holds PENDING_TOKEN_ID in the pinned mirror (the
+    device gets the real id by index_copy). When that mirror comes round again for a smaller batch,
+    the padded rows must not keep it: an embedding lookup of -1 crashed the H100 (device-side assert)."""
+    graphs = pool()
+    graphs.sizes = [4, 8]
+    pending = ScheduledSequence("p", [PENDING_TOKEN_ID], 3, [1], True, SamplingParams(), [], [], 1)
+    fill(graphs, [decode(t, t % 4, [t]) for t in range(1, 4)] + [pending])  # 4 rows, row 3 pending
+    fill(graphs, [decode(20, 1, [2])])  # the other mirror
+    size = fill(graphs, [decode(30, 0, [1]), decode(31, 1, [1])])  # mirror 0 again: rows 2-3 padded
+    assert size == 4
+    assert graphs.input_ids[:4].tolist() == [30, 31, 0, 0]
+    assert graphs.positions[2:4].tolist() == [0, 0]
+    assert graphs.slot_mapping[2:4].tolist() == [PAD_SLOT, PAD_SLOT]
