@@ -22,3 +22,4 @@ for setting in "${settings[@]}"; do
     --context-len 256 --steps 16 --baselines none --max-num-seqs 64 --result-dir "$out/decode-$name" \
     "${flags[@]}" "$@" 2>&1 | grep -v "it/s\]" | grep "|\|Error\|error" | tail -8
 done
+python3 scripts/kv_decode_combine.py "$out"

@@ -25,7 +25,7 @@ from adaptserve.bench.plot_fast_path import (
     prefill_figure,
     startup_figure,
 )
-from adaptserve.bench.plot_kv import kv_figure
+from adaptserve.bench.plot_kv import kv_decode_figure, kv_figure
 from adaptserve.bench.plot_parts import figure, grouped_bars
 from adaptserve.bench.plot_precision import precision_quality_figure, quant_gemv_figure
 from adaptserve.bench.plot_spec import spec_figure
@@ -340,4 +340,5 @@ PLOTTERS = {
     "quant_gemv": quant_gemv_figure,
     "spec": spec_figure,
     "kv": kv_figure,
+    "kv-decode": kv_decode_figure,
 }

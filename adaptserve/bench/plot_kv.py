@@ -93,3 +93,29 @@ def _capacity(ax, _ramp, _quality, capacity) -> None:
     ax.set_title("capacity at one KV budget\n(label: mean running while saturated, vs bf16)", fontsize=9)
     ax.tick_params(axis="x", labelsize=7)
     ax.grid(alpha=0.3, axis="y")
+
+
+def kv_decode_figure(data: dict):
+    """`kv-decode` (scripts/kv_decode_gpu.sh, then scripts/kv_decode_combine.py): one decode step's
+    median time per batch size, one bar per KV setting (plain cache, compressed with and without
+    CUDA graphs, ...)."""
+    import matplotlib.pyplot as plt
+
+    from adaptserve.bench.plot_parts import grouped_bars
+
+    settings = data["settings"]  # name -> {"flags", "results": [{"batch_size", "step_ms", ...}]}
+    batches = sorted({r["batch_size"] for s in settings.values() for r in s["results"]})
+    values = [
+        {
+            name: next((r["step_ms"] for r in s["results"] if r["batch_size"] == b), None)
+            for name, s in settings.items()
+        }
+        for b in batches
+    ]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    grouped_bars(ax, [f"batch {b}" for b in batches], values, fmt=lambda h: f"{h:.1f}")
+    ax.set_ylabel("decode step, ms (median)")
+    ax.set_title(f"KV settings, {data.get('model', '')}, context {data.get('context_len', '?')}", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    return fig
