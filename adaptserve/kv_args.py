@@ -34,10 +34,10 @@ def add_kv_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--kv-hot-window",
         type=int,
-        default=0,
+        default=None,
         metavar="N",
         help="write new tokens in bf16 at every format and keep each sequence's newest N blocks bf16; "
-        "only colder blocks are requantized (0 = off)",
+        "only colder blocks are requantized (0 = off; default: 1 with --kv-policy adaptive, else 0)",
     )
 
 
@@ -48,5 +48,5 @@ def kv_options(args: argparse.Namespace) -> dict:
         "kv_policy": getattr(args, "kv_policy", "static"),
         "kv_ladder": tuple(getattr(args, "kv_ladder", "bf16,int8,int4").split(",")),
         "kv_error_budget": getattr(args, "kv_error_budget", 0.05),
-        "kv_hot_window": getattr(args, "kv_hot_window", 0),
+        "kv_hot_window": getattr(args, "kv_hot_window", None),
     }

@@ -43,10 +43,14 @@ def test_an_unknown_kv_format_is_refused_naming_the_field():
         EngineConfig.from_flat(kv_format="int4kk")
 
 
-def test_hot_window_flag_is_off_by_default_and_sets_the_window():
-    assert EngineConfig.from_flat(**_options()).cache.kv_hot_window == 0
+def test_hot_window_defaults_to_one_block_under_the_adaptive_policy_only_and_the_flag_sets_it():
+    assert EngineConfig.from_flat(**_options()).cache.hot_window == 0
+    assert EngineConfig.from_flat(**_options("--kv-format", "int8")).cache.hot_window == 0
+    assert EngineConfig.from_flat(**_options("--kv-policy", "adaptive")).cache.hot_window == 1
+    off = EngineConfig.from_flat(**_options("--kv-policy", "adaptive", "--kv-hot-window", "0")).cache
+    assert off.hot_window == 0
     cache = EngineConfig.from_flat(**_options("--kv-policy", "adaptive", "--kv-hot-window", "2")).cache
-    assert cache.kv_hot_window == 2 and cache.num_recent_blocks == 2  # keep_recent (1) is subsumed
+    assert cache.hot_window == 2 and cache.num_recent_blocks == 2  # keep_recent (1) is subsumed
 
 
 @pytest.mark.parametrize(

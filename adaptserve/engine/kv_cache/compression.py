@@ -21,7 +21,7 @@ def build_block_pool(cache: CacheConfig, runner) -> BlockPool | ChunkedBlockPool
     g = compressed.geometry
     # an adaptive cache, or one whose new tokens stay bf16 (hot window), keeps one chunk back, so cold
     # blocks always have room to move down into
-    moves_down = cache.kv_policy == "adaptive" or cache.kv_hot_window > 0
+    moves_down = cache.kv_policy == "adaptive" or cache.hot_window > 0
     reserve = 1 if moves_down and g.num_chunks > 1 else 0
     return ChunkedBlockPool(
         g.num_chunks,
@@ -30,7 +30,7 @@ def build_block_pool(cache: CacheConfig, runner) -> BlockPool | ChunkedBlockPool
         cache.kv_format,
         cache.enable_prefix_caching,
         reserve,
-        hot_window=cache.kv_hot_window > 0,
+        hot_window=cache.hot_window > 0,
     )
 
 

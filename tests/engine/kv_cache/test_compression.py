@@ -29,6 +29,8 @@ class Request(FakeRequest):
 
 
 def make_manager(num_chunks: int = 6, **cache_options) -> tuple[KVCacheManager, CacheConfig]:
+    """An adaptive cache's manager; without the window unless asked (kv_hot_window, default 0 here)."""
+    cache_options.setdefault("kv_hot_window", 0)
     cache = CacheConfig(
         block_size=BLOCK_SIZE, kv_policy="adaptive", enable_prefix_caching=False, **cache_options
     )
