@@ -201,6 +201,7 @@ def main() -> None:
     instrument(totals, counts)
     spans = GraphDeviceSpan()
     spans.install()
+    summary = []  # (setting, ms/step, tok/s): printed last, so a tail of the output keeps every row
     for name, options in settings:
         memory = {"kv_cache_memory_gib": 4.0} if torch.cuda.is_available() else {}
         llm = LLM.from_checkpoint(checkpoint, max_num_seqs=64, dtype=args.dtype, **memory, **options)
@@ -234,6 +235,7 @@ def main() -> None:
             f"{wall / num_steps * 1e3:.3f} ms/step, {tokens} tokens, {tokens / wall:.1f} tok/s, "
             f"drafts {drafts} accepted {accepted}"
         )
+        summary.append((name, wall / num_steps * 1e3, tokens / wall))
         for phase in PHASES:
             if counts[phase]:
                 print(
@@ -250,6 +252,9 @@ def main() -> None:
                 pstats.Stats(profiler).sort_stats(order).print_stats(args.cprofile)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    print(f"\n== summary, batch {args.batch}")
+    for name, ms_per_step, tokens_per_s in summary:
+        print(f"  {name:<24} {ms_per_step:7.3f} ms/step  {tokens_per_s:8.1f} tok/s")
 
 
 if __name__ == "__main__":
