@@ -20,6 +20,7 @@ from tqdm import tqdm
 from adaptserve.bench.results import DEFAULT_MODEL_LABEL, write_results
 from adaptserve.engine.request import SamplingParams
 from adaptserve.engine.stats import StepStats
+from adaptserve.kernel_args import kernel_options, precision_options
 
 _CODE = """def mean_and_spread(values):
     total = 0.0
@@ -164,6 +165,22 @@ def _arm_runs(steps: list[StepStats]) -> list[list]:
     return runs
 
 
+def base_engine_options(args: argparse.Namespace, on_gpu: bool) -> dict:
+    """What every setting's engine shares: device, dtype, the kernel flags (--no-cuda-graphs,
+    --cuda-graph-pieces, --async-scheduling, ...) and the weight-precision flags; each setting adds its
+    speculation options. Every setting of a batch size holds an engine at once, so each gets a fixed
+    KV budget rather than a share of the device: 1 GiB on the CPU (23k tokens of SmolLM2 in float32;
+    five engines at the 2 GiB default filled half this VM's memory, and the last one built ran its
+    same steps 18 % slower), 4 GiB on a GPU."""
+    return {
+        "device": args.device,
+        "dtype": args.dtype,
+        **kernel_options(args),
+        **precision_options(args),
+        "kv_cache_memory_gib": 4.0 if on_gpu else 1.0,
+    }
+
+
 def run_spec_benchmark(args: argparse.Namespace) -> None:
     import torch
 
@@ -183,13 +200,8 @@ def run_spec_benchmark(args: argparse.Namespace) -> None:
         settings.append((f"layers{depth} k={k}", {**layers, "spec_adaptive": False}))
     adaptive = {"spec_method": args.adaptive_method, "num_speculative_tokens": max(draft_lens)}
     settings.append(("adaptive", {**adaptive, "spec_adaptive": True}))
-    # every setting of a batch size holds an engine at once: each gets a fixed KV budget, not a share of
-    # the device
-    base = {"device": args.device, "dtype": args.dtype}
     on_gpu = args.device != "cpu" and torch.cuda.is_available()
-    # 1 GiB on the CPU (23k tokens of SmolLM2 in float32): five engines at the 2 GiB default filled
-    # half this VM's memory, and the last one built ran its same steps 18 % slower
-    base["kv_cache_memory_gib"] = 4.0 if on_gpu else 1.0
+    base = base_engine_options(args, on_gpu)
     device = torch.device("cuda" if on_gpu else "cpu")
     rows, path = [], None
     with tqdm(total=len(batch_sizes) * len(settings) * args.repeats, desc="bench spec") as bar:
