@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -26,15 +26,24 @@ class LLM:
         self._init(EngineConfig.from_flat(model=model, **engine_options), None)
 
     @classmethod
-    def from_checkpoint(cls, checkpoint: LoadedCheckpoint, **engine_options: Any) -> LLM:
-        """An engine over weights already in memory (tests and benchmarks reuse one load)."""
+    def from_checkpoint(
+        cls, checkpoint: LoadedCheckpoint, *, clock: Callable[[], float] | None = None, **engine_options: Any
+    ) -> LLM:
+        """An engine over weights already in memory (tests and benchmarks reuse one load). `clock`:
+        the engine's time source instead of time.monotonic (a benchmark's virtual clock)."""
         llm = cls.__new__(cls)
-        llm._init(EngineConfig.from_flat(model=checkpoint.source, **engine_options), checkpoint)
+        llm._init(EngineConfig.from_flat(model=checkpoint.source, **engine_options), checkpoint, clock)
         return llm
 
-    def _init(self, config: EngineConfig, checkpoint: LoadedCheckpoint | None) -> None:
+    def _init(
+        self,
+        config: EngineConfig,
+        checkpoint: LoadedCheckpoint | None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
         self.config = config
-        self.engine = LLMEngine(config, checkpoint=checkpoint)
+        clock_option = {} if clock is None else {"clock": clock}
+        self.engine = LLMEngine(config, checkpoint=checkpoint, **clock_option)
         self._ids = itertools.count()
 
     @property

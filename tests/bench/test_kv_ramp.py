@@ -13,11 +13,17 @@ def test_arrivals_come_closer_together():
 
 def test_ramp_loses_nothing_and_bf16_matches_the_reference():
     checkpoint = load_checkpoint(None, progress=False)
-    settings = {"bf16": {}, "adaptive": {"kv_policy": "adaptive", "control_interval_s": 0.0}}
+    adaptive_options = {"kv_policy": "adaptive", "control_interval_s": 0.0}
+    settings = {"bf16": {}, "adaptive": adaptive_options, "adaptive again": dict(adaptive_options)}
     result = run_ramp(
         checkpoint, settings, num_requests=6, max_tokens=16, num_blocks=32, first_gap=2, last_gap=1
     )
     bf16, adaptive = result["rows"]["bf16"], result["rows"]["adaptive"]
+    # the engine runs on the ramp's step clock: a setting run twice decides the same at the same steps
+    again = result["rows"]["adaptive again"]
+    assert result["seconds_per_step"] == 0.1
+    assert again["switches"] == adaptive["switches"] and again["timeline"] == adaptive["timeline"]
+    assert again["preemptions"] == adaptive["preemptions"] and again["agreement"] == adaptive["agreement"]
     assert bf16["lost"] == adaptive["lost"] == 0 and bf16["finished"] == adaptive["finished"] == 6
     assert bf16["generated_tokens"] == adaptive["generated_tokens"] == 6 * 16
     assert bf16["agreement"]["identical"] == 1.0 and bf16["divergences"] == []
