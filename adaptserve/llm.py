@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,7 +28,11 @@ class LLM:
 
     @classmethod
     def from_checkpoint(
-        cls, checkpoint: LoadedCheckpoint, *, clock: Callable[[], float] | None = None, **engine_options: Any
+        cls,
+        checkpoint: LoadedCheckpoint,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        **engine_options: Any,
     ) -> LLM:
         """An engine over weights already in memory (tests and benchmarks reuse one load). `clock`:
         the engine's time source instead of time.monotonic (a benchmark's virtual clock)."""
@@ -39,11 +44,10 @@ class LLM:
         self,
         config: EngineConfig,
         checkpoint: LoadedCheckpoint | None,
-        clock: Callable[[], float] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
-        clock_option = {} if clock is None else {"clock": clock}
-        self.engine = LLMEngine(config, checkpoint=checkpoint, **clock_option)
+        self.engine = LLMEngine(config, checkpoint=checkpoint, clock=clock)
         self._ids = itertools.count()
 
     @property

@@ -4,7 +4,7 @@ One fixed KV memory budget (`num_blocks` bf16 blocks' worth). Chat requests arri
 engine steps: a new request every `gap` steps, the gap shrinking linearly, so the KV the running
 requests want grows to `overload` times the cache. Each setting runs the same arrivals through the
 real engine, one step at a time (the steps are the clock: the ramp is the same on any machine).
-The engine's own clock is virtual too (`StepClock`, SECONDS_PER_STEP a step), so the KV policy's time
+The engine's own clock is virtual too (SECONDS_PER_STEP a step), so the KV policy's time
 constants (trend window, forecast horizon, cooldown) span the same steps on any machine and a setting
 run twice makes the same decisions: rows differ by what the settings do, not by the machine's pace.
 Per setting: preemptions and the prompt tokens recomputed after them, requests finished (all must
@@ -27,20 +27,6 @@ from adaptserve.bench.release import release_engine
 from adaptserve.engine.request import SamplingParams
 
 SECONDS_PER_STEP = 0.1  # the ramp's virtual time per engine step (the CPU ramp's pace, 0.13 s)
-
-
-class StepClock:
-    """The engine clock of a ramp run: `seconds_per_step` per engine step (`tick` after each)."""
-
-    def __init__(self, seconds_per_step: float = SECONDS_PER_STEP):
-        self.seconds_per_step = seconds_per_step
-        self.steps = 0
-
-    def __call__(self) -> float:
-        return self.steps * self.seconds_per_step
-
-    def tick(self) -> None:
-        self.steps += 1
 
 
 def arrival_steps(num_requests: int, first_gap: float, last_gap: float) -> list[int]:
@@ -115,7 +101,11 @@ def _reference(checkpoint, prompts, params, device: str) -> list[list[int]]:
 def _run_setting(checkpoint, options, num_blocks, prompts, params, arrivals, reference) -> dict[str, Any]:
     from adaptserve import LLM
 
-    clock = StepClock()
+    step = 0  # engine steps so far: the ramp's clock
+
+    def clock() -> float:  # the engine's virtual time, read at the current step
+        return step * SECONDS_PER_STEP
+
     llm = LLM.from_checkpoint(
         checkpoint,
         clock=clock,
@@ -134,7 +124,7 @@ def _run_setting(checkpoint, options, num_blocks, prompts, params, arrivals, ref
     done: dict[str, int] = {}
     formats: list[str] = []  # the write format after each step
     in_force = [engine.knobs.kv_format]  # ... and during each step (the one before it, then formats)
-    step, next_request, start = 0, 0, time.perf_counter()
+    next_request, start = 0, time.perf_counter()
     while next_request < len(prompts) or engine.has_unfinished_requests():
         while next_request < len(prompts) and arrivals[next_request] <= step:
             engine.add_request(str(next_request), prompts[next_request], params, stream=True)
@@ -148,7 +138,6 @@ def _run_setting(checkpoint, options, num_blocks, prompts, params, arrivals, ref
                 done[output.request_id] = step
         formats.append(engine.knobs.kv_format)
         step += 1
-        clock.tick()
     seconds = time.perf_counter() - start
     # KV the arrived, unfinished requests want at each step (prompt + max_tokens), as a share of bf16
     want = [len(p) + params.max_tokens for p in prompts]
