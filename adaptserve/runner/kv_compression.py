@@ -1,18 +1,24 @@
 """The runner's side of KV compression: the chunk geometry the block pool mirrors, one KVArena per
 layer, the chunk-format table they share, and applying a step's chunk hand-overs and block
 requantizations before its forward pass. A move copies a whole full block (the engine moves only
-blocks it will never write again), so it may land in a whole-block format (int4k)."""
+blocks it will never write again), so it may land in a whole-block format (int4k). `compressed_attention` picks the attention that
+reads the arenas (Triton on CUDA, else the reference)."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from adaptserve.config import CacheConfig
 from adaptserve.engine.kv_cache.formats import FORMAT_CODES, KV_FORMATS, KVLayout
+from adaptserve.kernels.attention.compressed import CompressedKVAttention, KVErrorMonitor
+from adaptserve.kernels.availability import triton_available
 from adaptserve.model.config import ModelArchConfig
 from adaptserve.runner.kv_arena import KVArena
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -89,3 +95,23 @@ class CompressedKVCache:
             for arena, (k, v) in zip(self.arenas, moved, strict=True):
                 arena.write_blocks(dst, k, v)  # whole blocks: int4k keys take per-channel scales
             self.num_requantized_blocks += len(migrations)
+
+
+def compressed_attention(
+    cache: CacheConfig, arch: ModelArchConfig, compressed: CompressedKVCache
+) -> CompressedKVAttention:
+    """The attention over `compressed`: its Triton kernels on CUDA where the layout suits them (else
+    the torch reference), with an error monitor over the formats the cache may write."""
+    ladder = cache.kv_ladder if cache.kv_policy == "adaptive" else (cache.kv_format,)
+    monitor = KVErrorMonitor(tuple(ladder), cache.kv_monitor_rate)
+    arena = compressed.arenas[0]
+    use_triton = arena.bytes.device.type == "cuda" and triton_available()
+    if use_triton:
+        from adaptserve.kernels.attention.triton_kv_compressed import unsupported_reason
+
+        reason = unsupported_reason(arena)
+        if reason is not None:
+            logger.warning("compressed KV runs the torch reference attention: %s", reason)
+            use_triton = False
+    heads = (arch.num_heads, arch.num_kv_heads, arch.head_dim)
+    return CompressedKVAttention(arch.num_layers, heads, monitor, use_triton=use_triton)

@@ -11,7 +11,6 @@ import torch
 
 from adaptserve.config import EngineConfig
 from adaptserve.engine.outputs import RunnerOutput, ScheduledSequence, SchedulerOutput
-from adaptserve.kernels.attention.compressed import CompressedKVAttention, KVErrorMonitor
 from adaptserve.kernels.attention.dispatch import TunedAttention
 from adaptserve.kernels.attention.metadata import AttentionMetadata
 from adaptserve.kernels.attention.variants import build_registry
@@ -34,7 +33,7 @@ from adaptserve.runner.inputs import (
     to_device,
     verify_as_decode_rows,
 )
-from adaptserve.runner.kv_compression import CompressedKVCache, KVGeometry
+from adaptserve.runner.kv_compression import CompressedKVCache, KVGeometry, compressed_attention
 from adaptserve.runner.launched_step import LaunchedStep
 from adaptserve.runner.memory import allocate_paged_kv, num_kv_blocks, profile_activation_bytes
 from adaptserve.runner.precision import StepPrecision
@@ -109,19 +108,7 @@ class ModelRunner:
         compressed = CompressedKVCache(geometry, self.arch.num_layers, self.device)
         self.num_blocks = geometry.num_block_ids
         self.kv_caches = compressed.layer_caches()
-        ladder = cache.kv_ladder if cache.kv_policy == "adaptive" else (cache.kv_format,)
-        monitor = KVErrorMonitor(tuple(ladder), cache.kv_monitor_rate)
-        use_triton = self.device.type == "cuda" and triton_available()
-        if use_triton:
-            from adaptserve.kernels.attention.triton_kv_compressed import unsupported_reason
-
-            reason = unsupported_reason(compressed.arenas[0])
-            if reason is not None:
-                logger.warning("compressed KV runs the torch reference attention: %s", reason)
-                use_triton = False
-        arch = self.arch
-        heads = (arch.num_heads, arch.num_kv_heads, arch.head_dim)
-        self.attention = CompressedKVAttention(arch.num_layers, heads, monitor, use_triton=use_triton)
+        self.attention = compressed_attention(cache, self.arch, compressed)
         return compressed
 
     def _build_layer_drafter(self, spec) -> LayerDrafter | None:
