@@ -1,8 +1,9 @@
 """The runner's side of KV compression: the chunk geometry the block pool mirrors, one KVArena per
 layer, the chunk-format table they share, and applying a step's chunk hand-overs and block
 requantizations before its forward pass. A move copies a whole full block (the engine moves only
-blocks it will never write again), so it may land in a whole-block format (int4k). `compressed_attention` picks the attention that
-reads the arenas (Triton on CUDA, else the reference)."""
+blocks it will never write again), so it may land in a whole-block format (int4k).
+`compressed_attention` picks the attention that reads the arenas (Triton on CUDA, else the
+reference)."""
 
 from __future__ import annotations
 
