@@ -14,7 +14,7 @@ from adaptserve.kernels.availability import triton_available
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x: [T, 2I] (gate then up along the last dim) -> silu(gate) * up: [T, I]."""
-    if x.is_cuda and x.dtype != torch.float32 and x.dim() == 2 and x.stride(1) == 1 and triton_available():
+    if x.is_cuda and x.dim() == 2 and x.stride(1) == 1 and triton_available():
         from adaptserve.kernels.triton_activation import silu_and_mul as triton_silu_and_mul
 
         return triton_silu_and_mul(x)

@@ -17,7 +17,7 @@ def rms_norm(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """x: [T, hidden] -> normed [T, hidden]; with `residual`, residual += x first (in place on CUDA)
     and (normed, residual) is returned."""
-    if x.is_cuda and x.dtype != torch.float32 and triton_available():
+    if x.is_cuda and triton_available():
         from adaptserve.kernels.triton_norm import rms_norm as triton_rms_norm
 
         return triton_rms_norm(x, weight, eps, residual)

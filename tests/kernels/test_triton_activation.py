@@ -111,6 +111,16 @@ def test_cuda_bit_exact_real_shapes(dtype, num_rows):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("num_rows", [1, 5, 64])
+def test_cuda_float32_goes_to_triton_and_agrees(num_rows):
+    """float32 (SmolLM2's reference runs) takes the Triton kernel too: a few float32 ulps off PyTorch."""
+    x = _inputs(num_rows, 1536, torch.float32, seed=num_rows, device="cuda")
+    out = dispatch_silu_and_mul(x)
+    torch.testing.assert_close(out, _reference(x), rtol=1e-5, atol=1e-6)
+    assert torch.equal(out, silu_and_mul(x))  # the dispatcher took the kernel
+
+
+@pytest.mark.cuda
 def test_cuda_bit_exact_every_input():
     """Every finite bfloat16 gate against a few ups, except gates so tiny that a product would leave
     float32's normal range (flush-to-zero territory; see triton_activation.py)."""

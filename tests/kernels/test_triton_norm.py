@@ -104,10 +104,11 @@ def test_configs_are_keyword_arguments():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])  # float32: SmolLM2's reference runs
 @pytest.mark.parametrize("num_rows", [1, 64, 4096])
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_cuda_real_shapes(num_rows, with_residual):
-    x, residual, weight = _inputs(num_rows, 4096, torch.bfloat16, seed=num_rows, device="cuda")
+def test_cuda_real_shapes(dtype, num_rows, with_residual):
+    x, residual, weight = _inputs(num_rows, 4096, dtype, seed=num_rows, device="cuda")
     if not with_residual:
         _assert_matches_model(rms_norm(x, weight, EPS), x, weight)
         return
