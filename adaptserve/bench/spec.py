@@ -36,6 +36,12 @@ _CODE = """def mean_and_spread(values):
 
 def add_spec_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-sizes", default="1,4,16", help="comma-separated concurrent requests")
+    parser.add_argument(
+        "--batch1-prompts",
+        type=int,
+        default=3,
+        help="at batch size 1, this many prompts (one per task) run one after another",
+    )
     parser.add_argument("--draft-lens", default="1,2,4,8", help="fixed k settings to compare")
     parser.add_argument("--max-tokens", type=int, default=96, help="tokens generated per request")
     parser.add_argument(
@@ -88,14 +94,15 @@ class _StepRecorder:
         self.steps.append(stats)
 
 
-def build_engine(checkpoint, conversations, max_tokens: int, options: dict, warm_passes: int = 1):
+def build_engine(checkpoint, waves: list[list], max_tokens: int, options: dict, warm_passes: int = 1):
     """An engine for one setting, warmed up on the same workload (`warm_passes` untimed passes):
     kernels compile, and the adaptive policy measures its options, as it would while serving."""
     from adaptserve import LLM
 
-    llm = LLM.from_checkpoint(checkpoint, max_num_seqs=max(64, len(conversations)), **options)
+    llm = LLM.from_checkpoint(checkpoint, max_num_seqs=max(64, *map(len, waves)), **options)
     for _ in range(warm_passes):
-        llm.chat(conversations, _greedy(max_tokens), use_tqdm=False)
+        for wave in waves:
+            llm.chat(wave, _greedy(max_tokens), use_tqdm=False)
     return llm
 
 
@@ -103,25 +110,38 @@ def _greedy(max_tokens: int) -> SamplingParams:
     return SamplingParams(temperature=0.0, max_tokens=max_tokens)  # stops at EOS: the answer, no filler
 
 
-def run_setting(llm, conversations, max_tokens: int) -> tuple[dict, list[list[int]]]:
-    """One timed pass of a batch of chats at once; returns the row and the generated ids."""
+def waves_of(conversations: list, batch: int) -> list[list]:
+    """The chats a pass runs, as waves run one after another: at batch 1, each of
+    `conversations` alone (several prompts, one at a time: one answer of ~70 tokens was too
+    thin a sample for the batch-1 claim); else all of them at once."""
+    return [[c] for c in conversations] if batch == 1 else [conversations]
+
+
+def run_setting(llm, waves: list[list], max_tokens: int) -> tuple[dict, list[list[int]]]:
+    """One timed pass: each wave of chats at once, the waves one after another; returns the row and
+    the generated ids."""
     params = _greedy(max_tokens)
     recorder = _StepRecorder()
     llm.engine.stat_loggers.append(recorder)
-    start = time.perf_counter()
-    outputs = llm.chat(conversations, params, use_tqdm=False)
-    seconds = time.perf_counter() - start
+    seconds, token_ids, all_steps, pure, pure_seconds = 0.0, [], [], [], 0.0
+    for wave in waves:
+        recorder.steps.clear()
+        start = time.perf_counter()
+        outputs = llm.chat(wave, params, use_tqdm=False)
+        seconds += time.perf_counter() - start
+        token_ids += [c.token_ids for o in outputs for c in o.outputs]
+        steps = [s for s in recorder.steps if s.num_scheduled_tokens]
+        # decoding alone, without the prefill every setting shares: from the end of the last step that
+        # computed prompt tokens to the end of the wave (wall clock, so async scheduling counts right)
+        last_prompt = max(i for i, s in enumerate(steps) if s.num_prefill_tokens > s.num_draft_tokens)
+        all_steps += steps
+        pure += steps[last_prompt + 1 :]
+        pure_seconds += (steps[-1].start_time + steps[-1].step_time) - (
+            steps[last_prompt].start_time + steps[last_prompt].step_time
+        )
     llm.engine.stat_loggers.remove(recorder)
-    token_ids = [c.token_ids for o in outputs for c in o.outputs]
     generated = sum(len(t) for t in token_ids)
-    steps = [s for s in recorder.steps if s.num_scheduled_tokens]
-    # decoding alone, without the prefill every setting shares: from the end of the last step that
-    # computed prompt tokens to the end of the run (wall clock, so async scheduling counts right)
-    last_prompt = max(i for i, s in enumerate(steps) if s.num_prefill_tokens > s.num_draft_tokens)
-    pure = steps[last_prompt + 1 :]
-    pure_seconds = (pure[-1].start_time + pure[-1].step_time) - (
-        steps[last_prompt].start_time + steps[last_prompt].step_time
-    )
+    steps = all_steps
     drafted = sum(s.num_draft_tokens for s in steps)
     accepted = sum(s.num_accepted_tokens for s in steps)
     row = {
@@ -206,11 +226,10 @@ def run_spec_benchmark(args: argparse.Namespace) -> None:
     rows, path = [], None
     with tqdm(total=len(batch_sizes) * len(settings) * args.repeats, desc="bench spec") as bar:
         for batch in batch_sizes:
-            conversations = grounded_conversations(batch)
+            conversations = grounded_conversations(args.batch1_prompts if batch == 1 else batch)
+            waves = waves_of(conversations, batch)
             engines = {
-                name: build_engine(
-                    checkpoint, conversations, args.max_tokens, {**base, **options}, args.warm_passes
-                )
+                name: build_engine(checkpoint, waves, args.max_tokens, {**base, **options}, args.warm_passes)
                 for name, options in settings
             }
             passes = {name: [] for name, _ in settings}
@@ -219,7 +238,7 @@ def run_spec_benchmark(args: argparse.Namespace) -> None:
             for repeat in range(args.repeats):
                 shift = repeat % len(settings)
                 for name, _ in settings[shift:] + settings[:shift]:
-                    passes[name].append(run_setting(engines[name], conversations, args.max_tokens))
+                    passes[name].append(run_setting(engines[name], waves, args.max_tokens))
                     bar.set_postfix_str(f"batch {batch} {name}: {passes[name][-1][0]['tokens_per_s']} tok/s")
                     bar.update()
             del engines

@@ -4,7 +4,16 @@ import argparse
 
 import pytest
 
-from adaptserve.bench.spec import _arm_runs, add_spec_bench_args, base_engine_options, run_spec_benchmark
+from adaptserve.bench.spec import (
+    _arm_runs,
+    add_spec_bench_args,
+    base_engine_options,
+    build_engine,
+    grounded_conversations,
+    run_setting,
+    run_spec_benchmark,
+    waves_of,
+)
 from adaptserve.cli import build_parser
 from adaptserve.config import EngineConfig
 from adaptserve.engine.stats import StepStats
@@ -40,3 +49,23 @@ def test_every_setting_gets_the_kernel_and_precision_flags():
     assert config.scheduler.async_scheduling is False
     assert config.precision.precision_policy == "bf16"
     assert options["kv_cache_memory_gib"] == 1.0 and options["device"] == "cpu"
+
+
+def test_batch_one_runs_each_prompt_alone_and_others_run_together():
+    conversations = grounded_conversations(3)
+    assert waves_of(conversations, 1) == [[c] for c in conversations]
+    assert waves_of(conversations, 3) == [conversations]
+
+
+def test_a_pass_of_waves_counts_every_wave(smollm2):
+    """Batch 1 runs its prompts one after another: the row sums their tokens and steps, and its
+    decode time spans each wave's decoding, not the gaps or prompts between them."""
+    waves = waves_of(grounded_conversations(2), 1)
+    llm = build_engine(smollm2, waves, 6, {"kv_cache_memory_gib": 0.1, "max_model_len": 1024})
+    row, token_ids = run_setting(llm, waves, 6)
+    alone = [run_setting(llm, [wave], 6)[0] for wave in waves]
+    assert len(token_ids) == 2 and row["generated_tokens"] == sum(len(t) for t in token_ids) == 12
+    assert row["forward_passes"] == sum(r["forward_passes"] for r in alone)
+    # 5 decode steps after each prompt's step, each sequence one pass per token
+    assert row["passes_per_token_per_seq"] == 1.0
+    assert 0 < row["decode_tokens_per_s"] < float("inf") and row["seconds"] > 0
