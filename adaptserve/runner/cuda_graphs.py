@@ -196,23 +196,25 @@ class DecodeGraphPool:
         return graph.hidden[:num_seqs]
 
     def _fill(self, batch: HostBatch, num_seqs: int, size: int, width: int) -> None:
-        """Copy this step's inputs into the static buffers, one copy per dtype; padded rows read
-        token 0 at position 0, attend to nothing and write to the scratch slot. Block-table columns
-        past `width` keep stale ids that no kernel reads (they lie past every row's context)."""
+        """Copy this step's inputs into the static buffers, one copy per dtype; every other row,
+        padded or past the bucket, reads token 0 at position 0, attends to nothing and writes to the
+        scratch slot. Block-table columns past `width` keep stale ids that no kernel reads (they lie
+        past every row's context)."""
         max_batch = self.max_batch
         longs = self._long_staging.host().reshape(3, max_batch)  # [3, B]
         longs[0, :num_seqs] = batch.input_ids
         longs[1, :num_seqs] = batch.positions
         longs[2, :num_seqs] = batch.slot_mapping
-        # padded rows: token 0 at position 0 into the scratch slot. Not the mirror's stale values: a
-        # row whose token was pending held PENDING_TOKEN_ID (-1) here (the device got the real id by
-        # index_copy), and an embedding lookup of -1 is a device-side assert
-        longs[:2, num_seqs:size] = 0
-        longs[2, num_seqs:size] = self.pad_slot
+        # every row past the batch, not only the bucket's: the whole mirror is sent, and a row whose
+        # token was pending holds PENDING_TOKEN_ID (-1) in it (the device got the real id by
+        # index_copy). A padded row, or the warm-up of a larger graph's capture, that read it looked
+        # up embedding row -1: a device-side assert
+        longs[:2, num_seqs:] = 0
+        longs[2, num_seqs:] = self.pad_slot
         self._long_staging.send(3 * max_batch)
         ints = self._int_staging.host()  # [B + B * MB]
         ints[:num_seqs] = batch.context_lens
-        ints[num_seqs:size] = 0
+        ints[num_seqs:max_batch] = 0
         table = ints[max_batch:].reshape(max_batch, self.max_blocks)  # [B, MB]
         table[:num_seqs, :width] = batch.block_table
         self._int_staging.send(max_batch + size * self.max_blocks)
@@ -255,8 +257,12 @@ class DecodeGraphPool:
     def _capture(self, size: int, context_len: int, precision: str, variant: KernelVariant) -> _Graph:
         start = time.perf_counter()
         meta = self._metadata(size, context_len)
+        # the warm-up runs eagerly on whatever the buffers hold: token 0 at position 0 into the
+        # scratch slot, with a real length; replays overwrite them all
+        self.input_ids[:size].zero_()
+        self.positions[:size].zero_()
         self.slot_mapping[:size].fill_(self.pad_slot)
-        self.context_lens[:size].fill_(1)  # a real length while warming up; replays overwrite it
+        self.context_lens[:size].fill_(1)
 
         model, last = self.model, len(self.pieces) - 1
 

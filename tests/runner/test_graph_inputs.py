@@ -87,3 +87,19 @@ def test_padded_rows_never_read_a_pending_placeholder():
     assert graphs.input_ids[:4].tolist() == [30, 31, 0, 0]
     assert graphs.positions[2:4].tolist() == [0, 0]
     assert graphs.slot_mapping[2:4].tolist() == [PAD_SLOT, PAD_SLOT]
+
+
+def test_no_row_of_the_buffers_ever_holds_a_pending_placeholder():
+    """The whole mirror is sent each step, so rows past a smaller batch's bucket must not keep a
+    pending -1 from an earlier, larger batch either: the warm-up of a larger graph's capture reads
+    them (the 8B KV ramp's device-side assert after the padded-row fix)."""
+    graphs = pool()
+    graphs.sizes = [2, 8]
+    params = SamplingParams()
+    ids = [PENDING_TOKEN_ID]
+    pending = [ScheduledSequence(f"p{i}", ids, 3, [1], True, params, [], [], 1) for i in range(6)]
+    fill(graphs, [decode(1, 1, [1])] + pending)  # 7 rows in bucket 8, rows 1-6 pending
+    fill(graphs, [decode(20, 1, [2])])  # the other mirror
+    fill(graphs, [decode(30, 0, [1]), decode(31, 1, [1])])  # mirror 0 again: bucket 2
+    assert (graphs.input_ids >= 0).all() and (graphs.positions >= 0).all()
+    assert graphs.slot_mapping[2:].eq(PAD_SLOT).all() and graphs.context_lens[2:].eq(0).all()

@@ -33,3 +33,19 @@ def test_padded_rows_of_a_shrinking_batch_replay_like_eager():
     for _ in range(3):  # the mirrors take turns: every padded row meets one that held a placeholder
         assert tokens(llm) == expected
     assert 12 in graphs.last_used
+
+
+def test_a_capture_after_pending_rows_warms_up_on_valid_inputs():
+    """A graph captured after steps whose rows held pending tokens (the prewarm controller and the
+    on-demand capture do this while serving): its eager warm-up reads every row of its bucket, so no
+    row of the static buffers may keep a placeholder (the 8B KV ramp aborted at its first captures)."""
+    checkpoint = tiny_checkpoint()
+    options = {**OPTIONS, "max_num_seqs": 16}
+    expected = tokens(LLM.from_checkpoint(checkpoint, cuda_graphs=False, **options))
+    llm = LLM.from_checkpoint(checkpoint, **options)
+    graphs = llm.engine.runner.graphs
+    assert tokens(llm) == expected  # rows 0-11 held pending tokens, then the batch shrank to 1
+    assert (graphs.input_ids >= 0).all()
+    graphs.graphs.clear()  # every bucket is captured again, on demand, over those buffers
+    assert tokens(llm) == expected
+    assert graphs.graphs
