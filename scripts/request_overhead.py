@@ -78,13 +78,15 @@ def main() -> None:
             step_sum = sum(s.step_time for _, s in steps)
             print(
                 f"pass {p} request {i}: wall {1e3 * (t1 - t0):7.2f} ms, before first step "
-                f"{1e3 * (first - t0):6.2f}, after last step {1e3 * (t1 - last_end):6.2f}, {len(steps)} steps "
-                f"(prompt {len(prompt)}, decode {len(decode)}), step_time sum {1e3 * step_sum:7.2f} ms"
+                f"{1e3 * (first - t0):6.2f}, after last step {1e3 * (t1 - last_end):6.2f}, "
+                f"{len(steps)} steps (prompt {len(prompt)}, decode {len(decode)}), "
+                f"step_time sum {1e3 * step_sum:7.2f} ms"
             )
             for j, (_, s) in enumerate(steps[:4]):
                 print(
-                    f"    step {j}: {s.num_scheduled_tokens:4d} tokens (prompt {s.num_prefill_tokens:4d}, cache hits "
-                    f"{s.prefix_cache_hits:4d}) step_time {1e3 * s.step_time:7.3f} execute {1e3 * s.execute_time:7.3f}"
+                    f"    step {j}: {s.num_scheduled_tokens:4d} tokens (prompt {s.num_prefill_tokens:4d}, "
+                    f"cache hits {s.prefix_cache_hits:4d}) step_time {1e3 * s.step_time:7.3f} "
+                    f"execute {1e3 * s.execute_time:7.3f}"
                 )
             gaps = [steps[j + 1][1].start_time - steps[j][1].start_time for j in range(len(steps) - 1)]
             if gaps:
