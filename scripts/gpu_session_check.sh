@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# On the GPU machine, one call without the SmolLM2 GGUF: the CUDA tests of the runner, speculation and
-# compressed-KV kernels (the padded-row fix among them), decode graphs in pieces compared in one
-# process, then the KV load ramp on the 8B preset (step clock; plain bf16, adaptive without and with
-# the hot window). Compact output; result files in $OUT. Usage: bash scripts/gpu_session_check.sh
+# On the GPU machine, one call without the SmolLM2 GGUF, most urgent first: the CUDA tests of the
+# runner (graph inputs: b343df4's fix), speculation and the fused/compressed kernels; the KV load
+# ramp on the 8B preset (it aborted on the H200 before b343df4); where a batch-1 request's time goes
+# outside its decode steps (scripts/request_overhead.py); decode graphs in pieces, and against an
+# older tree when one was git-archive'd into build/bisect/base (carry build/bisect).
+# Compact output; logs and result files in $OUT. Usage: bash scripts/gpu_session_check.sh
 set -uo pipefail
 out="${OUT:-docs/benchmarks}"
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -12,20 +14,23 @@ timeout 200 python3 -m pytest -q -p no:cacheprovider -m cuda tests/runner tests/
   tests/kernels/test_triton_kv_compressed.py tests/kernels/test_triton_norm.py \
   tests/kernels/test_triton_activation.py > "$out/cuda-tests.log" 2>&1
 grep -a "passed\|failed\|FAILED\|Error" "$out/cuda-tests.log" | tail -8
+echo "== KV ramp (llama-3.1-8b preset)"
+timeout "${KV_RAMP_TIMEOUT:-240}" python3 -c "import sys; from adaptserve.cli import main; sys.exit(main())" \
+  bench kv --model llama-3.1-8b --parts ramp --ramp-requests 96 --ramp-max-tokens 64 --ramp-blocks 128 \
+  --ramp-settings "${RAMP_SETTINGS:-bf16,adaptive-hot0,adaptive}" --result-dir "$out" > "$out/ramp.log" 2>&1
+echo "ramp rc $?"
+grep -a -v "it/s\]\|Assertion" "$out/ramp.log" | grep -a "^ramp\|wrote\|Error\|terminate" | head -8
+echo "== batch-1 requests outside their decode steps (preset weights)"
+timeout 60 python3 scripts/request_overhead.py --passes 3 > "$out/overhead-off.log" 2>&1
+timeout 60 python3 scripts/request_overhead.py --passes 3 --spec ngram:4 > "$out/overhead-ngram.log" 2>&1
+grep -h -a "^pass [0-9]:" "$out"/overhead-*.log
 echo "== graph pieces (batch 1, preset weights)"
 timeout 150 python3 scripts/spec_profile.py --model smollm2-135m --dtype float32 --batch 1 --k 4 \
-  --graph-pieces "${PIECES:-1,5}" > "$out/spec-profile.log" 2>&1
+  --graph-pieces "${PIECES:-1,5,1,5}" > "$out/spec-profile.log" 2>&1
 sed -n '/== summary/,$p' "$out/spec-profile.log"
 if [ -d build/bisect/base/adaptserve ]; then  # the same profile on an older tree (git archive'd there)
   echo "== the same on build/bisect/base"
   (cd build/bisect/base && timeout 150 python3 ../../../scripts/spec_profile.py --model smollm2-135m \
-    --dtype float32 --batch 1 --k 4 --graph-pieces "${PIECES:-1,5}") > "$out/spec-profile-base.log" 2>&1
+    --dtype float32 --batch 1 --k 4 --graph-pieces "${PIECES:-1,5,1,5}") > "$out/spec-profile-base.log" 2>&1
   sed -n '/== summary/,$p' "$out/spec-profile-base.log"
 fi
-echo "== where a verify step's host time goes (pieces 5, k 4: torch.profiler trace and cProfile, in $out)"
-timeout 150 python3 scripts/spec_profile.py --model smollm2-135m --dtype float32 --batch 1 --k 4 \
-  --graph-pieces 5 --trace --cprofile 40 > "$out/spec-trace.log" 2>&1
-grep -a "^== \|busy\|idle" "$out/spec-trace.log" | head -12
-echo "== KV ramp (llama-3.1-8b preset)"
-KV_RAMP_TIMEOUT="${KV_RAMP_TIMEOUT:-240}" bash scripts/kv_gpu.sh --ramp-requests 96 --ramp-blocks 128 \
-  --ramp-settings bf16,adaptive-hot0,adaptive | grep -a "^ramp\|wrote\|Error"
