@@ -123,7 +123,8 @@ def run_setting(llm, waves: list[list], max_tokens: int) -> tuple[dict, list[lis
     params = _greedy(max_tokens)
     recorder = _StepRecorder()
     llm.engine.stat_loggers.append(recorder)
-    seconds, token_ids, all_steps, pure, pure_seconds = 0.0, [], [], [], 0.0
+    captures = _graph_captures(llm)
+    seconds, token_ids, all_steps, pure, pure_seconds, prompt_seconds = 0.0, [], [], [], 0.0, 0.0
     for wave in waves:
         recorder.steps.clear()
         start = time.perf_counter()
@@ -135,6 +136,7 @@ def run_setting(llm, waves: list[list], max_tokens: int) -> tuple[dict, list[lis
         # computed prompt tokens to the end of the wave (wall clock, so async scheduling counts right)
         last_prompt = max(i for i, s in enumerate(steps) if s.num_prefill_tokens > s.num_draft_tokens)
         all_steps += steps
+        prompt_seconds += sum(s.step_time for s in steps[: last_prompt + 1])
         pure += steps[last_prompt + 1 :]
         pure_seconds += (steps[-1].start_time + steps[-1].step_time) - (
             steps[last_prompt].start_time + steps[last_prompt].step_time
@@ -149,6 +151,11 @@ def run_setting(llm, waves: list[list], max_tokens: int) -> tuple[dict, list[lis
         "generated_tokens": generated,
         "tokens_per_s": round(generated / seconds, 2),
         "decode_tokens_per_s": round(sum(s.num_generation_tokens for s in pure) / pure_seconds, 2),
+        # where a pass's time goes besides decoding, to tell a slow pass from a slow setting: the
+        # prompt steps, the longest step, and CUDA graphs captured on demand during the pass
+        "prompt_steps_ms": round(1e3 * prompt_seconds, 3),
+        "longest_step_ms": round(1e3 * max(s.step_time for s in steps), 3),
+        "graph_captures": _graph_captures(llm) - captures,
         "forward_passes": len(steps),
         # each decoding sequence in a step is one target pass over its next token(s)
         "passes_per_token_per_seq": round(
@@ -166,6 +173,11 @@ def run_setting(llm, waves: list[list], max_tokens: int) -> tuple[dict, list[lis
         row["trace"] = _arm_runs(pure)
         row["policy"] = speculator.policy.describe()
     return row, token_ids
+
+
+def _graph_captures(llm) -> int:
+    graphs = getattr(llm.engine.runner, "graphs", None)
+    return graphs.num_captures if graphs is not None else 0
 
 
 def _arm_of(step: StepStats) -> str:
