@@ -71,5 +71,5 @@ def test_a_pass_of_waves_counts_every_wave(smollm2):
     assert 0 < row["decode_tokens_per_s"] < float("inf") and row["seconds"] > 0
     # the two prompt steps and the longest step lie within the pass
     assert 0 < row["prompt_steps_ms"] < 1e3 * row["seconds"]
-    assert 0 < row["longest_step_ms"] <= row["prompt_steps_ms"] + 1e3 * row["seconds"]
+    assert 0 < row["longest_step_ms"] <= 1e3 * row["seconds"]
     assert row["graph_captures"] == 0  # no graphs on the CPU
