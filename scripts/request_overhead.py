@@ -75,8 +75,9 @@ def main() -> None:
             one(i)
             t1 = time.monotonic()
             steps = recorder.steps
-            decode = [s for _, s in steps if s.num_prefill_tokens == 0 and s.num_scheduled_tokens]
+            # drafts count as prefill tokens: a verify step is a decode step
             prompt = [s for _, s in steps if s.num_prefill_tokens > s.num_draft_tokens]
+            decode = [s for _, s in steps if s.num_scheduled_tokens and s not in prompt]
             first = steps[0][1].start_time if steps else t1
             last_end = steps[-1][0] if steps else t1
             step_sum = sum(s.step_time for _, s in steps)
