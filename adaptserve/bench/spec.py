@@ -277,7 +277,9 @@ def run_spec_benchmark(args: argparse.Namespace) -> None:
             f"x{r['speedup_vs_off']:<6} decode {r['decode_tokens_per_s']:>8} tok/s "
             f"x{r['decode_speedup_vs_off']:<6} "
             f"passes/token {r['passes_per_token_per_seq']:<7} "
-            f"accept {r['acceptance_rate']} identical {r['identical_to_off']}"
+            f"accept {r['acceptance_rate']} identical {r['identical_to_off']} | passes "
+            f"{r['tokens_per_s_passes']} tok/s, longest step {r['longest_step_ms_passes']} ms, "
+            f"captures {r['graph_captures_passes']}"
         )
     from adaptserve.bench.plot import plot_after_run
 
@@ -285,10 +287,12 @@ def run_spec_benchmark(args: argparse.Namespace) -> None:
 
 
 def _median_pass(passes: list[tuple[dict, list[list[int]]]]) -> dict:
-    """The timed pass with the median tokens/s, with every pass's tokens/s beside it."""
+    """The timed pass with the median tokens/s, with every pass's tokens/s, longest step and graph
+    captures beside it (in the order the passes ran)."""
     ordered = sorted((row for row, _ in passes), key=lambda r: r["tokens_per_s"])
     row = dict(ordered[len(ordered) // 2])
-    row["tokens_per_s_passes"] = [r["tokens_per_s"] for r, _ in passes]
+    for key in ("tokens_per_s", "longest_step_ms", "graph_captures"):
+        row[f"{key}_passes"] = [r[key] for r, _ in passes]
     return row
 
 

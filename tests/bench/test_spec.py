@@ -6,6 +6,7 @@ import pytest
 
 from adaptserve.bench.spec import (
     _arm_runs,
+    _median_pass,
     add_spec_bench_args,
     base_engine_options,
     build_engine,
@@ -73,3 +74,14 @@ def test_a_pass_of_waves_counts_every_wave(smollm2):
     assert 0 < row["prompt_steps_ms"] < 1e3 * row["seconds"]
     assert 0 < row["longest_step_ms"] <= 1e3 * row["seconds"]
     assert row["graph_captures"] == 0  # no graphs on the CPU
+
+
+def test_the_median_pass_keeps_every_pass_beside_it():
+    rows = [
+        {"tokens_per_s": tps, "longest_step_ms": longest, "graph_captures": captures}
+        for tps, longest, captures in ((90.0, 40.0, 1), (120.0, 2.0, 0), (100.0, 3.0, 0))
+    ]
+    row = _median_pass([(r, [[1]]) for r in rows])
+    assert row["tokens_per_s"] == 100.0 and row["longest_step_ms"] == 3.0
+    assert row["tokens_per_s_passes"] == [90.0, 120.0, 100.0]  # in the order the passes ran
+    assert row["longest_step_ms_passes"] == [40.0, 2.0, 3.0] and row["graph_captures_passes"] == [1, 0, 0]
