@@ -21,6 +21,7 @@ from adaptserve.bench.results import DEFAULT_MODEL_LABEL, write_results
 from adaptserve.engine.request import SamplingParams
 from adaptserve.engine.stats import StepStats
 from adaptserve.kernel_args import kernel_options, precision_options
+from adaptserve.runner.cuda_graphs import graph_captures
 
 _CODE = """def mean_and_spread(values):
     total = 0.0
@@ -123,27 +124,25 @@ def run_setting(llm, waves: list[list], max_tokens: int) -> tuple[dict, list[lis
     params = _greedy(max_tokens)
     recorder = _StepRecorder()
     llm.engine.stat_loggers.append(recorder)
-    captures = _graph_captures(llm)
-    seconds, token_ids, all_steps, pure, pure_seconds, prompt_seconds = 0.0, [], [], [], 0.0, 0.0
+    captures = graph_captures(llm.engine.runner)
+    seconds, token_ids, steps, pure, pure_seconds, prompt_seconds = 0.0, [], [], [], 0.0, 0.0
     for wave in waves:
         recorder.steps.clear()
         start = time.perf_counter()
         outputs = llm.chat(wave, params, use_tqdm=False)
         seconds += time.perf_counter() - start
         token_ids += [c.token_ids for o in outputs for c in o.outputs]
-        steps = [s for s in recorder.steps if s.num_scheduled_tokens]
+        wave_steps = [s for s in recorder.steps if s.num_scheduled_tokens]
         # decoding alone, without the prefill every setting shares: from the end of the last step that
         # computed prompt tokens to the end of the wave (wall clock, so async scheduling counts right)
-        last_prompt = max(i for i, s in enumerate(steps) if s.num_prefill_tokens > s.num_draft_tokens)
-        all_steps += steps
-        prompt_seconds += sum(s.step_time for s in steps[: last_prompt + 1])
-        pure += steps[last_prompt + 1 :]
-        pure_seconds += (steps[-1].start_time + steps[-1].step_time) - (
-            steps[last_prompt].start_time + steps[last_prompt].step_time
-        )
+        last_prompt = max(i for i, s in enumerate(wave_steps) if s.num_prefill_tokens > s.num_draft_tokens)
+        prompt_end, wave_end = (s.start_time + s.step_time for s in (wave_steps[last_prompt], wave_steps[-1]))
+        steps += wave_steps
+        prompt_seconds += sum(s.step_time for s in wave_steps[: last_prompt + 1])
+        pure += wave_steps[last_prompt + 1 :]
+        pure_seconds += wave_end - prompt_end
     llm.engine.stat_loggers.remove(recorder)
     generated = sum(len(t) for t in token_ids)
-    steps = all_steps
     drafted = sum(s.num_draft_tokens for s in steps)
     accepted = sum(s.num_accepted_tokens for s in steps)
     row = {
@@ -155,7 +154,7 @@ def run_setting(llm, waves: list[list], max_tokens: int) -> tuple[dict, list[lis
         # prompt steps, the longest step, and CUDA graphs captured on demand during the pass
         "prompt_steps_ms": round(1e3 * prompt_seconds, 3),
         "longest_step_ms": round(1e3 * max(s.step_time for s in steps), 3),
-        "graph_captures": _graph_captures(llm) - captures,
+        "graph_captures": graph_captures(llm.engine.runner) - captures,
         "forward_passes": len(steps),
         # each decoding sequence in a step is one target pass over its next token(s)
         "passes_per_token_per_seq": round(
@@ -173,11 +172,6 @@ def run_setting(llm, waves: list[list], max_tokens: int) -> tuple[dict, list[lis
         row["trace"] = _arm_runs(pure)
         row["policy"] = speculator.policy.describe()
     return row, token_ids
-
-
-def _graph_captures(llm) -> int:
-    graphs = getattr(llm.engine.runner, "graphs", None)
-    return graphs.num_captures if graphs is not None else 0
 
 
 def _arm_of(step: StepStats) -> str:

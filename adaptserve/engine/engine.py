@@ -30,6 +30,7 @@ from adaptserve.engine.scheduler import Scheduler
 from adaptserve.engine.stats import StatLogger, StepStats, stamp_token_time, step_stats_of
 from adaptserve.model.config import ModelArchConfig
 from adaptserve.model.loaders import LoadedCheckpoint, load_checkpoint
+from adaptserve.runner.cuda_graphs import graph_captures
 from adaptserve.runner.launched_step import LaunchedStep
 from adaptserve.runner.model_runner import ModelRunner
 from adaptserve.spec.speculator import Speculator
@@ -248,7 +249,7 @@ class LLMEngine:
         # memory pressure for the precision policy: the share of KV blocks in use after scheduling
         self.runner.precision.memory_pressure = self.kv_cache.usage
         launch_time = self.clock()  # a CPU computes inside launch(): its time counts as the step's
-        captures = _graph_captures(self.runner)
+        captures = graph_captures(self.runner)
         launched = self.runner.launch(scheduler_output)
         step = _InFlight(
             scheduler_output, self.scheduler.advance(scheduler_output), launched, start, launch_time
@@ -256,7 +257,7 @@ class LLMEngine:
         previous, self._in_flight = self._in_flight, step
         # a CUDA graph captured on demand costs this launch (and the cycle of the step read after it)
         # tens of milliseconds once: the speculation policy must not take it for a step's cost
-        step.captured = _graph_captures(self.runner) != captures
+        step.captured = graph_captures(self.runner) != captures
         if previous is not None:
             previous.captured |= step.captured
             outputs += self._finish(previous)
@@ -367,11 +368,6 @@ class _InFlight:
     start: float  # engine clock when it was scheduled
     launch_time: float  # engine clock when it was handed to the executor
     captured: bool = False  # a CUDA graph was captured while it ran: its time is not a step's
-
-
-def _graph_captures(runner) -> int:
-    graphs = getattr(runner, "graphs", None)
-    return graphs.num_captures if graphs is not None else 0
 
 
 def _needs_token_history(scheduled: SchedulerOutput) -> bool:

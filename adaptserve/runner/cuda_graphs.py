@@ -257,8 +257,9 @@ class DecodeGraphPool:
     def _capture(self, size: int, context_len: int, precision: str, variant: KernelVariant) -> _Graph:
         start = time.perf_counter()
         meta = self._metadata(size, context_len)
-        # the warm-up runs eagerly on whatever the buffers hold: token 0 at position 0 into the
-        # scratch slot, with a real length; replays overwrite them all
+        # the warm-up runs eagerly on the buffers: every input it reads is set here (token 0 at
+        # position 0 into the scratch slot, with a real length), so it never depends on what earlier
+        # steps left (a stale slot would overwrite a live sequence's KV); replays overwrite them all
         self.input_ids[:size].zero_()
         self.positions[:size].zero_()
         self.slot_mapping[:size].fill_(self.pad_slot)
@@ -309,6 +310,12 @@ class DecodeGraphPool:
 
 
 MAX_DEFAULT_GRAPH_ROWS = 512  # verify steps past this run eagerly (speculation is off there anyway)
+
+
+def graph_captures(runner) -> int:
+    """CUDA graphs an executor's pool has captured so far (0 without a pool: CPU, simulator)."""
+    graphs = getattr(runner, "graphs", None)
+    return graphs.num_captures if graphs is not None else 0
 
 
 def graph_rows_default(config: EngineConfig) -> int:
