@@ -114,6 +114,9 @@ class KernelConfig:
     # graphs per decode step, each over a group of layers: the device starts on the first while the
     # host launches the rest (a verify step's launch is not hidden behind an earlier step)
     cuda_graph_pieces: int = 1
+    # prompt chunks of at most this many tokens (what a prefix-cache hit leaves) run as one-token rows
+    # of a decode graph instead of an eager prefill; 0: prompt chunks always run eagerly
+    cuda_graph_prompt_tokens: int = 64
     autotune: str = "cache"  # off | cache (reuse saved choices) | online (also tune while serving)
     kernel_cache: str | None = None  # file of saved kernel choices; None = ~/.cache/adaptserve/kernels.json
     pins: tuple[str, ...] = ()  # "op=variant" forced choices, e.g. "decode_attention=torch_ref"
@@ -223,6 +226,12 @@ class EngineConfig:
             ">= 1",
         )
         _require(1 <= k.cuda_graph_pieces <= 64, "kernels.cuda_graph_pieces", k.cuda_graph_pieces, "1..64")
+        _require(
+            k.cuda_graph_prompt_tokens >= 0,
+            "kernels.cuda_graph_prompt_tokens",
+            k.cuda_graph_prompt_tokens,
+            ">= 0",
+        )
         for pin in k.pins:
             _require(pin.count("=") == 1, "kernels.pins", pin, "entries of the form op=variant")
         p.weight_formats = tuple(p.weight_formats)

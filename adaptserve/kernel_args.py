@@ -28,6 +28,13 @@ def add_kernel_args(parser: argparse.ArgumentParser) -> None:
         "while the host launches the rest)",
     )
     group.add_argument(
+        "--cuda-graph-prompt-tokens",
+        type=int,
+        default=64,
+        help="prompt chunks of at most this many tokens (after a prefix-cache hit) replay the decode "
+        "graphs as one-token rows; 0: prompts always run eagerly",
+    )
+    group.add_argument(
         "--autotune",
         default="cache",
         choices=AUTOTUNE_MODES,
@@ -57,6 +64,7 @@ def kernel_options(args: argparse.Namespace) -> dict:
         "cuda_graphs": not getattr(args, "no_cuda_graphs", False),
         "cuda_graph_max_batch": getattr(args, "cuda_graph_max_batch", None),
         "cuda_graph_pieces": getattr(args, "cuda_graph_pieces", 1),
+        "cuda_graph_prompt_tokens": getattr(args, "cuda_graph_prompt_tokens", 64),
         "autotune": getattr(args, "autotune", "cache"),
         "kernel_cache": getattr(args, "kernel_cache", None),
         "pins": tuple(getattr(args, "pin_kernel", None) or ()),

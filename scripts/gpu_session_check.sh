@@ -21,16 +21,21 @@ timeout "${KV_RAMP_TIMEOUT:-240}" python3 -c "import sys; from adaptserve.cli im
 echo "ramp rc $?"
 grep -a -v "it/s\]\|Assertion" "$out/ramp.log" | grep -a "^ramp\|wrote\|Error\|terminate" | head -8
 echo "== batch-1 requests outside their decode steps (preset weights)"
-timeout 60 python3 scripts/request_overhead.py --passes 3 > "$out/overhead-off.log" 2>&1
-timeout 60 python3 scripts/request_overhead.py --passes 3 --spec ngram:4 > "$out/overhead-ngram.log" 2>&1
-grep -h -a "^pass [0-9]:" "$out"/overhead-*.log
+# short prompt chunks (prefix-cache hits) as graph rows (default) against eager prompts (0)
+for run in "off:64" "off:0" "ngram:4:64" "ngram:4:0"; do
+  spec=${run%:*}; rows=${run##*:}; [ "$spec" = off ] && flags="" || flags="--spec $spec"
+  timeout 60 python3 scripts/request_overhead.py --passes 3 $flags --graph-prompt-tokens "$rows" \
+    > "$out/overhead-${spec/:/}-$rows.log" 2>&1
+  echo "spec $spec, graph prompt tokens $rows:"; grep -a "^pass [0-9]:\|step 0:" "$out/overhead-${spec/:/}-$rows.log" | tail -4
+done
+[ -z "${PIECES:-}" ] && exit 0  # PIECES=1,5,1,5: decode graphs in pieces, timed
 echo "== graph pieces (batch 1, preset weights)"
 timeout 150 python3 scripts/spec_profile.py --model smollm2-135m --dtype float32 --batch 1 --k 4 \
-  --graph-pieces "${PIECES:-1,5,1,5}" > "$out/spec-profile.log" 2>&1
+  --graph-pieces "$PIECES" > "$out/spec-profile.log" 2>&1
 sed -n '/== summary/,$p' "$out/spec-profile.log"
 if [ -d build/bisect/base/adaptserve ]; then  # the same profile on an older tree (git archive'd there)
   echo "== the same on build/bisect/base"
   (cd build/bisect/base && timeout 150 python3 ../../../scripts/spec_profile.py --model smollm2-135m \
-    --dtype float32 --batch 1 --k 4 --graph-pieces "${PIECES:-1,5,1,5}") > "$out/spec-profile-base.log" 2>&1
+    --dtype float32 --batch 1 --k 4 --graph-pieces "$PIECES") > "$out/spec-profile-base.log" 2>&1
   sed -n '/== summary/,$p' "$out/spec-profile-base.log"
 fi

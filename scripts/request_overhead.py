@@ -37,12 +37,18 @@ def main() -> None:
     parser.add_argument("--passes", type=int, default=4)
     parser.add_argument("--freeze", action="store_true", help="gc.freeze() after building the engine")
     parser.add_argument("--spec", default="", help="e.g. ngram:4 for fixed n-gram speculation")
+    parser.add_argument(
+        "--graph-prompt-tokens",
+        type=int,
+        default=64,
+        help="kernels.cuda_graph_prompt_tokens (0: eager prompts)",
+    )
     args = parser.parse_args()
     checkpoint = load_checkpoint(args.model, progress=False)
-    options = {}
+    options = {"cuda_graph_prompt_tokens": args.graph_prompt_tokens}
     if args.spec:
         method, k = args.spec.split(":")
-        options = {"spec_method": method, "num_speculative_tokens": int(k), "spec_adaptive": False}
+        options |= {"spec_method": method, "num_speculative_tokens": int(k), "spec_adaptive": False}
     llm = LLM.from_checkpoint(
         checkpoint, max_num_seqs=64, dtype=args.dtype, kv_cache_memory_gib=4.0, **options
     )

@@ -68,16 +68,40 @@ def verify_as_decode_rows(sequences: list[ScheduledSequence]) -> list[ScheduledS
     return rows
 
 
-def decode_row(seq: ScheduledSequence, token_id: int, offset: int) -> ScheduledSequence:
-    """A one-token row of `seq`: `token_id` at position start + offset, sampled, over the same block
-    table (it attends to start + offset + 1 tokens)."""
+def prompt_chunks_as_decode_rows(
+    sequences: list[ScheduledSequence], max_chunk_tokens: int
+) -> list[ScheduledSequence] | None:
+    """A step of decodes and short prompt chunks (what a prefix-cache hit leaves to compute) as
+    one-token rows, like a verify step's: a chunk's row j holds its token j at position start + j and
+    attends to start + j + 1 tokens, so the rows compute exactly causal attention; only the last row
+    of a chunk that reaches its prompt's end samples. The step is then a plain decode batch that CUDA
+    graphs replay instead of launching every kernel of a prefill from Python. None when no sequence
+    has a chunk, a chunk is longer than `max_chunk_tokens`, or a sequence verifies drafts."""
+    chunks = [s for s in sequences if len(s.token_ids) > 1]
+    if not chunks or any(s.num_draft_tokens for s in sequences):
+        return None
+    if any(len(s.token_ids) > max_chunk_tokens for s in chunks):
+        return None
+    rows = [s for s in sequences if len(s.token_ids) == 1]
+    for seq in chunks:
+        last = len(seq.token_ids) - 1
+        rows += (
+            decode_row(seq, token, j, sample=seq.sample and j == last)
+            for j, token in enumerate(seq.token_ids)
+        )
+    return rows
+
+
+def decode_row(seq: ScheduledSequence, token_id: int, offset: int, sample: bool = True) -> ScheduledSequence:
+    """A one-token row of `seq`: `token_id` at position start + offset over the same block table (it
+    attends to start + offset + 1 tokens); `sample`: its logits are sampled."""
     # built directly: dataclasses.replace costs about 6x as much, k + 1 times per sequence per step
     return ScheduledSequence(
         seq.request_id,
         [token_id],
         seq.num_computed_tokens + offset,
         seq.block_ids,
-        True,
+        sample,
         seq.sampling_params,
         seq.prompt_token_ids,
         seq.output_token_ids,

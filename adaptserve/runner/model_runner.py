@@ -30,6 +30,7 @@ from adaptserve.runner.inputs import (
     build_host_batch,
     host_tensor,
     order_for_batch,
+    prompt_chunks_as_decode_rows,
     to_device,
     verify_as_decode_rows,
 )
@@ -96,6 +97,7 @@ class ModelRunner:
         # policy's choices: they replay what is captured (a capture on demand costs tens of steps; on
         # the H100 they made adaptive passes at batch 32 slower than every fixed setting)
         self._capture_graphs_on_demand = config.speculative.spec_method == "off"
+        self.graph_prompt_tokens = config.kernels.cuda_graph_prompt_tokens
         self._generators: dict[str, torch.Generator] = {}  # per seeded request
         # the last step's sampled ids [N] on the device and each request's row in them
         self._last_sampled: tuple[torch.Tensor | None, dict[str, int]] = (None, {})
@@ -252,11 +254,17 @@ class ModelRunner:
         verifies_drafts = scheduler_output.num_draft_tokens > 0
         rows = verify_as_decode_rows(ordered) if verifies_drafts else None
         batch = build_host_batch(ordered if rows is None else rows, self.block_size)
+        decode_only = batch.is_decode_only
+        prompt_rows = None if decode_only or verifies_drafts else self._prompt_rows(ordered)
+        if prompt_rows is not None:
+            batch = prompt_rows
         pending = self._pending_inputs(batch)
-        precision, shadow = self.precision.choose(batch.is_decode_only)
+        precision, shadow = self.precision.choose(decode_only)
         inputs = None
         if self._can_replay(batch):
-            logits_in = self._graph_logits(batch, pending, capture=self._capture_graphs_on_demand)
+            # prompt rows come in many sizes: replay what is captured rather than capture each
+            capture = self._capture_graphs_on_demand and prompt_rows is None
+            logits_in = self._graph_logits(batch, pending, capture=capture)
         else:
             inputs = to_device(batch, self.device)
             if pending is not None:
@@ -344,6 +352,17 @@ class ModelRunner:
         source_rows = host_tensor(source, self.device).to(self.device, non_blocking=True)
         ids = last_token_ids.index_select(0, source_rows)  # [P]
         return host_tensor(rows, self.device).to(self.device, non_blocking=True), ids
+
+    def _prompt_rows(self, ordered: list[ScheduledSequence]) -> HostBatch | None:
+        """A step with short prompt chunks as one decode batch of one-token rows, when a graph
+        replays it (kernels.cuda_graph_prompt_tokens); else None (it runs eagerly as it is)."""
+        if self.graphs is None or not self.graph_prompt_tokens:
+            return None
+        rows = prompt_chunks_as_decode_rows(ordered, self.graph_prompt_tokens)
+        if rows is None or self.graphs.bucket(len(rows)) is None:
+            return None
+        batch = build_host_batch(rows, self.block_size)
+        return batch if self._can_replay(batch) else None
 
     def _can_replay(self, batch: HostBatch) -> bool:
         return self.graphs is not None and self.graphs.can_replay(batch)
