@@ -25,6 +25,12 @@ bucket remembers its arm. The best arm wins; the current one is kept while it is
 `keep_margin` of the best, so noise does not make the knob move. At large batches the step is
 compute bound: drafts cost their full share of the step, and "off" delivers the most.
 
+Graph rows: with `max_rows` set (the decode graphs' rows on a GPU), an arm whose verify step would
+have more rows than that at this batch size (B (k + 1)) is not run there: such a step launches every
+kernel from Python, a cliff the step-cost line does not see (on the H200 at batch 128, k = 4 and
+k = 8 ran eagerly at 3x a plain step's time). The current arm falls back to its drafter's longest k
+that fits, or off.
+
 Guardrails: a switch within a bucket needs `confirm` consecutive steps proposing it and a cooldown
 since the last one (the shared SwitchGuard, counting steps, not seconds); every `probe_every` steps
 a short burst runs the least recently measured arm that the model does not rule out, so values stay
@@ -68,11 +74,14 @@ class SpeculationPolicy:
         max_backoff: int = 32,
         probe_floor: float = 0.5,
         probe_at_once: float = 0.8,
+        max_rows: int | None = None,
     ):
         self.drafters = drafters
         self.max_draft = max_draft
         self.adaptive = adaptive
         self.arms = [OFF] + [(d, k) for d in drafters for k in draft_lengths(max_draft)]
+        self.max_rows = max_rows  # a verify step's most rows (None: no limit); see the module doc
+        self._arms_now = self.arms  # the arms whose verify rows fit this step's batch
         self.probe_every = probe_every  # steps between probe bursts (~5 % of steps probe)
         self.min_samples = min_samples
         self.keep_margin = keep_margin
@@ -126,14 +135,25 @@ class SpeculationPolicy:
         self.draft_threshold = self._draft_threshold(num_sequences)
         self._tokens.clear()
         self._known_in.clear()
+        self._arms_now = [arm for arm in self.arms if self.fits(arm, num_sequences)]
         bucket = bucket_of(num_sequences)
         if bucket != self._bucket:
             self._enter_bucket(bucket)
         self._update_current(bucket, num_sequences)
+        if self.current not in self._arms_now:
+            self.current = self._longest_fitting(self.current[0])
         self._chosen[bucket] = self.current
         self._judge_probe()
         self._probing = self._probe(bucket, num_sequences)
         return self._probing or self.current
+
+    def fits(self, arm: tuple[str, int], num_sequences: int) -> bool:
+        """Whether the arm's verify step at this batch size has at most `max_rows` rows."""
+        return self.max_rows is None or not arm[1] or num_sequences * (arm[1] + 1) <= self.max_rows
+
+    def _longest_fitting(self, drafter: str) -> tuple[str, int]:
+        fitting = [arm for arm in self._arms_now if arm[0] == drafter and arm[1]]
+        return max(fitting, key=lambda arm: arm[1]) if fitting else OFF
 
     def request_draft_len(self, drafter: str, request_id: str, k: int) -> int:
         """This request's k: the arm's k, cut where its own chance of reaching and accepting a draft
@@ -259,7 +279,7 @@ class SpeculationPolicy:
             return self._known_in[bucket]
         best: dict[tuple[str, int], float] = {}
         for near in neighbourhood(bucket):
-            known = {arm: v for arm in self.arms if (v := self._value_in(near, arm)) is not None}
+            known = {arm: v for arm in self._arms_now if (v := self._value_in(near, arm)) is not None}
             if len(known) > len(best):
                 best = known
         if best and OFF not in best:  # the baseline: off from the nearest bucket that measured it
@@ -331,7 +351,7 @@ class SpeculationPolicy:
             return self._probing
         best = self.value(self.current, num_sequences) or 0.0
         candidates = []
-        for arm in self.arms:
+        for arm in self._arms_now:
             if arm == self.current:
                 continue
             predicted = self.predicted(arm, num_sequences)

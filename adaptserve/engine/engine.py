@@ -86,7 +86,9 @@ class LLMEngine:
         self.knobs = Knobs.from_config(config)
         self.speculator: Speculator | None = None  # drafts and verifies when speculative.method is set
         if config.speculative.spec_method != "off":
-            self.speculator = Speculator(config.speculative, arch.num_layers)
+            graphs = getattr(self.runner, "graphs", None)  # verify steps past its rows run eagerly
+            max_rows = graphs.max_batch if graphs is not None else None
+            self.speculator = Speculator(config.speculative, arch.num_layers, max_rows=max_rows)
             self.knobs.spec_mode = config.speculative.spec_method
         self.knob_ceilings = (config.scheduler.max_num_seqs, config.scheduler.max_num_batched_tokens)
         self.control: ControlPlane | None = None  # set by enable_control(); asked between steps

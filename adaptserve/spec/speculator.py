@@ -44,8 +44,14 @@ class Speculator:
     """choose() and propose() before schedule(), label() after it, observe() once tokens are read."""
 
     def __init__(
-        self, config: SpeculativeConfig, num_model_layers: int, policy: SpeculationPolicy | None = None
+        self,
+        config: SpeculativeConfig,
+        num_model_layers: int,
+        policy: SpeculationPolicy | None = None,
+        max_rows: int | None = None,
     ):
+        """`max_rows`: the most rows a verify step replays from CUDA graphs (None: no graphs); the
+        adaptive policy runs no arm past it."""
         self.proposers: dict[str, NgramProposer | DeviceDraftProposer] = {}
         if config.spec_method in ("ngram", "auto"):
             ngram = NgramProposer(config.prompt_lookup_min, config.prompt_lookup_max)
@@ -58,7 +64,7 @@ class Speculator:
             self.proposers[DRAFTER_NAME] = DeviceDraftProposer(DRAFTER_NAME)
         drafters = tuple(self.proposers)
         self.policy = policy or SpeculationPolicy(
-            drafters, config.num_speculative_tokens, config.spec_adaptive
+            drafters, config.num_speculative_tokens, config.spec_adaptive, max_rows=max_rows
         )
         self.arm = OFF
 

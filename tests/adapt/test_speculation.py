@@ -1,5 +1,6 @@
 """The speculation policy driven with synthetic step costs and acceptance."""
 
+import itertools
 import math
 import random
 from statistics import mean
@@ -15,7 +16,7 @@ def simulate(policy, *, batch, steps, plain_cost, draft_cost, alpha, hit=1.0, st
     Costs are functions of the step's tokens; each draft is accepted while a deterministic stream of
     Bernoulli(alpha) outcomes says so. Returns the arms chosen."""
     chosen = []
-    flips = iter([(i * 0.6180339) % 1.0 for i in range(1, 100000)])
+    flips = itertools.cycle([(i * 0.6180339) % 1.0 for i in range(1, 100000)])
     for i in range(steps):
         now = start + i * dt
         drafter, k = policy.choose(now, batch)
@@ -347,3 +348,29 @@ def test_adaptive_keeps_up_with_the_best_fixed_arm_while_the_batch_drains():
         for arm in arms:
             worst_fixed[arm] = min(worst_fixed[arm], fixed[arm] / best)
     assert worst_adaptive > max(worst_fixed.values()), (worst_adaptive, worst_fixed)
+
+
+def test_no_arm_runs_a_verify_step_past_the_graph_rows():
+    """At batch 128 with 512 graph rows, k = 4 (640 rows) and k = 8 would run eagerly: never chosen,
+    not even probed, though the synthetic costs make long drafts look best; k = 2 (384 rows) may run."""
+    policy = SpeculationPolicy(("ngram",), max_draft=8, max_rows=512)
+    chosen = simulate(policy, batch=128, steps=300, plain_cost=memory_bound,
+                      draft_cost={"ngram": memory_bound}, alpha={"ngram": 0.8})  # fmt: skip
+    assert {k for _, k in chosen} <= {0, 1, 2}
+    assert policy.current == ("ngram", 2)  # the longest that fits: memory bound, long drafts pay
+    unlimited = SpeculationPolicy(("ngram",), max_draft=8)
+    chosen = simulate(unlimited, batch=128, steps=300, plain_cost=memory_bound,
+                      draft_cost={"ngram": memory_bound}, alpha={"ngram": 0.8})  # fmt: skip
+    assert unlimited.current[1] > 2  # without the limit it runs past 512 rows
+
+
+def test_the_row_limit_moves_with_the_batch_size():
+    policy = SpeculationPolicy(("ngram",), max_draft=8, max_rows=512)
+    assert policy.fits(("ngram", 8), 56) and not policy.fits(("ngram", 8), 57)  # 504 and 513 rows
+    assert policy.fits(OFF, 10_000)
+    policy.choose(0.0, 8)
+    assert policy.current == ("ngram", 8)  # 72 rows: the optimistic start stands
+    policy.choose(0.0, 200)
+    assert policy.current == ("ngram", 1)  # 400 rows; k = 2 would need 600
+    policy.choose(0.0, 300)
+    assert policy.current == OFF  # even k = 1 needs 600
