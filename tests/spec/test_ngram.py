@@ -1,3 +1,5 @@
+import random
+
 from adaptserve.spec.ngram import NgramProposer
 
 
@@ -42,3 +44,36 @@ def test_the_buffer_follows_growth_and_rewrites():
     assert proposer.propose("a", [5, 6, 5], 1) == [6]  # a different (shorter) history: rebuilt
     proposer.forget("a")
     assert "a" not in proposer._tokens
+
+
+def brute_force(tokens, ngram_min, ngram_max, max_drafts):
+    """The rule in plain Python: the longest suffix n-gram with an earlier occurrence; its latest
+    occurrence followed by max_drafts tokens, else its earliest."""
+    length = len(tokens)
+    if max_drafts <= 0:
+        return []
+    for n in range(min(ngram_max, length - 1), ngram_min - 1, -1):
+        hits = [s for s in range(length - n) if tokens[s : s + n] == tokens[length - n :]]
+        if hits:
+            full = [s for s in hits if length - n - s >= max_drafts]
+            start = full[-1] if full else hits[0]
+            return tokens[start + n : start + n + max_drafts]
+    return []
+
+
+def test_the_incremental_index_agrees_with_a_brute_force_scan():
+    """Random histories over 4 symbols (many repeats), growing 1-3 tokens between lookups, sometimes
+    cut back (as after a rewrite, seen by the next lookup: a shorter history is rebuilt)."""
+    rng = random.Random(0)
+    proposer = NgramProposer(1, 4)
+    for request in range(40):
+        tokens = [rng.randrange(4) for _ in range(rng.randrange(1, 12))]
+        rewritten = False
+        for _ in range(30):
+            k = rng.randrange(1 if rewritten else 0, 9)
+            assert proposer.propose(str(request), tokens, k) == brute_force(tokens, 1, 4, k)
+            rewritten = len(tokens) > 2 and rng.random() < 0.1
+            if rewritten:
+                tokens = tokens[: rng.randrange(1, len(tokens) - 1)] + [rng.randrange(4)]  # shorter
+            else:
+                tokens = tokens + [rng.randrange(4) for _ in range(rng.randrange(1, 4))]
