@@ -1,5 +1,8 @@
 import random
 
+import pytest
+
+from adaptserve.spec import ngram
 from adaptserve.spec.ngram import NgramProposer
 
 
@@ -61,9 +64,12 @@ def brute_force(tokens, ngram_min, ngram_max, max_drafts):
     return []
 
 
-def test_the_incremental_index_agrees_with_a_brute_force_scan():
+@pytest.mark.parametrize("python_candidates", [0, 8, 10_000])
+def test_the_lookup_agrees_with_a_brute_force_scan(monkeypatch, python_candidates):
     """Random histories over 4 symbols (many repeats), growing 1-3 tokens between lookups, sometimes
-    cut back (as after a rewrite, seen by the next lookup: a shorter history is rebuilt)."""
+    cut back (as after a rewrite, seen by the next lookup: a shorter history is rebuilt); candidates
+    checked in Python, with numpy, and each as their count decides."""
+    monkeypatch.setattr(ngram, "MAX_PYTHON_CANDIDATES", python_candidates)
     rng = random.Random(0)
     proposer = NgramProposer(1, 4)
     for request in range(40):
