@@ -4,6 +4,7 @@ last token and the same K/V in the cache (the eager path on the CPU; test_graph_
 them from CUDA graphs)."""
 
 import numpy as np
+import pytest
 import torch
 import transformers
 
@@ -52,7 +53,7 @@ def test_steps_that_stay_as_they_are():
     assert prompt_chunks_as_decode_rows([verify, long_chunk], max_chunk_tokens=8) is None
 
 
-def _runner():
+def _runner(kv_format: str = "bf16"):
     config = llama3_config()
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(config).eval()
@@ -60,9 +61,18 @@ def _runner():
         ModelArchConfig.from_hf_config(config.to_dict()), hf.state_dict(), None, "tiny"
     )
     llm = LLM.from_checkpoint(
-        checkpoint, dtype="float32", device="cpu", num_blocks=64, block_size=RUNNER_BLOCK_SIZE
+        checkpoint,
+        dtype="float32",
+        device="cpu",
+        num_blocks=64,
+        block_size=RUNNER_BLOCK_SIZE,
+        kv_format=kv_format,
+        kv_int4_group_size=16,  # the tiny model's head_dim
     )
-    return llm.engine.runner
+    runner = llm.engine.runner
+    if runner.compressed_kv is not None:
+        runner.compressed_kv.apply([(0, kv_format)], [])  # blocks 0 and 1 lie in chunk 0
+    return runner
 
 
 @torch.inference_mode()
@@ -80,12 +90,14 @@ def _forward(runner, sequences):
     return runner.model.compute_logits(hidden[inputs.sample_rows])  # [N, V]
 
 
+PROMPT = [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]
+BLOCKS = [0, 1]  # slots 0..15
+
+
 def test_rows_compute_the_prefill_logits_and_kv():
     runner = _runner()
-    prompt = [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]
-    blocks = [0, 1]  # slots 0..15
-    _forward(runner, [_seq("p", prompt[:6], 0, blocks, sample=False)])  # the cached prefix
-    chunk = _seq("p", prompt[6:], 6, blocks)
+    _forward(runner, [_seq("p", PROMPT[:6], 0, BLOCKS, sample=False)])  # the cached prefix
+    chunk = _seq("p", PROMPT[6:], 6, BLOCKS)
     expected = _forward(runner, [chunk])  # [1, V] at the prompt's last token
     expected_kv = [(k.clone(), v.clone()) for k, v in runner.kv_caches]
     for k, v in runner.kv_caches:  # the chunk's slots (6..10) are written again by the rows
@@ -96,3 +108,15 @@ def test_rows_compute_the_prefill_logits_and_kv():
     for (k, v), (ek, ev) in zip(runner.kv_caches, expected_kv, strict=True):
         torch.testing.assert_close(k, ek)
         torch.testing.assert_close(v, ev)
+
+
+@pytest.mark.parametrize("kv_format", ["int8", "int4", "fp8"])
+def test_rows_read_a_compressed_cache_as_the_prefill_does(kv_format):
+    """Several rows of one sequence in one decode step over int8/int4/fp8 blocks (the compressed
+    decode kernels had only met one row per sequence, or a verify step's)."""
+    runner = _runner(kv_format)
+    _forward(runner, [_seq("p", PROMPT[:6], 0, BLOCKS, sample=False)])
+    chunk = _seq("p", PROMPT[6:], 6, BLOCKS)
+    expected = _forward(runner, [chunk])
+    got = _forward(runner, prompt_chunks_as_decode_rows([chunk], max_chunk_tokens=8))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
