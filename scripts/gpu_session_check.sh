@@ -2,8 +2,9 @@
 # On the GPU machine, one call without the SmolLM2 GGUF, most urgent first: the CUDA tests of the
 # runner (graph inputs: b343df4's fix), speculation and the fused/compressed kernels; the KV load
 # ramp on the 8B preset (it aborted on the H200 before b343df4); where a batch-1 request's time goes
-# outside its decode steps (scripts/request_overhead.py); decode graphs in pieces, and against an
-# older tree when one was git-archive'd into build/bisect/base (carry build/bisect).
+# outside its decode steps (scripts/request_overhead.py), with short prompt chunks as graph rows and
+# without; with PIECES=1,5,1,5, decode graphs in pieces, also against an older tree when one was
+# git-archive'd into build/bisect/base (carry build/bisect).
 # Compact output; logs and result files in $OUT. Usage: bash scripts/gpu_session_check.sh
 set -uo pipefail
 out="${OUT:-docs/benchmarks}"
