@@ -71,22 +71,26 @@ def verify_as_decode_rows(sequences: list[ScheduledSequence]) -> list[ScheduledS
 def prompt_chunks_as_decode_rows(
     sequences: list[ScheduledSequence], max_chunk_tokens: int
 ) -> list[ScheduledSequence] | None:
-    """A step of decodes and short prompt chunks (what a prefix-cache hit leaves to compute) as
-    one-token rows, like a verify step's: a chunk's row j holds its token j at position start + j and
-    attends to start + j + 1 tokens, so the rows compute exactly causal attention; only the last row
-    of a chunk that reaches its prompt's end samples. The step is then a plain decode batch that CUDA
-    graphs replay instead of launching every kernel of a prefill from Python. None when no sequence
-    has a chunk, a chunk is longer than `max_chunk_tokens`, or a sequence verifies drafts."""
-    chunks = [s for s in sequences if len(s.token_ids) > 1]
-    if not chunks or any(s.num_draft_tokens for s in sequences):
+    """A step with short prompt chunks (what a prefix-cache hit leaves to compute, or a short prompt)
+    as one-token rows, in the order of `sequences`: a chunk's row j holds its token j at position
+    start + j and attends to start + j + 1 tokens, so the rows compute exactly causal attention; only
+    the last row of a chunk that reaches its prompt's end samples. Decodes stay one row, and a
+    sequence verifying k drafts becomes its k + 1 sampled rows (as `verify_as_decode_rows`). The step
+    is then a plain decode batch that CUDA graphs replay instead of launching every kernel of a
+    prefill from Python. None when no sequence has a prompt chunk or one is longer than
+    `max_chunk_tokens`."""
+    chunks = [s for s in sequences if len(s.token_ids) > s.num_draft_tokens + 1]
+    if not chunks or any(len(s.token_ids) > max_chunk_tokens for s in chunks):
         return None
-    if any(len(s.token_ids) > max_chunk_tokens for s in chunks):
-        return None
-    rows = [s for s in sequences if len(s.token_ids) == 1]
-    for seq in chunks:
+    rows = []
+    for seq in sequences:
+        if len(seq.token_ids) == 1:
+            rows.append(seq)
+            continue
         last = len(seq.token_ids) - 1
+        drafting = seq.num_draft_tokens > 0  # every row's logits are verified
         rows += (
-            decode_row(seq, token, j, sample=seq.sample and j == last)
+            decode_row(seq, token, j, sample=seq.sample and (drafting or j == last))
             for j, token in enumerate(seq.token_ids)
         )
     return rows

@@ -255,7 +255,7 @@ class ModelRunner:
         rows = verify_as_decode_rows(ordered) if verifies_drafts else None
         batch = build_host_batch(ordered if rows is None else rows, self.block_size)
         decode_only = batch.is_decode_only
-        prompt_rows = None if decode_only or verifies_drafts else self._prompt_rows(ordered)
+        prompt_rows = None if decode_only else self._prompt_rows(ordered)  # drafts may ride along
         if prompt_rows is not None:
             batch = prompt_rows
         pending = self._pending_inputs(batch)

@@ -50,3 +50,36 @@ def test_with_the_knob_at_zero_prompt_chunks_run_eagerly():
     llm = LLM.from_checkpoint(checkpoint, cuda_graph_prompt_tokens=0, **options)
     run(llm)
     assert not {6, 16} & set(llm.engine.runner.graphs.last_used)
+
+
+def test_a_prompt_arriving_beside_a_verify_step_rides_in_the_graph_with_the_drafts():
+    """Speculation on: request A verifies drafts step after step; B's 10-token prompt arrives in the
+    middle, and the step that verifies A's drafts and computes B's prompt runs as rows of one graph.
+    Both requests get the tokens that the eager mixed step gives."""
+    checkpoint = tiny_checkpoint()
+    spec = {"spec_method": "ngram", "num_speculative_tokens": 4, "spec_adaptive": False}
+    options = {**OPTIONS, **spec}  # max_num_seqs 8: graphs of up to 40 rows
+
+    def serve(llm: LLM) -> tuple[dict[str, list[int]], list]:
+        engine, steps, done = llm.engine, [], {}
+        engine.stat_loggers.append(type("Recorder", (), {"record": lambda self, s: steps.append(s)})())
+        params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+        engine.add_request("a", [5, 6, 7, 8, 9] * 6, params)
+        for i in range(40):
+            if i == 4:
+                engine.add_request("b", [40 + j for j in range(10)], params)
+            for output in engine.step():
+                if output.finished:
+                    done[output.request_id] = output.outputs[0].token_ids
+            if not engine.has_unfinished_requests():
+                break
+        return done, steps
+
+    expected, _ = serve(LLM.from_checkpoint(checkpoint, cuda_graph_prompt_tokens=0, **options))
+    llm = LLM.from_checkpoint(checkpoint, **options)
+    got, steps = serve(llm)
+    assert got == expected and set(got) == {"a", "b"}
+    mixed = [s for s in steps if s.num_draft_tokens and s.num_prefill_tokens > s.num_draft_tokens]
+    assert mixed, "no step verified drafts beside a prompt chunk"
+    graphs = llm.engine.runner.graphs
+    assert graphs.bucket(mixed[0].num_scheduled_tokens) in graphs.last_used

@@ -45,12 +45,26 @@ def test_a_chunk_that_stops_short_of_its_prompt_end_samples_nothing():
     assert len(rows) == 2 and not any(r.sample for r in rows)
 
 
+def test_a_verify_step_with_a_chunk_keeps_every_draft_row_sampled():
+    verify = _seq("v", [4, 5, 6], 3, [2], drafts=2)
+    chunk = _seq("p", [7, 8], 0, [0])
+    rows = prompt_chunks_as_decode_rows([_seq("d", [9], 6, [3, 4]), verify, chunk], max_chunk_tokens=8)
+    assert [(r.request_id, r.token_ids, r.sample) for r in rows] == [
+        ("d", [9], True),
+        ("v", [4], True),
+        ("v", [5], True),
+        ("v", [6], True),
+        ("p", [7], False),
+        ("p", [8], True),
+    ]
+
+
 def test_steps_that_stay_as_they_are():
     long_chunk = _seq("p", [7, 8, 9], 0, [0])
     assert prompt_chunks_as_decode_rows([long_chunk], max_chunk_tokens=2) is None
     assert prompt_chunks_as_decode_rows([_seq("d", [9], 6, [3, 4])], max_chunk_tokens=8) is None  # decodes
     verify = _seq("v", [4, 5], 3, [2], drafts=1)
-    assert prompt_chunks_as_decode_rows([verify, long_chunk], max_chunk_tokens=8) is None
+    assert prompt_chunks_as_decode_rows([verify], max_chunk_tokens=8) is None  # verify_as_decode_rows' job
 
 
 def _runner(kv_format: str = "bf16"):
@@ -119,4 +133,20 @@ def test_rows_read_a_compressed_cache_as_the_prefill_does(kv_format):
     chunk = _seq("p", PROMPT[6:], 6, BLOCKS)
     expected = _forward(runner, [chunk])
     got = _forward(runner, prompt_chunks_as_decode_rows([chunk], max_chunk_tokens=8))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_verify_step_with_a_chunk_as_rows_computes_what_the_mixed_step_computes():
+    """Drafts of one sequence verified beside another's prompt chunk: the eager mixed step (prefill
+    attention) and the rows give the same logits at every draft position and the chunk's last token."""
+    runner = _runner()
+    other = [31, 32, 33, 34, 35, 36, 37]
+    _forward(
+        runner, [_seq("p", PROMPT[:6], 0, BLOCKS, sample=False), _seq("q", other[:4], 0, [2], sample=False)]
+    )
+    verify = _seq("q", other[4:], 4, [2], drafts=2)  # token 35 and drafts 36, 37
+    chunk = _seq("p", PROMPT[6:], 6, BLOCKS)
+    expected = _forward(runner, [verify, chunk])  # [3 + 1, V]
+    got = _forward(runner, prompt_chunks_as_decode_rows([verify, chunk], max_chunk_tokens=8))
+    assert got.shape[0] == expected.shape[0] == 4
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
