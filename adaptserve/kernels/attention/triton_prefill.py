@@ -24,7 +24,7 @@ import triton.language as tl
 
 from adaptserve.kernels.launch_resources import launcher, record_resources
 
-KERNEL_VERSION = 1
+KERNEL_VERSION = 2  # 2: float32 dots in full precision (they were TF32)
 
 # Launch variants worth trying on an H100, best first for head_dim 128, bf16, 32/8 heads, page 16.
 # Measured there (Triton 3.6), a 4096-token prompt | a 512-token chunk after 3584 cached, in TFLOP/s:
@@ -105,6 +105,7 @@ def _attend_key_tiles(
     BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,
     UPCAST: tl.constexpr,
+    IEEE_DOT: tl.constexpr,
 ):
     """Online-softmax update of (acc, row_max, row_sum) over key positions [key_start, key_end).
 
@@ -117,7 +118,10 @@ def _attend_key_tiles(
             k_ptr, block_table_row_ptr, cols, kv_head, dims, context_len,
             stride_kb, stride_ks, stride_kh, PAGE_SIZE, MASKED, UPCAST,
         )  # fmt: skip
-        scores = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N] unscaled
+        if IEEE_DOT:  # float32: full precision, as the decode kernels (tl.dot would take TF32)
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee")  # [BLOCK_M, BLOCK_N] unscaled
+        else:
+            scores = tl.dot(q, tl.trans(k))  # [BLOCK_M, BLOCK_N] unscaled
         if MASKED:
             causal = cols[None, :] <= row_positions[:, None]  # [BLOCK_M, BLOCK_N]
             scores = tl.where(causal, scores, float("-inf"))
@@ -130,7 +134,10 @@ def _attend_key_tiles(
             v_ptr, block_table_row_ptr, cols, kv_head, dims, context_len,
             stride_vb, stride_vs, stride_vh, PAGE_SIZE, MASKED, UPCAST,
         )  # fmt: skip
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])  # [BLOCK_M, D]
+        if IEEE_DOT:
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision="ieee")  # [BLOCK_M, D]
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])  # [BLOCK_M, D]
         row_max = new_max
     return acc, row_max, row_sum
 
@@ -162,6 +169,7 @@ def _paged_prefill_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     UPCAST: tl.constexpr,
+    IEEE_DOT: tl.constexpr,  # float32 inputs: full-precision dots (tl.dot's default is TF32)
 ):
     # KV heads vary fastest and query tiles run last-first, so the heaviest tiles (most keys) of every
     # sequence and head start in the first wave and the light ones fill the tail.
@@ -202,12 +210,12 @@ def _paged_prefill_kernel(
     acc, row_max, row_sum = _attend_key_tiles(
         acc, row_max, row_sum, q, k_ptr, v_ptr, block_table_row_ptr, row_positions, kv_head,
         context_len, 0, unmasked_end, qk_scale, stride_kb, stride_ks, stride_kh,
-        stride_vb, stride_vs, stride_vh, HEAD_DIM, PAGE_SIZE, BLOCK_N, False, UPCAST,
+        stride_vb, stride_vs, stride_vh, HEAD_DIM, PAGE_SIZE, BLOCK_N, False, UPCAST, IEEE_DOT,
     )  # fmt: skip
     acc, row_max, row_sum = _attend_key_tiles(
         acc, row_max, row_sum, q, k_ptr, v_ptr, block_table_row_ptr, row_positions, kv_head,
         context_len, unmasked_end, last_abs + 1, qk_scale, stride_kb, stride_ks, stride_kh,
-        stride_vb, stride_vs, stride_vh, HEAD_DIM, PAGE_SIZE, BLOCK_N, True, UPCAST,
+        stride_vb, stride_vs, stride_vh, HEAD_DIM, PAGE_SIZE, BLOCK_N, True, UPCAST, IEEE_DOT,
     )  # fmt: skip
 
     out = acc / row_sum[:, None]  # [BLOCK_M, D]; every valid row saw at least its own key
@@ -269,6 +277,7 @@ def paged_prefill_attention(
         BLOCK_N=block_n,
         # Triton's interpreter (CPU tensors) mis-computes bfloat16 arithmetic and bf16 tl.dot
         UPCAST=q.device.type == "cpu",
+        IEEE_DOT=q.dtype == torch.float32,
         num_warps=num_warps,
         num_stages=num_stages,
     )  # fmt: skip
