@@ -25,6 +25,7 @@ from tqdm import tqdm
 from adaptserve.bench.precision_quality import chat_prompts, compare_free_running
 from adaptserve.bench.release import release_engine
 from adaptserve.engine.request import SamplingParams
+from adaptserve.runner.cuda_graphs import graph_captures
 
 SECONDS_PER_STEP = 0.1  # the ramp's virtual time per engine step (the CPU ramp's pace, 0.13 s)
 
@@ -123,13 +124,18 @@ def _run_setting(checkpoint, options, num_blocks, prompts, params, arrivals, ref
     token_steps: dict[str, list[int]] = {}  # the step each reply token came out of
     done: dict[str, int] = {}
     formats: list[str] = []  # the write format after each step
+    step_ms: list[float] = []  # each engine.step()'s wall time (with async scheduling: its launch and the
+    # previous step's read), to find where a setting's seconds go
     in_force = [engine.knobs.kv_format]  # ... and during each step (the one before it, then formats)
     next_request, start = 0, time.perf_counter()
     while next_request < len(prompts) or engine.has_unfinished_requests():
         while next_request < len(prompts) and arrivals[next_request] <= step:
             engine.add_request(str(next_request), prompts[next_request], params, stream=True)
             next_request += 1
-        for output in engine.step():
+        step_start = time.perf_counter()
+        outputs = engine.step()
+        step_ms.append(round(1e3 * (time.perf_counter() - step_start), 3))
+        for output in outputs:
             completion = output.outputs[0]
             tokens.setdefault(output.request_id, []).extend(completion.token_ids)
             token_steps.setdefault(output.request_id, []).extend([step] * len(completion.token_ids))
@@ -171,6 +177,8 @@ def _run_setting(checkpoint, options, num_blocks, prompts, params, arrivals, ref
             "num_waiting": [s.num_waiting for s in steps],
             "kv_format": formats,
         },
+        "step_ms": step_ms,  # wall time, so apart from the timeline (which a rerun reproduces exactly)
+        "graph_captures": graph_captures(engine.runner),
         "requantized_blocks": getattr(engine.runner.compressed_kv, "num_requantized_blocks", 0)
         if engine.runner.compressed_kv is not None
         else 0,

@@ -29,7 +29,8 @@ def test_ramp_loses_nothing_and_bf16_matches_the_reference():
     assert bf16["agreement"]["identical"] == 1.0 and bf16["divergences"] == []
     for divergence in adaptive["divergences"]:  # where each reply left the reference, and at what format
         assert 0 <= divergence["position"] < 16 and divergence["kv_format"] in ("bf16", "int8", "int4")
-    assert len(adaptive["timeline"]["kv_format"]) == adaptive["steps"]
+    assert len(adaptive["timeline"]["kv_format"]) == len(adaptive["step_ms"]) == adaptive["steps"]
+    assert all(ms > 0 for ms in adaptive["step_ms"]) and adaptive["graph_captures"] == 0  # no graphs on CPU
     assert all(s["new"] in ("bf16", "int8", "int4") for s in adaptive["switches"])
     assert result["cache_tokens_bf16"] == 32 * 16 and bf16["peak_demand_vs_bf16_cache"] > 0
 
