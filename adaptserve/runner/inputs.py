@@ -69,7 +69,7 @@ def verify_as_decode_rows(sequences: list[ScheduledSequence]) -> list[ScheduledS
 
 
 def prompt_chunks_as_decode_rows(
-    sequences: list[ScheduledSequence], max_chunk_tokens: int
+    sequences: list[ScheduledSequence], max_chunk_tokens: int, fresh_prompts: bool = True
 ) -> list[ScheduledSequence] | None:
     """A step with short prompt chunks (what a prefix-cache hit leaves to compute, or a short prompt)
     as one-token rows, in the order of `sequences`: a chunk's row j holds its token j at position
@@ -78,9 +78,13 @@ def prompt_chunks_as_decode_rows(
     sequence verifying k drafts becomes its k + 1 sampled rows (as `verify_as_decode_rows`). The step
     is then a plain decode batch that CUDA graphs replay instead of launching every kernel of a
     prefill from Python. None when no sequence has a prompt chunk or one is longer than
-    `max_chunk_tokens`."""
+    `max_chunk_tokens`, or, with `fresh_prompts` False, when a chunk starts a prompt (a compressed
+    cache's prefill attends to a fresh prompt's exact K/V, and its error monitor samples them; rows
+    would read them back quantized)."""
     chunks = [s for s in sequences if len(s.token_ids) > s.num_draft_tokens + 1]
     if not chunks or any(len(s.token_ids) > max_chunk_tokens for s in chunks):
+        return None
+    if not fresh_prompts and any(s.num_computed_tokens == 0 for s in chunks):
         return None
     rows = []
     for seq in sequences:

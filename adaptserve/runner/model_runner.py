@@ -358,7 +358,8 @@ class ModelRunner:
         replays it (kernels.cuda_graph_prompt_tokens); else None (it runs eagerly as it is)."""
         if self.graphs is None or not self.graph_prompt_tokens:
             return None
-        rows = prompt_chunks_as_decode_rows(ordered, self.graph_prompt_tokens)
+        fresh = self.compressed_kv is None  # see prompt_chunks_as_decode_rows
+        rows = prompt_chunks_as_decode_rows(ordered, self.graph_prompt_tokens, fresh_prompts=fresh)
         if rows is None or self.graphs.bucket(len(rows)) is None:
             return None
         batch = build_host_batch(rows, self.block_size)

@@ -59,6 +59,15 @@ def test_a_verify_step_with_a_chunk_keeps_every_draft_row_sampled():
     ]
 
 
+def test_a_compressed_cache_keeps_fresh_prompts_eager():
+    """Its prefill attends to a fresh prompt's exact K/V (rows would read them back quantized); a
+    chunk after cached tokens reads the cache either way."""
+    fresh, after_hit = _seq("p", [7, 8], 0, [0]), _seq("q", [7, 8], 16, [0, 1])
+    assert prompt_chunks_as_decode_rows([fresh], max_chunk_tokens=8, fresh_prompts=False) is None
+    assert len(prompt_chunks_as_decode_rows([after_hit], max_chunk_tokens=8, fresh_prompts=False)) == 2
+    assert len(prompt_chunks_as_decode_rows([fresh], max_chunk_tokens=8)) == 2
+
+
 def test_steps_that_stay_as_they_are():
     long_chunk = _seq("p", [7, 8, 9], 0, [0])
     assert prompt_chunks_as_decode_rows([long_chunk], max_chunk_tokens=2) is None
