@@ -52,40 +52,42 @@ def order_for_batch(sequences: list[ScheduledSequence]) -> list[ScheduledSequenc
     return [s for s in sequences if len(s.token_ids) == 1] + [s for s in sequences if len(s.token_ids) > 1]
 
 
+def computes_prompt(seq: ScheduledSequence) -> bool:
+    """Whether this share of a step is a prompt chunk (more tokens than a decode and its drafts)."""
+    return len(seq.token_ids) > seq.num_draft_tokens + 1
+
+
 def verify_as_decode_rows(sequences: list[ScheduledSequence]) -> list[ScheduledSequence] | None:
-    """A step of decodes, some verifying k drafts, as k + 1 one-token rows per drafting sequence:
-    row j holds token j at position start + j and attends to start + j + 1 tokens of the same block
-    table, which is exactly causal attention over the drafts. The step is then a plain decode batch
-    (CUDA graphs replay it). None when the step also holds a prompt chunk."""
-    if any(len(s.token_ids) != s.num_draft_tokens + 1 for s in sequences):
+    """A step of decodes, some verifying k drafts, as one-token rows (`as_decode_rows`); None when
+    the step also holds a prompt chunk."""
+    if any(computes_prompt(s) for s in sequences):
         return None
-    rows = []
-    for seq in sequences:
-        if not seq.num_draft_tokens:
-            rows.append(seq)
-            continue
-        rows += (decode_row(seq, token, j) for j, token in enumerate(seq.token_ids))
-    return rows
+    return as_decode_rows(sequences)
 
 
 def prompt_chunks_as_decode_rows(
     sequences: list[ScheduledSequence], max_chunk_tokens: int, fresh_prompts: bool = True
 ) -> list[ScheduledSequence] | None:
-    """A step with short prompt chunks (what a prefix-cache hit leaves to compute, or a short prompt)
-    as one-token rows, in the order of `sequences`: a chunk's row j holds its token j at position
-    start + j and attends to start + j + 1 tokens, so the rows compute exactly causal attention; only
-    the last row of a chunk that reaches its prompt's end samples. Decodes stay one row, and a
-    sequence verifying k drafts becomes its k + 1 sampled rows (as `verify_as_decode_rows`). The step
-    is then a plain decode batch that CUDA graphs replay instead of launching every kernel of a
-    prefill from Python. None when no sequence has a prompt chunk or one is longer than
-    `max_chunk_tokens`, or, with `fresh_prompts` False, when a chunk starts a prompt (a compressed
-    cache's prefill attends to a fresh prompt's exact K/V, and its error monitor samples them; rows
-    would read them back quantized)."""
-    chunks = [s for s in sequences if len(s.token_ids) > s.num_draft_tokens + 1]
+    """A step with short prompt chunks (what a prefix-cache hit leaves to compute, or a short prompt),
+    drafts verified beside them or not, as one-token rows (`as_decode_rows`), so that CUDA graphs
+    replay it instead of launching every kernel of a prefill from Python. None when no sequence has
+    a prompt chunk or one is longer than `max_chunk_tokens`, or, with `fresh_prompts` False, when a
+    chunk starts a prompt (a compressed cache's prefill attends to a fresh prompt's exact K/V, and
+    its error monitor samples them; rows would read them back quantized)."""
+    chunks = [s for s in sequences if computes_prompt(s)]
     if not chunks or any(len(s.token_ids) > max_chunk_tokens for s in chunks):
         return None
     if not fresh_prompts and any(s.num_computed_tokens == 0 for s in chunks):
         return None
+    return as_decode_rows(sequences)
+
+
+def as_decode_rows(sequences: list[ScheduledSequence]) -> list[ScheduledSequence]:
+    """Every share of a step as one-token rows, in order: token j of a share sits at position
+    start + j and attends to start + j + 1 tokens of the same block table, which is exactly causal
+    attention. A decode stays one row; a sequence verifying k drafts samples all its k + 1 rows; a
+    prompt chunk samples only its last row, and only when it reaches its prompt's end. The step is
+    then a plain decode batch (CUDA graphs replay it)."""
     rows = []
     for seq in sequences:
         if len(seq.token_ids) == 1:

@@ -28,6 +28,7 @@ from adaptserve.runner.inputs import (
     HostBatch,
     ModelInputs,
     build_host_batch,
+    computes_prompt,
     host_tensor,
     order_for_batch,
     prompt_chunks_as_decode_rows,
@@ -252,18 +253,17 @@ class ModelRunner:
                 ordered, lambda s: self._generator(s.request_id, s.sampling_params.seed)
             )
         verifies_drafts = scheduler_output.num_draft_tokens > 0
-        rows = verify_as_decode_rows(ordered) if verifies_drafts else None
-        batch = build_host_batch(ordered if rows is None else rows, self.block_size)
-        decode_only = batch.is_decode_only
-        prompt_rows = None if decode_only else self._prompt_rows(ordered)  # drafts may ride along
-        if prompt_rows is not None:
-            batch = prompt_rows
+        has_prompt = any(computes_prompt(s) for s in ordered)
+        batch = self._prompt_rows(ordered) if has_prompt else None  # drafts may ride along
+        if batch is None:
+            rows = verify_as_decode_rows(ordered) if verifies_drafts else None
+            batch = build_host_batch(ordered if rows is None else rows, self.block_size)
         pending = self._pending_inputs(batch)
-        precision, shadow = self.precision.choose(decode_only)
+        precision, shadow = self.precision.choose(not has_prompt)
         inputs = None
         if self._can_replay(batch):
             # prompt rows come in many sizes: replay what is captured rather than capture each
-            capture = self._capture_graphs_on_demand and prompt_rows is None
+            capture = self._capture_graphs_on_demand and not has_prompt
             logits_in = self._graph_logits(batch, pending, capture=capture)
         else:
             inputs = to_device(batch, self.device)

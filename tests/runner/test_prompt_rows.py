@@ -100,17 +100,9 @@ def _runner(kv_format: str = "bf16"):
 
 @torch.inference_mode()
 def _forward(runner, sequences):
+    """The runner's eager forward of these shares -> logits of their sampled rows [N, V]."""
     inputs = prepare_inputs(sequences, RUNNER_BLOCK_SIZE, runner.device)
-    runner.attention.begin_step(inputs.attn)
-    hidden = runner.model(
-        inputs.input_ids,
-        inputs.positions,
-        runner.kv_caches,
-        inputs.attn,
-        runner.attention,
-        runner.precision.peek(),
-    )  # [T, H]
-    return runner.model.compute_logits(hidden[inputs.sample_rows])  # [N, V]
+    return runner._eager_logits(inputs)(runner.precision.peek())
 
 
 PROMPT = [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21]
