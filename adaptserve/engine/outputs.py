@@ -30,6 +30,11 @@ class ScheduledSequence:
     num_pending_tokens: int = 0  # the last ones of token_ids: sampled last step, known on the device only
     num_draft_tokens: int = 0  # the last ones of token_ids are drafts: verify them (logits at each)
 
+    @property
+    def computes_prompt(self) -> bool:
+        """A prompt chunk: more tokens than one decode and its drafts."""
+        return len(self.token_ids) > self.num_draft_tokens + 1
+
 
 @dataclass
 class SchedulerOutput:

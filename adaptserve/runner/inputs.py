@@ -52,15 +52,10 @@ def order_for_batch(sequences: list[ScheduledSequence]) -> list[ScheduledSequenc
     return [s for s in sequences if len(s.token_ids) == 1] + [s for s in sequences if len(s.token_ids) > 1]
 
 
-def computes_prompt(seq: ScheduledSequence) -> bool:
-    """Whether this share of a step is a prompt chunk (more tokens than a decode and its drafts)."""
-    return len(seq.token_ids) > seq.num_draft_tokens + 1
-
-
 def verify_as_decode_rows(sequences: list[ScheduledSequence]) -> list[ScheduledSequence] | None:
     """A step of decodes, some verifying k drafts, as one-token rows (`as_decode_rows`); None when
     the step also holds a prompt chunk."""
-    if any(computes_prompt(s) for s in sequences):
+    if any(s.computes_prompt for s in sequences):
         return None
     return as_decode_rows(sequences)
 
@@ -74,7 +69,7 @@ def prompt_chunks_as_decode_rows(
     a prompt chunk or one is longer than `max_chunk_tokens`, or, with `fresh_prompts` False, when a
     chunk starts a prompt (a compressed cache's prefill attends to a fresh prompt's exact K/V, and
     its error monitor samples them; rows would read them back quantized)."""
-    chunks = [s for s in sequences if computes_prompt(s)]
+    chunks = [s for s in sequences if s.computes_prompt]
     if not chunks or any(len(s.token_ids) > max_chunk_tokens for s in chunks):
         return None
     if not fresh_prompts and any(s.num_computed_tokens == 0 for s in chunks):

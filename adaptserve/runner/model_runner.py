@@ -28,7 +28,6 @@ from adaptserve.runner.inputs import (
     HostBatch,
     ModelInputs,
     build_host_batch,
-    computes_prompt,
     host_tensor,
     order_for_batch,
     prompt_chunks_as_decode_rows,
@@ -253,7 +252,7 @@ class ModelRunner:
                 ordered, lambda s: self._generator(s.request_id, s.sampling_params.seed)
             )
         verifies_drafts = scheduler_output.num_draft_tokens > 0
-        has_prompt = any(computes_prompt(s) for s in ordered)
+        has_prompt = any(s.computes_prompt for s in ordered)
         batch = self._prompt_rows(ordered) if has_prompt else None  # drafts may ride along
         if batch is None:
             rows = verify_as_decode_rows(ordered) if verifies_drafts else None

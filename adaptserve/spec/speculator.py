@@ -104,7 +104,7 @@ class Speculator:
         counts); returns (sequences that drafted, drafted tokens, accepted)."""
         arm = (scheduled.drafter, scheduled.draft_len) if scheduled.draft_len else OFF
         num_sequences = sum(1 for seq in scheduled.sequences if seq.sample)
-        computes_prompt = any(len(seq.token_ids) > seq.num_draft_tokens + 1 for seq in scheduled.sequences)
+        computes_prompt = any(seq.computes_prompt for seq in scheduled.sequences)
         if seconds is not None and not computes_prompt:  # a prompt chunk's time says nothing of decoding
             self.policy.observe_step(arm, num_sequences, scheduled.num_batched_tokens, seconds)
         if not scheduled.num_draft_tokens:
