@@ -124,8 +124,9 @@ def _run_setting(checkpoint, options, num_blocks, prompts, params, arrivals, ref
     token_steps: dict[str, list[int]] = {}  # the step each reply token came out of
     done: dict[str, int] = {}
     formats: list[str] = []  # the write format after each step
-    step_ms: list[float] = []  # each engine.step()'s wall time (with async scheduling: its launch and the
-    # previous step's read), to find where a setting's seconds go
+    # each engine.step()'s wall time (with async scheduling: its launch and the previous step's
+    # read), to find where a setting's seconds go
+    step_ms: list[float] = []
     in_force = [engine.knobs.kv_format]  # ... and during each step (the one before it, then formats)
     next_request, start = 0, time.perf_counter()
     while next_request < len(prompts) or engine.has_unfinished_requests():
