@@ -57,6 +57,20 @@ def test_a_request_leans_on_its_drafters_current_rates():
     assert request.rate_at(3) > 0.95  # the prior follows the drafter, not its value at creation
 
 
+def test_positions_a_shorter_k_leaves_untested_drift_to_the_one_before():
+    """k=8 ran, then only k=4: positions 5-8 forget their trials and lean on position 4's rate, not
+    on the fixed prior (that made k=8 look 30 % worse than k=4 on the H100 and kept it off)."""
+    acceptance = Acceptance(forget=0.99)
+    for step in range(50):
+        acceptance.add(8, 8 if step % 5 else 0)
+    for step in range(1000):
+        acceptance.add(4, 4 if step % 5 else 0)
+    rates = acceptance.rates(8)
+    assert rates[3] > 0.95
+    assert all(rate == pytest.approx(rates[3], abs=0.02) for rate in rates[4:])
+    assert Acceptance(prior=0.3).rates(3) == pytest.approx([0.3, 0.3, 0.3])  # nothing measured
+
+
 def test_buckets_are_quarter_octaves_and_neighbours_skip_empty_numbers():
     assert [bucket_of(n) for n in (1, 2, 3, 4, 5, 8)] == [0, 4, 6, 8, 9, 12]
     assert bucket_of(30) == bucket_of(34) != bucket_of(35)

@@ -187,6 +187,23 @@ def test_draft_overhead_is_never_negative():
     assert 0.03 <= policy.step_cost.predict(40) < 0.04
 
 
+def test_lookup_overhead_is_per_sequence():
+    """The H100's n-gram steps: 60 us of host work per drafting sequence on top of the line. Learnt at
+    batch 8, it rules k=1 out at batch 128 (predicted under half of off, so never probed there); as
+    one cost per step it predicted k=1 at 0.86 of off, and every bucket probed it."""
+    policy = SpeculationPolicy(("ngram",), max_draft=4)
+    line = lambda tokens: 0.001 + 0.00002 * tokens  # noqa: E731
+    for _ in range(30):
+        policy.observe_step(OFF, 8, 8, line(8))
+        policy.observe_step(OFF, 128, 128, line(128))
+        policy.observe_step(("ngram", 1), 8, 16, line(16) + 8 * 60e-6)
+    assert policy.draft_overhead["ngram"] == pytest.approx(60e-6, rel=0.2)  # the line takes a little
+    for step in range(100):
+        policy.observe_request("ngram", "r", 1, int(step % 3 > 0))  # the H100's 0.66 at position 1
+    off, k1 = policy.predicted(OFF, 128), policy.predicted(("ngram", 1), 128)
+    assert k1 < policy.probe_floor * off
+
+
 def test_fixed_policy_always_drafts_the_maximum():
     policy = SpeculationPolicy(("ngram",), max_draft=3, adaptive=False)
     simulate(policy, batch=64, steps=50, plain_cost=compute_bound, draft_cost={"ngram": compute_bound},
