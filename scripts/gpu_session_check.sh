@@ -4,7 +4,8 @@
 # ramp on the 8B preset (it aborted on the H200 before b343df4); where a batch-1 request's time goes
 # outside its decode steps (scripts/request_overhead.py), with short prompt chunks as graph rows and
 # without; with PIECES=1,5,1,5, decode graphs in pieces, also against an older tree when one was
-# git-archive'd into build/bisect/base (carry build/bisect).
+# git-archive'd into build/bisect/base (carry build/bisect); with PROFILE_BATCH=64, the host phases of
+# plain and n-gram steps at that batch (scripts/spec_profile.py).
 # Compact output; logs and result files in $OUT. Usage: bash scripts/gpu_session_check.sh
 set -uo pipefail
 out="${OUT:-docs/benchmarks}"
@@ -21,14 +22,22 @@ timeout "${KV_RAMP_TIMEOUT:-240}" python3 -c "import sys; from adaptserve.cli im
   --ramp-settings "${RAMP_SETTINGS:-bf16,adaptive-hot0,adaptive}" --result-dir "$out" > "$out/ramp.log" 2>&1
 echo "ramp rc $?"
 grep -a -v "it/s\]\|Assertion" "$out/ramp.log" | grep -a "^ramp\|wrote\|Error\|terminate" | head -8
-echo "== batch-1 requests outside their decode steps (preset weights)"
-# short prompt chunks (prefix-cache hits) as graph rows (default) against eager prompts (0)
-for run in "off:64" "off:0" "ngram:4:64" "ngram:4:0"; do
-  spec=${run%:*}; rows=${run##*:}; [ "$spec" = off ] && flags="" || flags="--spec $spec"
-  timeout 60 python3 scripts/request_overhead.py --passes 3 $flags --graph-prompt-tokens "$rows" \
-    > "$out/overhead-${spec/:/}-$rows.log" 2>&1
-  echo "spec $spec, graph prompt tokens $rows:"; grep -a "^pass [0-9]:\|step 0:" "$out/overhead-${spec/:/}-$rows.log" | tail -4
-done
+if [ "${OVERHEAD:-1}" = 1 ]; then  # OVERHEAD=0 skips it
+  echo "== batch-1 requests outside their decode steps (preset weights)"
+  # short prompt chunks (prefix-cache hits) as graph rows (default) against eager prompts (0)
+  for run in "off:64" "off:0" "ngram:4:64" "ngram:4:0"; do
+    spec=${run%:*}; rows=${run##*:}; [ "$spec" = off ] && flags="" || flags="--spec $spec"
+    timeout 60 python3 scripts/request_overhead.py --passes 3 $flags --graph-prompt-tokens "$rows" \
+      > "$out/overhead-${spec/:/}-$rows.log" 2>&1
+    echo "spec $spec, graph prompt tokens $rows:"; grep -a "^pass [0-9]:\|step 0:" "$out/overhead-${spec/:/}-$rows.log" | tail -4
+  done
+fi
+if [ -n "${PROFILE_BATCH:-}" ]; then  # host phases of plain and n-gram steps at a larger batch
+  echo "== host phases at batch $PROFILE_BATCH (preset weights)"
+  timeout 120 python3 scripts/spec_profile.py --model smollm2-135m --dtype float32 --batch "$PROFILE_BATCH" \
+    --max-tokens 64 --k 1,4 > "$out/spec-profile-b$PROFILE_BATCH.log" 2>&1
+  grep -a "^== \|ms/call" "$out/spec-profile-b$PROFILE_BATCH.log" | head -40
+fi
 [ -z "${PIECES:-}" ] && exit 0  # PIECES=1,5,1,5: decode graphs in pieces, timed
 echo "== graph pieces (batch 1, preset weights)"
 timeout 150 python3 scripts/spec_profile.py --model smollm2-135m --dtype float32 --batch 1 --k 4 \
