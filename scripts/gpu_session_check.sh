@@ -22,6 +22,14 @@ timeout "${KV_RAMP_TIMEOUT:-240}" python3 -c "import sys; from adaptserve.cli im
   --ramp-settings "${RAMP_SETTINGS:-bf16,adaptive-hot0,adaptive}" --result-dir "$out" > "$out/ramp.log" 2>&1
 echo "ramp rc $?"
 grep -a -v "it/s\]\|Assertion" "$out/ramp.log" | grep -a "^ramp\|wrote\|Error\|terminate" | head -8
+if [ -n "${RAMP_PROFILE:-}" ]; then  # RAMP_PROFILE=adaptive: that setting's ramp under cProfile
+  echo "== cProfile of the $RAMP_PROFILE ramp"
+  timeout 200 python3 -m cProfile -o "$out/ramp.prof" -m adaptserve.cli bench kv --model llama-3.1-8b \
+    --parts ramp --ramp-requests 96 --ramp-max-tokens 64 --ramp-blocks 128 --ramp-settings "$RAMP_PROFILE" \
+    --result-dir "$out/ramp-profile" > "$out/ramp-profile.log" 2>&1
+  python3 -c "import pstats, sys; s = pstats.Stats(sys.argv[1]); s.sort_stats('tottime').print_stats(30); \
+s.sort_stats('cumtime').print_stats(45)" "$out/ramp.prof" 2>&1 | grep -a "^ \+[0-9]" | cut -c1-150
+fi
 if [ "${OVERHEAD:-1}" = 1 ]; then  # OVERHEAD=0 skips it
   echo "== batch-1 requests outside their decode steps (preset weights)"
   # short prompt chunks (prefix-cache hits) as graph rows (default) against eager prompts (0)

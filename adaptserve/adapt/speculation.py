@@ -115,6 +115,8 @@ class SpeculationPolicy:
         self._judge: tuple[int, tuple[str, int]] | None = None  # a finished burst to judge
         self._burst = ArmValue()  # the current or last probe burst's own steps, undecayed
         self._burst_arm: tuple[str, int] | None = None
+        self._check = False  # the running probe is a one-step check of an arm measured before
+        self._extend: tuple[str, int] | None = None  # a check that came close: burst it next step
         self._bucket: int | None = None  # the batch bucket of the last step
         self._chosen: dict[int, tuple[str, int]] = {}  # bucket -> the arm it last ran as current
         self._last_observed: tuple[str, int] | None = None  # the arm of the last step observed
@@ -311,6 +313,7 @@ class SpeculationPolicy:
         self._bucket = bucket
         # a probe burst measures one batch size: one cut short by the move is dropped, not judged
         self._probing, self._probe_steps_left, self._burst_arm, self._judge = None, 0, None, None
+        self._check, self._extend = False, None
         self.current = self._chosen.get(bucket, self.current)
         known = self._known(bucket)
         if len(known) >= 2:
@@ -350,6 +353,14 @@ class SpeculationPolicy:
             if not self._probe_steps_left:
                 self._judge = (bucket, self._probing)  # its last step: judge it once measured
             return self._probing
+        if self._extend is not None:  # a one-step check came close: the rest of a full burst
+            arm, self._extend = self._extend, None
+            if arm in self._arms_now:
+                self._probe_steps_left = self.min_samples - 2  # the check was its first step
+                self._burst_arm = arm
+                if not self._probe_steps_left:
+                    self._judge = (bucket, arm)
+                return arm
         best = self.value(self.current, num_sequences) or 0.0
         candidates = []
         for arm in self._arms_now:
@@ -380,7 +391,11 @@ class SpeculationPolicy:
             stale = [c for c in due if self._step - c[0] >= 2 * self.probe_every * self._wait(bucket, c[2])]
             arm = min(stale, key=lambda c: c[1])[2] if stale else min(due)[2]
         self._last_probe = self._step
-        self._probe_steps_left = self.min_samples - 1
+        # an arm measured here before is checked with one step first (its step time is steady; the
+        # tokens come from acceptance): a full burst only if the check comes close to the current
+        # arm, so re-probing an arm that stays worse (k=1 at batch 128) costs one step, not three
+        self._check = arm != OFF and self.min_samples > 1 and self._measured(bucket, arm) is not None
+        self._probe_steps_left = 0 if self._check else self.min_samples - 1
         self._burst, self._burst_arm = ArmValue(), arm
         if not self._probe_steps_left:
             self._judge = (bucket, arm)
@@ -408,7 +423,11 @@ class SpeculationPolicy:
         # the burst's own step time (old values decay slowly), with tokens from alpha
         probed = self._tokens_per_sequence(arm) / max(self._burst.mean_seconds, 1e-12)
         current = self._measured(bucket, self.current)
+        check, self._check = self._check, False
         if not self._burst.steps or current is None or arm == self.current:
+            return
+        if check and probed >= (1 - self.keep_margin) * current:
+            self._extend = arm  # close: measure it with a full burst before it may take over
             return
         if probed < (1 - self.keep_margin) * current:
             self.backoff[(bucket, arm)] = min(self.max_backoff, 2 * self._wait(bucket, arm))

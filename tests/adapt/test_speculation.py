@@ -187,6 +187,19 @@ def test_draft_overhead_is_never_negative():
     assert 0.03 <= policy.step_cost.predict(40) < 0.04
 
 
+def test_a_re_probe_of_an_arm_that_stays_worse_is_one_step():
+    """Once every arm was measured at batch 64 (compute bound: off wins), a probe is a one-step check;
+    only a check that comes close would get the rest of a burst. Three-step re-probes of k=1 and
+    k=2 cost 3 % of the steps at batch 128."""
+    policy = SpeculationPolicy(("ngram",), max_draft=4, probe_every=20, max_backoff=1)
+    chosen = simulate(policy, batch=64, steps=600, plain_cost=compute_bound,
+                      draft_cost={"ngram": compute_bound}, alpha={"ngram": 0.5})  # fmt: skip
+    late = chosen[300:]
+    runs = [len(list(group)) for arm, group in itertools.groupby(late) if arm != OFF]
+    assert late.count(OFF) > 0.9 * len(late) and len(runs) >= 10
+    assert max(runs) == 1
+
+
 def test_lookup_overhead_is_per_sequence():
     """The H100's n-gram steps: 60 us of host work per drafting sequence on top of the line. Learnt at
     batch 8, it rules k=1 out at batch 128 (predicted under half of off, so never probed there); as
