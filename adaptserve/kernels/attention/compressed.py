@@ -139,6 +139,14 @@ class CompressedKVAttention:
         num_decode = meta.num_decode_tokens
         if num_decode:
             out[:num_decode] = self._decode(q[:num_decode], arena, meta, scale)
+        if self.use_triton and meta.prefills:
+            self._prefills_at_once(q, k, v, arena, meta, scale, out)
+            if self.monitor is not None and self.monitor.wants(layer):
+                for seq in meta.prefills:
+                    if seq.context_len == seq.query_len:
+                        rows = slice(seq.query_start, seq.query_start + seq.query_len)
+                        self.monitor.measure(q[rows], k[rows], v[rows], scale, arena.layout)
+            return out
         for index, seq in enumerate(meta.prefills, start=num_decode):
             rows = slice(seq.query_start, seq.query_start + seq.query_len)
             if seq.context_len == seq.query_len:  # a fresh prompt: its own exact K/V
@@ -176,6 +184,46 @@ class CompressedKVAttention:
         k = k.view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)  # [N, KVH, L, D]
         v = v.view(num_seqs, -1, num_kv_heads, head_dim).transpose(1, 2)  # [N, KVH, L, D]
         return grouped_decode(q, k, v, context_mask, scale)
+
+    def _prefills_at_once(self, q, k, v, arena: KVArena, meta: AttentionMetadata, scale: float, out) -> None:
+        """Every prompt chunk of the step in one launch of the paged prefill kernel, over a transient
+        cache of one-token pages: a fresh prompt's pages are this step's exact K/V rows, a chunk
+        after cached tokens reads its context from the blocks, dequantized once for all such chunks
+        (the reference loop ran several kernels and a host sync per chunk and layer: 32 layers of
+        the 8B preset made a step with a few prompts eager Python).
+        q, k, v: [T, *, D]; writes the prefill rows of out [T, H, D]."""
+        from adaptserve.kernels.attention.triton_prefill import paged_prefill_attention
+
+        first = meta.num_decode_tokens
+        block_size = arena.layout.block_size
+        starts, context_blocks = [], []  # each sequence's first row in the transient cache
+        num_rows = k.shape[0]
+        for index, seq in enumerate(meta.prefills, start=first):
+            if seq.context_len == seq.query_len:  # a fresh prompt: its own exact K/V
+                starts.append(seq.query_start)
+                continue
+            slots = seq.context_slots
+            if slots is None:
+                slots = _context_slots(meta.block_table[index], seq.context_len, block_size)
+            block_ids = slots[::block_size] // block_size  # [MB] the context's blocks in order
+            context_blocks.append(block_ids)
+            starts.append(num_rows)
+            num_rows += block_ids.shape[0] * block_size
+        keys, values = [k], [v]
+        if context_blocks:
+            context_k, context_v = arena.read_blocks(torch.cat(context_blocks), q.dtype)  # [NB, bs, KVH, D]
+            keys.append(context_k.flatten(0, 1))
+            values.append(context_v.flatten(0, 1))
+        pages_k = torch.cat([x.to(q.dtype) for x in keys]).unsqueeze(1)  # [N, 1, KVH, D]
+        pages_v = torch.cat([x.to(q.dtype) for x in values]).unsqueeze(1)  # [N, 1, KVH, D]
+        width = max(seq.context_len for seq in meta.prefills)
+        row_starts = torch.tensor(starts, dtype=torch.int32).to(q.device, non_blocking=True)  # [S]
+        positions = torch.arange(width, dtype=torch.int32, device=q.device)  # [W]
+        table = row_starts[:, None] + positions[None, :]  # [S, W] a page per token
+        paged_prefill_attention(
+            q, pages_k, pages_v, table, meta.query_start_loc[first:], meta.context_lens[first:], scale,
+            meta.max_query_len, out=out,
+        )  # fmt: skip
 
     def _prefill(self, q, arena: KVArena, slots: torch.Tensor, seq, scale: float) -> torch.Tensor:
         """A prompt chunk after cached tokens: the whole context read from the cache, masked causally."""
