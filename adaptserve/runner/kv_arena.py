@@ -37,6 +37,10 @@ class _FormatViews:
     blocks_per_chunk: int
 
 
+# (format name, rows [n] into the block ids, (chunk [n], index in chunk [n])): see KVArena.format_groups
+FormatGroup = tuple[str, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
+
+
 class KVArena:
     def __init__(
         self,
@@ -87,15 +91,24 @@ class KVArena:
         chunks = block_ids // self.max_blocks_per_chunk
         return chunks, block_ids % self.max_blocks_per_chunk, self.chunk_formats[chunks].long()
 
-    def _by_format(self, block_ids: torch.Tensor):
-        """Block ids [N] grouped by their chunk's format: (views, rows [n] into block_ids, (chunk [n],
-        index in chunk [n])) per format present. A padded table entry may point past a chunk's blocks:
-        its index is clamped (its rows are masked, any block will do)."""
+    def format_groups(self, block_ids: torch.Tensor) -> list[FormatGroup]:
+        """Block ids [N] grouped by their chunk's format: (format name, rows [n] into block_ids,
+        (chunk [n], index in chunk [n])) per format present; a host sync. A padded table entry may
+        point past a chunk's blocks: its index is clamped (its rows are masked, any block will do).
+        Every arena of a cache shares the format table, so a step works this out once for all its
+        layers and passes it to read_blocks / write_blocks (32 layers of syncs were a step's cost)."""
         chunks, index, codes = self._locate(block_ids)
+        groups = []
         for code in codes.unique().tolist():
-            views = self.views[KV_FORMATS[code]]
+            name = KV_FORMATS[code]
             rows = (codes == code).nonzero().squeeze(1)  # [n]
-            yield views, rows, (chunks[rows], index[rows].clamp(max=views.blocks_per_chunk - 1))
+            where = (chunks[rows], index[rows].clamp(max=self.views[name].blocks_per_chunk - 1))
+            groups.append((name, rows, where))
+        return groups
+
+    def _by_format(self, block_ids: torch.Tensor, groups: list[FormatGroup] | None = None):
+        for name, rows, where in self.format_groups(block_ids) if groups is None else groups:
+            yield self.views[name], rows, where
 
     def write(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: [T, H, D] quantized into their slots [T] (block_id * block_size + offset). A slot in a
@@ -115,10 +128,17 @@ class KVArena:
                 if scales is not None:
                     scales[where] = s
 
-    def write_blocks(self, block_ids: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    def write_blocks(
+        self,
+        block_ids: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        groups: list[FormatGroup] | None = None,
+    ) -> None:
         """k, v: [M, block_size, H, D] quantized into whole blocks block_ids [M], each in its chunk's
-        format; int4k keys take their per-channel scales over the block's tokens."""
-        for views, rows, where in self._by_format(block_ids):
+        format; int4k keys take their per-channel scales over the block's tokens. `groups`: the
+        ids' format_groups, when already known."""
+        for views, rows, where in self._by_format(block_ids, groups):
             name = views.fmt.name
             if views.fmt.whole_block:
                 views.k_data[where], views.k_scales[where] = quantize_key_blocks(k[rows])
@@ -135,13 +155,16 @@ class KVArena:
         if scales is not None:
             scales[where] = s.view(*x.shape[:2], *s.shape[1:])
 
-    def read_blocks(self, block_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """block ids [N] -> dequantized (k, v), each [N, block_size, H, D] in `dtype`."""
+    def read_blocks(
+        self, block_ids: torch.Tensor, dtype: torch.dtype, groups: list[FormatGroup] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """block ids [N] -> dequantized (k, v), each [N, block_size, H, D] in `dtype`. `groups`: the
+        ids' format_groups, when already known."""
         layout = self.layout
         shape = (block_ids.shape[0], layout.block_size, layout.num_kv_heads, layout.head_dim)
         k = torch.empty(shape, dtype=dtype, device=self.bytes.device)
         v = torch.empty(shape, dtype=dtype, device=self.bytes.device)
-        for views, rows, where in self._by_format(block_ids):
+        for views, rows, where in self._by_format(block_ids, groups):
             name = views.fmt.name
             if views.fmt.whole_block:
                 k[rows] = dequantize_key_blocks(views.k_data[where], views.k_scales[where], dtype)

@@ -86,15 +86,17 @@ class CompressedKVCache:
         if migrations:
             src = torch.tensor([s for s, _ in migrations], device=device)
             dtype = self.geometry.layout.native_dtype
-            moved = [arena.read_blocks(src, dtype) for arena in self.arenas]  # per layer ([M, bs, H, D],) * 2
+            groups = self.arenas[0].format_groups(src)  # the same for every layer: one sync, not 32
+            moved = [arena.read_blocks(src, dtype, groups) for arena in self.arenas]  # ([M, bs, H, D],) * 2
         if chunk_formats:
             chunks = torch.tensor([c for c, _ in chunk_formats], device=device)
             codes = torch.tensor([FORMAT_CODES[f] for _, f in chunk_formats], dtype=torch.int8, device=device)
             self.chunk_formats[chunks] = codes
         if migrations:
             dst = torch.tensor([d for _, d in migrations], device=device)  # [M]
+            groups = self.arenas[0].format_groups(dst)
             for arena, (k, v) in zip(self.arenas, moved, strict=True):
-                arena.write_blocks(dst, k, v)  # whole blocks: int4k keys take per-channel scales
+                arena.write_blocks(dst, k, v, groups)  # whole blocks: int4k keys take per-channel scales
             self.num_requantized_blocks += len(migrations)
 
 

@@ -21,6 +21,7 @@ moves whole full blocks into int4k (KVArena.write_blocks).
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
 import torch
 
@@ -103,6 +104,8 @@ class CompressedKVAttention:
         self.monitor = monitor
         self.use_triton = use_triton
         self._layer = 0  # counts layers within a step (the monitor samples one)
+        self._plan_meta: AttentionMetadata | None = None  # the step _plan was worked out for
+        self._plan: _PrefillPlan | None = None
 
     def decode_kernel(self) -> FixedKernelChoice:
         """What the decode graph pool captures: this attention's own decode for every bucket. Only
@@ -194,34 +197,21 @@ class CompressedKVAttention:
         q, k, v: [T, *, D]; writes the prefill rows of out [T, H, D]."""
         from adaptserve.kernels.attention.triton_prefill import paged_prefill_attention
 
-        first = meta.num_decode_tokens
-        block_size = arena.layout.block_size
-        starts, context_blocks = [], []  # each sequence's first row in the transient cache
-        num_rows = k.shape[0]
-        for index, seq in enumerate(meta.prefills, start=first):
-            if seq.context_len == seq.query_len:  # a fresh prompt: its own exact K/V
-                starts.append(seq.query_start)
-                continue
-            slots = seq.context_slots
-            if slots is None:
-                slots = _context_slots(meta.block_table[index], seq.context_len, block_size)
-            block_ids = slots[::block_size] // block_size  # [MB] the context's blocks in order
-            context_blocks.append(block_ids)
-            starts.append(num_rows)
-            num_rows += block_ids.shape[0] * block_size
+        if self._plan_meta is not meta:  # worked out once per step, for every layer
+            self._plan_meta, self._plan = meta, _PrefillPlan.of(meta, arena, k.shape[0])
+        plan = self._plan
         keys, values = [k], [v]
-        if context_blocks:
-            context_k, context_v = arena.read_blocks(torch.cat(context_blocks), q.dtype)  # [NB, bs, KVH, D]
+        if plan.context_blocks is not None:
+            context_k, context_v = arena.read_blocks(
+                plan.context_blocks, q.dtype, plan.groups
+            )  # [NB, bs, KVH, D]
             keys.append(context_k.flatten(0, 1))
             values.append(context_v.flatten(0, 1))
         pages_k = torch.cat([x.to(q.dtype) for x in keys]).unsqueeze(1)  # [N, 1, KVH, D]
         pages_v = torch.cat([x.to(q.dtype) for x in values]).unsqueeze(1)  # [N, 1, KVH, D]
-        width = max(seq.context_len for seq in meta.prefills)
-        row_starts = torch.tensor(starts, dtype=torch.int32).to(q.device, non_blocking=True)  # [S]
-        positions = torch.arange(width, dtype=torch.int32, device=q.device)  # [W]
-        table = row_starts[:, None] + positions[None, :]  # [S, W] a page per token
+        first = meta.num_decode_tokens
         paged_prefill_attention(
-            q, pages_k, pages_v, table, meta.query_start_loc[first:], meta.context_lens[first:], scale,
+            q, pages_k, pages_v, plan.table, meta.query_start_loc[first:], meta.context_lens[first:], scale,
             meta.max_query_len, out=out,
         )  # fmt: skip
 
@@ -233,6 +223,41 @@ class CompressedKVAttention:
         k = k.flatten(0, 1)[: seq.context_len]  # [L, KVH, D]
         v = v.flatten(0, 1)[: seq.context_len]  # [L, KVH, D]
         return chunk_after_context(q, k, v, seq, scale)
+
+
+@dataclass
+class _PrefillPlan:
+    """Where a step's prompt chunks find their keys in the transient cache of one-token pages: this
+    step's K/V rows first, then the dequantized context blocks of chunks after cached tokens."""
+
+    table: torch.Tensor  # [S, W] int32: row of each position of each prefill sequence
+    context_blocks: torch.Tensor | None  # [NB] block ids of the chunks' contexts, in order
+    groups: list | None  # context_blocks' format groups (the same in every layer)
+
+    @classmethod
+    def of(cls, meta: AttentionMetadata, arena: KVArena, num_rows: int) -> _PrefillPlan:
+        """`num_rows`: this step's K/V rows, the transient cache's first pages."""
+        first, block_size = meta.num_decode_tokens, arena.layout.block_size
+        starts, context_blocks = [], []  # each sequence's first row in the transient cache
+        for index, seq in enumerate(meta.prefills, start=first):
+            if seq.context_len == seq.query_len:  # a fresh prompt: its own exact K/V
+                starts.append(seq.query_start)
+                continue
+            slots = seq.context_slots
+            if slots is None:
+                slots = _context_slots(meta.block_table[index], seq.context_len, block_size)
+            block_ids = slots[::block_size] // block_size  # [MB] the context's blocks in order
+            context_blocks.append(block_ids)
+            starts.append(num_rows)
+            num_rows += block_ids.shape[0] * block_size
+        device = meta.slot_mapping.device
+        width = max(seq.context_len for seq in meta.prefills)
+        row_starts = torch.tensor(starts, dtype=torch.int32).to(device, non_blocking=True)  # [S]
+        table = row_starts[:, None] + torch.arange(width, dtype=torch.int32, device=device)[None, :]  # [S, W]
+        if not context_blocks:
+            return cls(table, None, None)
+        blocks = torch.cat(context_blocks)
+        return cls(table, blocks, arena.format_groups(blocks))
 
 
 def _runs_in_attend(*args, **kwargs) -> None:
