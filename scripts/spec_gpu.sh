@@ -22,3 +22,11 @@ timeout "${SPEC_TIMEOUT:-450}" python3 -c "import sys; from adaptserve.cli impor
   --layer-drafts "${SPEC_LAYER_DRAFTS:-}" --repeats "${SPEC_REPEATS:-3}" --warm-passes "${SPEC_WARM_PASSES:-1}" \
   --result-dir "$out" "$@" 2>&1 \
   | grep -v "it/s\]" | tail -40
+# KV_RAMP=1: then issue 8's load ramp on the same real SmolLM2 (the CPU ramp's settings), where greedy
+# agreement means something (the 8B preset's random weights flip near-tied argmaxes in any format)
+if [ "${KV_RAMP:-0}" = 1 ]; then
+  timeout "${KV_RAMP_TIMEOUT:-200}" python3 -c "import sys; from adaptserve.cli import main; sys.exit(main())" \
+    bench kv --model "$model" --parts ramp --ramp-settings bf16,adaptive-hot0,adaptive \
+    --file-stem kv-ramp-smollm2-gpu --result-dir "$out" > "$out/kv-ramp-smollm2.log" 2>&1
+  echo "kv ramp rc $?"; grep -a -v "it/s\]" "$out/kv-ramp-smollm2.log" | grep -a "^ramp\|wrote\|Error" | head -8
+fi
