@@ -50,12 +50,20 @@ class KVArena:
         max_blocks_per_chunk: int,
         chunk_formats: torch.Tensor,
         device: torch.device,
+        memory: torch.Tensor | None = None,
     ):
+        """`memory`: the arena's [num_chunks, chunk_bytes] uint8 bytes when the caller allocated them
+        (a slice of every layer's memory; see CompressedKVCache), else zeros of its own."""
         self.layout = layout
         self.chunk_bytes = chunk_bytes
         self.max_blocks_per_chunk = max_blocks_per_chunk
         self.chunk_formats = chunk_formats  # [C] int8, shared by every layer
-        self.bytes = torch.zeros(num_chunks, chunk_bytes, dtype=torch.uint8, device=device)  # [C, bytes]
+        if memory is None:
+            memory = torch.zeros(num_chunks, chunk_bytes, dtype=torch.uint8, device=device)
+        if tuple(memory.shape) != (num_chunks, chunk_bytes) or not memory.is_contiguous():
+            shape = tuple(memory.shape)
+            raise ValueError(f"arena memory {shape} is not a contiguous [{num_chunks}, {chunk_bytes}]")
+        self.bytes = memory  # [C, bytes]
         self.views = {name: self._views(layout.format(name)) for name in KV_FORMATS}
 
     def _views(self, fmt: FormatLayout) -> _FormatViews:

@@ -168,6 +168,48 @@ def test_requantized_kv_survives_the_runner_applying_the_moves():
         assert error < 0.12
 
 
+@pytest.mark.parametrize("move_elements", [1 << 24, 1], ids=["one-pass", "a-layer-a-pass"])
+def test_moves_run_over_every_layer_at_once_with_each_layers_own_bytes(monkeypatch, move_elements):
+    """Three layers, each with its own K/V: the moves run once over all layers (all_layers) and leave
+    every layer's bytes exactly as moving it alone (read, hand over, requantize) would, int4k keys
+    included; the other layers' blocks stay apart. Also with the requantization split into passes."""
+    monkeypatch.setattr("adaptserve.runner.kv_compression.MOVE_ELEMENTS", move_elements)
+    manager = make_manager(num_chunks=6)
+    pool = manager.block_pool
+    geometry = KVGeometry(LAYOUT, 6, CHUNK_BYTES, dict(pool.blocks_per_chunk), dict(pool.block_bytes))
+    cache = CompressedKVCache(geometry, num_layers=3, device=torch.device("cpu"))
+    alone = CompressedKVCache(geometry, num_layers=3, device=torch.device("cpu"))
+    request = FakeRequest("a", tokens(0, 20 * BLOCK_SIZE + 5))
+    schedule_prefill(manager, request)
+    changes = pool.drain_chunk_format_changes()
+    cache.apply(changes, [])
+    alone.apply(changes, [])
+    g = torch.Generator().manual_seed(0)
+    block_ids = torch.tensor(manager.get_block_ids("a"))  # [21]
+    shape = (len(block_ids), BLOCK_SIZE, LAYOUT.num_kv_heads, LAYOUT.head_dim)
+    layer_kv = [(torch.randn(shape, generator=g), torch.randn(shape, generator=g)) for _ in range(3)]
+    for target in (cache, alone):
+        for arena, (k, v) in zip(target.arenas, layer_kv, strict=True):
+            arena.write_blocks(block_ids, k, v)
+
+    pool.write_format = "int4k"
+    moves = manager.requantize_cold(64, 1, settled_tokens={"a": request.num_computed_tokens})
+    changes = pool.drain_chunk_format_changes()
+    cache.apply(changes, moves)
+    src, dst = (torch.tensor(ids) for ids in zip(*moves, strict=True))
+    moved = [arena.read_blocks(src, LAYOUT.native_dtype) for arena in alone.arenas]
+    alone.apply(changes, [])  # the hand-overs alone, then each layer's copies
+    for arena, (k, v) in zip(alone.arenas, moved, strict=True):
+        arena.write_blocks(dst, k, v)
+    for layer, (arena, reference) in enumerate(zip(cache.arenas, alone.arenas, strict=True)):
+        assert torch.equal(arena.bytes, reference.bytes), f"layer {layer}'s bytes differ"
+        out_k, _ = arena.read_blocks(dst, torch.float32)  # [20, bs, H, D]
+        k = layer_kv[layer][0][[block_ids.tolist().index(s) for s in src.tolist()]]  # the moved blocks'
+        error = ((out_k - k).norm() / k.norm()).item()
+        assert error < 0.08, error  # its own keys (0.065; another layer's are 1.4 away)
+    assert cache.num_requantized_blocks == len(moves) == 20
+
+
 # ---------------------------------------------------------------------------------------------------
 # int4k: a whole-block format, reached only by requantization
 
