@@ -72,7 +72,9 @@ def run_kv_benchmark(args: argparse.Namespace) -> dict:
         agreement = row["agreement"]["agreement_to_divergence"]
         print(
             f"ramp {name:>9}: lost {row['lost']} preemptions {row['preemptions']} peak running "
-            f"{row['peak_running']} mean TTFT {row['mean_ttft_steps']} steps, {row['tokens_per_s']} tok/s, "
+            f"{row['peak_running']} mean TTFT {row['mean_ttft_steps']} steps, {row['tokens_per_s']} tok/s "
+            f"({row['steady_tokens_per_s']} without {row['outlier_steps']} one-off steps of "
+            f"{row['outlier_seconds']} s), "
             f"agreement to divergence {agreement:.4f}"
         )
     print(f"wrote {path}")

@@ -1,7 +1,7 @@
 """The KV load ramp on the real SmolLM2, tiny: arrivals speed up, every request finishes in every
 setting, the static bf16 run is the reference's own output, and the adaptive run reports its switches."""
 
-from adaptserve.bench.kv_ramp import arrival_steps, run_ramp
+from adaptserve.bench.kv_ramp import _steady_speed, arrival_steps, run_ramp
 from adaptserve.model.loaders import load_checkpoint
 
 
@@ -9,6 +9,14 @@ def test_arrivals_come_closer_together():
     steps = arrival_steps(6, first_gap=4.0, last_gap=1.0)
     gaps = [b - a for a, b in zip(steps, steps[1:], strict=False)]
     assert steps[0] == 0 and gaps[0] == 4 and gaps[-1] == 1 and sorted(gaps, reverse=True) == gaps
+
+
+def test_steady_speed_leaves_out_one_off_steps():
+    """Steps past 10x the median (a kernel compiling, a graph capture) count apart."""
+    step_ms = [5.0] * 98 + [3300.0, 60.0]
+    speed = _steady_speed(1000, step_ms)
+    assert speed == {"steady_tokens_per_s": round(1000 / 0.49, 2), "outlier_steps": 2, "outlier_seconds": 3.36}
+    assert _steady_speed(0, [])["outlier_steps"] == 0
 
 
 def test_ramp_loses_nothing_and_bf16_matches_the_reference():
