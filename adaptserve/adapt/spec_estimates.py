@@ -6,8 +6,11 @@ buckets those are kept in. Plain data and arithmetic; the policy that reads them
 from __future__ import annotations
 
 import math
+import statistics
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 
 @dataclass
@@ -25,6 +28,11 @@ class OnlineLinearCost:
     @property
     def has_data(self) -> bool:
         return self._sums[0] > 0
+
+    @property
+    def weight(self) -> float:
+        """The decayed count of steps behind the fit."""
+        return self._sums[0]
 
     def coefficients(self) -> tuple[float, float]:
         """(intercept, slope); slope 0 until two different token counts were seen."""
@@ -136,24 +144,30 @@ def draft_lengths(max_draft: int) -> tuple[int, ...]:
 
 @dataclass
 class ArmValue:
-    """The step time per sequence of one arm in one batch bucket: seconds per sequence over steps,
-    both sums decayed per step (its tokens come from the drafter's acceptance, not from these steps).
-    Per sequence, so that a neighbouring bucket's steps, at another batch size, still compare."""
+    """The step time per sequence of one arm in one batch bucket: the median of its last `WINDOW`
+    steps (its tokens come from the drafter's acceptance, not from these steps). Per sequence, so
+    that a neighbouring bucket's steps, at another batch size, still compare. A median, not a
+    decayed mean: a step that captured a graph or compiled a kernel takes a hundred times the
+    others, and the mean (decay 0.9) kept it for dozens of steps: k=8 at batch 1 on the H100 stayed
+    at 80 % of k=4's value after its burst met a capture, and was not run again."""
 
-    seconds: float = 0.0  # decayed sum of step seconds / sequences in the step
-    steps: float = 0.0
+    recent: deque = field(default_factory=lambda: deque(maxlen=ArmValue.WINDOW))
     samples: int = 0
     last_step: int = -1
+    WINDOW: ClassVar[int] = 9
 
     def add(self, seconds_per_sequence: float) -> None:
-        self.seconds = self.seconds * 0.9 + seconds_per_sequence
-        self.steps = self.steps * 0.9 + 1
+        self.recent.append(seconds_per_sequence)
         self.samples += 1
 
     @property
-    def mean_seconds(self) -> float:
-        """Mean step seconds per sequence."""
-        return self.seconds / self.steps if self.steps > 0 else 0.0
+    def steps(self) -> int:
+        return len(self.recent)
+
+    @property
+    def seconds_per_sequence(self) -> float:
+        """The median step seconds per sequence of the recent steps (0 before any)."""
+        return statistics.median(self.recent) if self.recent else 0.0
 
 
 def bucket_of(num_sequences: int) -> int:

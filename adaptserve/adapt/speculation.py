@@ -75,12 +75,18 @@ class SpeculationPolicy:
         probe_floor: float = 0.5,
         probe_at_once: float = 0.8,
         max_rows: int | None = None,
+        outlier_factor: float = 4.0,
+        max_outliers_in_a_row: int = 3,
     ):
         self.drafters = drafters
         self.max_draft = max_draft
         self.adaptive = adaptive
         self.arms = [OFF] + [(d, k) for d in drafters for k in draft_lengths(max_draft)]
         self.max_rows = max_rows  # a verify step's most rows (None: no limit); see the module doc
+        self.outlier_factor = outlier_factor  # see _is_outlier
+        self.max_outliers_in_a_row = max_outliers_in_a_row
+        self._outliers_in_a_row = 0
+        self.num_outliers = 0
         self._arms_now = self.arms  # the arms whose verify rows fit this step's batch
         self.probe_every = probe_every  # steps between probe bursts (~5 % of steps probe)
         self.min_samples = min_samples
@@ -113,7 +119,7 @@ class SpeculationPolicy:
         # (bucket, arm) -> how many probe_every periods the arm waits between probes at that bucket
         self.backoff: dict[tuple[int, tuple[str, int]], int] = {}
         self._judge: tuple[int, tuple[str, int]] | None = None  # a finished burst to judge
-        self._burst = ArmValue()  # the current or last probe burst's own steps, undecayed
+        self._burst = ArmValue()  # the current or last probe burst's own steps
         self._burst_arm: tuple[str, int] | None = None
         self._check = False  # the running probe is a one-step check of an arm measured before
         self._extend: tuple[str, int] | None = None  # a check that came close: burst it next step
@@ -171,6 +177,8 @@ class SpeculationPolicy:
         if seconds <= 0 or num_sequences == 0:
             return
         drafter, k = arm
+        if self._is_outlier(drafter, k, num_sequences, num_tokens, seconds):
+            return
         if k:
             residual = seconds - self.step_cost.predict(num_tokens) if self.step_cost.has_data else 0.0
             units = _overhead_units(drafter, k, num_sequences)
@@ -190,11 +198,29 @@ class SpeculationPolicy:
         if refill:
             return
         if arm == self._burst_arm:
-            self._burst.seconds += seconds / num_sequences
-            self._burst.steps += 1
+            self._burst.add(seconds / num_sequences)
         value = self.values.setdefault((bucket_of(num_sequences), arm), ArmValue())
         value.add(seconds / num_sequences)
         value.last_step = self._step
+
+    def _is_outlier(self, drafter: str, k: int, num_sequences: int, num_tokens: int, seconds: float) -> bool:
+        """A step over `outlier_factor` times what the line (and the drafter's overhead) predicts is a
+        one-off, a graph captured or a kernel compiled on the step's first shape, not the arm's cost:
+        on the H100, k=8's three-step burst at batch 1 met its graph's capture, measured 1,209
+        tokens/s against k=4's 1,518, and was not run again though fixed k=8 beat k=4 by 10 %. A
+        run of `max_outliers_in_a_row` is believed (the machine changed)."""
+        if self.step_cost.weight < 5 or self._outliers_in_a_row >= self.max_outliers_in_a_row:
+            self._outliers_in_a_row = 0
+            return False
+        expected = self.step_cost.predict(num_tokens)
+        if k:
+            expected += self.draft_overhead[drafter] * _overhead_units(drafter, k, num_sequences)
+        if seconds <= self.outlier_factor * expected:
+            self._outliers_in_a_row = 0
+            return False
+        self._outliers_in_a_row += 1
+        self.num_outliers += 1
+        return True
 
     def observe_request(self, drafter: str, request_id: str, num_drafts: int, num_accepted: int) -> None:
         self.acceptance[drafter].add(num_drafts, num_accepted)
@@ -216,9 +242,12 @@ class SpeculationPolicy:
         intercept, slope = self.step_cost.coefficients()
         return {
             "values": {
-                f"{bucket}|{_name(arm)}": [round(self._tokens_per_sequence(arm) / v.mean_seconds), v.samples]
+                f"{bucket}|{_name(arm)}": [
+                    round(self._tokens_per_sequence(arm) / v.seconds_per_sequence),
+                    v.samples,
+                ]
                 for (bucket, arm), v in sorted(self.values.items())
-                if v.mean_seconds > 0  # every sample, not only buckets with min_samples
+                if v.seconds_per_sequence > 0  # every sample, not only buckets with min_samples
             },
             "acceptance": {d: round(a.rate, 4) for d, a in self.acceptance.items()},
             "acceptance_by_position": {
@@ -227,6 +256,7 @@ class SpeculationPolicy:
             "hit_rate": {d: round(h, 4) for d, h in self.hit_rate.items()},
             "step_cost_ms": [round(intercept * 1e3, 4), round(slope * 1e3, 6)],
             "draft_overhead_ms": {d: round(o * 1e3, 4) for d, o in self.draft_overhead.items()},
+            "outlier_steps": self.num_outliers,
             "last_reason": self.last_reason,
         }
 
@@ -266,9 +296,9 @@ class SpeculationPolicy:
         """Tokens/s of the arm from this bucket's own steps (B tokens over B seconds per sequence), or
         None before it has `min_samples` there."""
         value = self.values.get((bucket, arm))
-        if value is None or value.samples < self.min_samples or value.mean_seconds <= 0:
+        if value is None or value.samples < self.min_samples or value.seconds_per_sequence <= 0:
             return None
-        return self._tokens_per_sequence(arm) / value.mean_seconds
+        return self._tokens_per_sequence(arm) / value.seconds_per_sequence
 
     def _known(self, bucket: int) -> dict[tuple[str, int], float]:
         """The arms measured in one bucket, tokens/s each: of this bucket and its two neighbours, the
@@ -421,7 +451,7 @@ class SpeculationPolicy:
         (bucket, arm), self._judge = self._judge, None
         self._burst_arm = None
         # the burst's own step time (old values decay slowly), with tokens from alpha
-        probed = self._tokens_per_sequence(arm) / max(self._burst.mean_seconds, 1e-12)
+        probed = self._tokens_per_sequence(arm) / max(self._burst.seconds_per_sequence, 1e-12)
         current = self._measured(bucket, self.current)
         check, self._check = self._check, False
         if not self._burst.steps or current is None or arm == self.current:

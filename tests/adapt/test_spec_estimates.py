@@ -4,6 +4,7 @@ import pytest
 
 from adaptserve.adapt.spec_estimates import (
     Acceptance,
+    ArmValue,
     OnlineLinearCost,
     bucket_of,
     draft_cut,
@@ -69,6 +70,17 @@ def test_positions_a_shorter_k_leaves_untested_drift_to_the_one_before():
     assert rates[3] > 0.95
     assert all(rate == pytest.approx(rates[3], abs=0.02) for rate in rates[4:])
     assert Acceptance(prior=0.3).rates(3) == pytest.approx([0.3, 0.3, 0.3])  # nothing measured
+
+
+def test_an_arms_value_is_the_median_of_its_recent_steps():
+    value = ArmValue()
+    assert value.seconds_per_sequence == 0.0
+    for seconds in (0.3, 0.002, 0.0021, 0.0019):  # a graph capture, then plain steps
+        value.add(seconds)
+    assert value.seconds_per_sequence == pytest.approx(0.00205)
+    for _ in range(ArmValue.WINDOW):
+        value.add(0.004)  # the machine got slower: the window follows
+    assert value.seconds_per_sequence == 0.004 and value.samples == 4 + ArmValue.WINDOW
 
 
 def test_buckets_are_quarter_octaves_and_neighbours_skip_empty_numbers():

@@ -15,7 +15,8 @@ def test_steady_speed_leaves_out_one_off_steps():
     """Steps past 10x the median (a kernel compiling, a graph capture) count apart."""
     step_ms = [5.0] * 98 + [3300.0, 60.0]
     speed = _steady_speed(1000, step_ms)
-    assert speed == {"steady_tokens_per_s": round(1000 / 0.49, 2), "outlier_steps": 2, "outlier_seconds": 3.36}
+    expected = {"steady_tokens_per_s": round(1000 / 0.49, 2), "outlier_steps": 2, "outlier_seconds": 3.36}
+    assert speed == expected
     assert _steady_speed(0, [])["outlier_steps"] == 0
 
 
