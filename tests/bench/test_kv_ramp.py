@@ -12,10 +12,11 @@ def test_arrivals_come_closer_together():
 
 
 def test_steady_speed_leaves_out_one_off_steps():
-    """Steps past 10x the median (a kernel compiling, a graph capture) count apart."""
+    """Steps past 50x the median (a kernel compiling, a graph capture) count apart; a prompt step at
+    12x the median (SmolLM2's on the H100) is a real step."""
     step_ms = [5.0] * 98 + [3300.0, 60.0]
     speed = _steady_speed(1000, step_ms)
-    expected = {"steady_tokens_per_s": round(1000 / 0.49, 2), "outlier_steps": 2, "outlier_seconds": 3.36}
+    expected = {"steady_tokens_per_s": round(1000 / 0.55, 2), "outlier_steps": 1, "outlier_seconds": 3.3}
     assert speed == expected
     assert _steady_speed(0, [])["outlier_steps"] == 0
 
