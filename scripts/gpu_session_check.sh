@@ -16,6 +16,11 @@ timeout 200 python3 -m pytest -q -p no:cacheprovider -m cuda tests/runner tests/
   tests/kernels/test_triton_kv_compressed.py tests/kernels/test_triton_norm.py \
   tests/kernels/test_triton_activation.py tests/kernels/test_triton_prefill.py > "$out/cuda-tests.log" 2>&1
 grep -a "passed\|failed\|FAILED\|Error\|^E  " "$out/cuda-tests.log" | tail -16
+# the compressed-KV kernel tests run on the GPU whole (most carry no cuda mark: they take the GPU when
+# there is one), e.g. the one-launch prompt chunks of 985c9ad
+timeout 90 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_triton_kv_compressed.py \
+  > "$out/kv-kernel-tests.log" 2>&1
+grep -a "passed\|failed\|FAILED\|Error\|^E  " "$out/kv-kernel-tests.log" | tail -8
 echo "== KV ramp (llama-3.1-8b preset)"
 timeout "${KV_RAMP_TIMEOUT:-240}" python3 -c "import sys; from adaptserve.cli import main; sys.exit(main())" \
   bench kv --model llama-3.1-8b --parts ramp --ramp-requests 96 --ramp-max-tokens 64 --ramp-blocks 128 \
