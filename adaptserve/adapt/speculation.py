@@ -1,10 +1,12 @@
 """Which drafter and how far to speculate, each step, from measured acceptance and measured step cost.
 
-Signal (the estimators are in `adapt/spec_estimates.py`): each drafter's acceptance by draft
-position (the chance draft j is accepted given the ones before it were), globally and per request,
-with exponential forgetting; each drafter's hit rate (share of requests it found a draft for:
-n-gram lookup can miss, a layer draft cannot); step time as a line in the step's tokens; and each
-(drafter, k) setting's step time per sequence, per quarter-octave batch-size bucket.
+Signal (the estimators are in `adapt/spec_estimates.py` and `adapt/spec_step_cost.py`): each
+drafter's acceptance by draft position (the chance draft j is accepted given the ones before it
+were), globally and per request, with exponential forgetting; each drafter's hit rate (share of
+requests it found a draft for: n-gram lookup can miss, a layer draft cannot); step time as a line in
+the step's tokens plus each drafter's overhead, with one-off steps (graph captures, compiles) left
+out; and each (drafter, k) setting's step time per sequence (the median of its recent steps), per
+quarter-octave batch-size bucket.
 
 Knob: the step's arm, (drafter, k) or off; Knobs.draft_len shows k. Each request's own k is at most
 the arm's k: its j-th draft is dropped when the chance of reaching and accepting it falls below
@@ -45,13 +47,13 @@ from __future__ import annotations
 from adaptserve.adapt.spec_estimates import (
     Acceptance,
     ArmValue,
-    OnlineLinearCost,
     bucket_of,
     draft_cut,
     draft_lengths,
     neighbourhood,
     tokens_per_sequence,
 )
+from adaptserve.adapt.spec_step_cost import SpecStepCost
 from adaptserve.adapt.switch_guard import SwitchGuard
 
 OFF = ("", 0)  # the arm that drafts nothing
@@ -83,10 +85,6 @@ class SpeculationPolicy:
         self.adaptive = adaptive
         self.arms = [OFF] + [(d, k) for d in drafters for k in draft_lengths(max_draft)]
         self.max_rows = max_rows  # a verify step's most rows (None: no limit); see the module doc
-        self.outlier_factor = outlier_factor  # see _is_outlier
-        self.max_outliers_in_a_row = max_outliers_in_a_row
-        self._outliers_in_a_row = 0
-        self.num_outliers = 0
         self._arms_now = self.arms  # the arms whose verify rows fit this step's batch
         self.probe_every = probe_every  # steps between probe bursts (~5 % of steps probe)
         self.min_samples = min_samples
@@ -102,11 +100,7 @@ class SpeculationPolicy:
         self.acceptance = {d: Acceptance(forget=0.99) for d in drafters}
         self.request_acceptance: dict[tuple[str, str], Acceptance] = {}
         self.hit_rate = dict.fromkeys(drafters, 1.0)
-        self.step_cost = OnlineLinearCost()  # every step, by its tokens (drafts included)
-        # what a drafter's steps cost beyond that line: per sequence for lookups (host work with the
-        # step drained), per drafted token for layer drafts (a partial pass each); exponentially
-        # weighted
-        self.draft_overhead = dict.fromkeys(drafters, 0.0)
+        self.cost = SpecStepCost(drafters, outlier_factor, max_outliers_in_a_row)  # what steps cost
         self.values: dict[tuple[int, tuple[str, int]], ArmValue] = {}
         self.last_reason = "start"
         self._step = 0
@@ -177,19 +171,8 @@ class SpeculationPolicy:
         if seconds <= 0 or num_sequences == 0:
             return
         drafter, k = arm
-        if self._is_outlier(drafter, k, num_sequences, num_tokens, seconds):
-            return
-        if k:
-            residual = seconds - self.step_cost.predict(num_tokens) if self.step_cost.has_data else 0.0
-            units = _overhead_units(drafter, k, num_sequences)
-            overhead = self.draft_overhead[drafter] + 0.2 * (residual / units - self.draft_overhead[drafter])
-            # never negative: a verify step cheaper than the line says the line overshoots at many
-            # rows (on a CPU a GEMM's rows get cheaper as they grow), not that drafting saves time;
-            # a negative overhead inflated every step the line learnt from (-44 ms per n-gram step)
-            self.draft_overhead[drafter] = max(0.0, overhead)
-            self.step_cost.add(num_tokens, seconds - self.draft_overhead[drafter] * units)
-        else:
-            self.step_cost.add(num_tokens, seconds)
+        if not self.cost.observe(drafter, k, num_sequences, num_tokens, seconds):
+            return  # a one-off step (SpecStepCost.is_outlier): not the arm's cost either
         # the first plain step after a verify step cannot hide its host work behind a step before
         # it: a pipeline refill, paid once per switch, that a three-step probe of off would count
         # as a third of its time
@@ -202,25 +185,6 @@ class SpeculationPolicy:
         value = self.values.setdefault((bucket_of(num_sequences), arm), ArmValue())
         value.add(seconds / num_sequences)
         value.last_step = self._step
-
-    def _is_outlier(self, drafter: str, k: int, num_sequences: int, num_tokens: int, seconds: float) -> bool:
-        """A step over `outlier_factor` times what the line (and the drafter's overhead) predicts is a
-        one-off, a graph captured or a kernel compiled on the step's first shape, not the arm's cost:
-        on the H100, k=8's three-step burst at batch 1 met its graph's capture, measured 1,209
-        tokens/s against k=4's 1,518, and was not run again though fixed k=8 beat k=4 by 10 %. A
-        run of `max_outliers_in_a_row` is believed (the machine changed)."""
-        if self.step_cost.weight < 5 or self._outliers_in_a_row >= self.max_outliers_in_a_row:
-            self._outliers_in_a_row = 0
-            return False
-        expected = self.step_cost.predict(num_tokens)
-        if k:
-            expected += self.draft_overhead[drafter] * _overhead_units(drafter, k, num_sequences)
-        if seconds <= self.outlier_factor * expected:
-            self._outliers_in_a_row = 0
-            return False
-        self._outliers_in_a_row += 1
-        self.num_outliers += 1
-        return True
 
     def observe_request(self, drafter: str, request_id: str, num_drafts: int, num_accepted: int) -> None:
         self.acceptance[drafter].add(num_drafts, num_accepted)
@@ -239,7 +203,7 @@ class SpeculationPolicy:
     def describe(self) -> dict:
         """The measured values, tokens/s and samples per "bucket|arm", the global acceptance and hit
         rates, the step-cost line and the last switch's reason (for benchmarks and debugging)."""
-        intercept, slope = self.step_cost.coefficients()
+        intercept, slope = self.cost.line.coefficients()
         return {
             "values": {
                 f"{bucket}|{_name(arm)}": [
@@ -255,8 +219,8 @@ class SpeculationPolicy:
             },
             "hit_rate": {d: round(h, 4) for d, h in self.hit_rate.items()},
             "step_cost_ms": [round(intercept * 1e3, 4), round(slope * 1e3, 6)],
-            "draft_overhead_ms": {d: round(o * 1e3, 4) for d, o in self.draft_overhead.items()},
-            "outlier_steps": self.num_outliers,
+            "draft_overhead_ms": {d: round(o * 1e3, 4) for d, o in self.cost.draft_overhead.items()},
+            "outlier_steps": self.cost.num_outliers,
             "last_reason": self.last_reason,
         }
 
@@ -271,15 +235,12 @@ class SpeculationPolicy:
     def predicted(self, arm: tuple[str, int], num_sequences: int) -> float | None:
         drafter, k = arm
         batch = num_sequences
-        if not self.step_cost.has_data:
+        if not self.cost.has_data:
             return None
         if not k:
-            return batch / max(self.step_cost.predict(batch), 1e-9)
+            return batch / max(self.cost.predict("", 0, batch, batch), 1e-9)
         tokens = batch * self._tokens_per_sequence(arm)
-        hit = self.hit_rate[drafter]
-        seconds = self.step_cost.predict(batch + hit * batch * k) + self.draft_overhead[
-            drafter
-        ] * _overhead_units(drafter, k, batch)
+        seconds = self.cost.predict(drafter, k, batch, batch + self.hit_rate[drafter] * batch * k)
         return tokens / max(seconds, 1e-9)
 
     def _measured(self, bucket: int, arm: tuple[str, int]) -> float | None:
@@ -434,11 +395,9 @@ class SpeculationPolicy:
     def _draft_threshold(self, num_sequences: int) -> float:
         """The acceptance chance a draft row must beat: a row's time (the cost line's slope) in the
         tokens a plain step makes in that time, within [min_draft_floor, min_draft_accept]."""
-        if not self.step_cost.has_data:
+        if not self.cost.has_data:
             return self.min_draft_accept
-        _, slope = self.step_cost.coefficients()
-        row_cost = slope * num_sequences / max(self.step_cost.predict(num_sequences), 1e-9)
-        return min(self.min_draft_accept, max(self.min_draft_floor, row_cost))
+        return min(self.min_draft_accept, max(self.min_draft_floor, self.cost.row_share(num_sequences)))
 
     def _wait(self, bucket: int, arm: tuple[str, int]) -> int:
         return self.backoff.get((bucket, arm), 1)
@@ -470,14 +429,6 @@ class SpeculationPolicy:
         if acceptance is None:
             acceptance = self.request_acceptance[key] = Acceptance(parent=self.acceptance[drafter])
         return acceptance
-
-
-def _overhead_units(drafter: str, k: int, num_sequences: int) -> int:
-    """Layer drafts and the draft model pay a pass per drafted token; a lookup's extra is per sequence
-    (its lookup, its acceptance, its rolled-back slots, all on the host with the step drained). As
-    one per step, the n-gram extra measured 0.06 ms at batch 1 and 0.53 ms at batch 8 on the H100,
-    and k=1 at batch 128 was predicted at 0.86 of off and probed in every bucket: it ran at 0.44."""
-    return k if drafter.startswith("layers") or drafter == "draft" else num_sequences
 
 
 def _name(arm: tuple[str, int]) -> str:

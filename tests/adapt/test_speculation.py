@@ -203,8 +203,8 @@ def test_draft_overhead_is_never_negative():
         policy.observe_step(OFF, tokens, tokens, 0.01 + 0.001 * tokens)
     for _ in range(20):
         policy.observe_step(("ngram", 4), 8, 40, 0.03)  # the line says 0.05
-    assert policy.draft_overhead["ngram"] == 0.0
-    assert 0.03 <= policy.step_cost.predict(40) < 0.04
+    assert policy.cost.draft_overhead["ngram"] == 0.0
+    assert 0.03 <= policy.cost.line.predict(40) < 0.04
 
 
 def test_a_re_probe_of_an_arm_that_stays_worse_is_one_step():
@@ -230,7 +230,7 @@ def test_lookup_overhead_is_per_sequence():
         policy.observe_step(OFF, 8, 8, line(8))
         policy.observe_step(OFF, 128, 128, line(128))
         policy.observe_step(("ngram", 1), 8, 16, line(16) + 8 * 60e-6)
-    assert policy.draft_overhead["ngram"] == pytest.approx(60e-6, rel=0.2)  # the line takes a little
+    assert policy.cost.draft_overhead["ngram"] == pytest.approx(60e-6, rel=0.2)  # the line takes a little
     for step in range(100):
         policy.observe_request("ngram", "r", 1, int(step % 3 > 0))  # the H100's 0.66 at position 1
     off, k1 = policy.predicted(OFF, 128), policy.predicted(("ngram", 1), 128)
