@@ -295,31 +295,37 @@ def test_cuda_real_shapes_and_graph_replay():
     assert (out.float() - expected).abs().max().item() <= MAX_ABS_ERROR[torch.bfloat16]
 
 
+@pytest.mark.parametrize("num_decodes", [0, 2], ids=["prompts", "with-decodes"])
 @pytest.mark.parametrize("native_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_prefills_in_one_launch_match_the_reference_loop(native_dtype):
+def test_prefills_in_one_launch_match_the_reference_loop(native_dtype, num_decodes):
     """CompressedKVAttention with the Triton path runs a step's prompt chunks in one paged-prefill
     launch (fresh prompts on their exact K/V, a chunk after cached tokens on its dequantized
-    context); the torch reference loops over them. Same outputs, in every format of the arena."""
+    context); the torch reference loops over them. Same outputs, in every format of the arena, also
+    behind a mixed step's decode rows (which come first and shift the prompts' table rows)."""
     from adaptserve.kernels.attention.compressed import CompressedKVAttention
     from adaptserve.kernels.attention.metadata import AttentionMetadata, PrefillSequence
 
     layout = KVLayout(BLOCK_SIZE, 2, 32, native_dtype, int4_group_size=16)
     chunk_formats = ["bf16", "int4", "int4k", "fp8", "int8", "int4", "fp8", "int4k", "int8", "bf16"]
-    lens, query_lens = [20, 37, 5, 50], [20, 10, 5, 1]  # fresh, chunk after 27, fresh, 1 after 49
+    # decodes, then: fresh, chunk after 27, fresh, 1 after 49
+    lens = [33, 12][:num_decodes] + [20, 37, 5, 50]
+    query_lens = [1] * num_decodes + [20, 10, 5, 1]
     arena, _, block_table, context_lens = _decode_inputs(layout, chunk_formats, lens, 2, seed=7)
     g = torch.Generator().manual_seed(8)
     num_tokens = sum(query_lens)
     q = torch.randn(num_tokens, 4, 32, generator=g).to(DEVICE, native_dtype)  # [T, H, D]
     k, v = (torch.randn(num_tokens, 2, 32, generator=g).to(DEVICE, native_dtype) for _ in range(2))
     starts = [sum(query_lens[:i]) for i in range(len(lens))]
+    prompts = zip(starts[num_decodes:], query_lens[num_decodes:], lens[num_decodes:], strict=True)
     meta = AttentionMetadata(
         slot_mapping=torch.full((num_tokens,), -1, device=DEVICE),
-        num_decode_tokens=0,
-        prefills=[PrefillSequence(s, n, c) for s, n, c in zip(starts, query_lens, lens, strict=True)],
+        num_decode_tokens=num_decodes,
+        prefills=[PrefillSequence(s, n, c) for s, n, c in prompts],
         block_table=block_table,
         context_lens=context_lens,
         query_start_loc=torch.tensor([*starts, num_tokens], dtype=torch.int32, device=DEVICE),
         max_query_len=max(query_lens),
+        max_context_len=max(lens),
     )
     scale = 32**-0.5
     outputs = []
@@ -328,5 +334,7 @@ def test_prefills_in_one_launch_match_the_reference_loop(native_dtype):
         outputs.append(attention.attend(q, k, v, arena, None, meta, scale).float())
     reference, launched = outputs
     assert not launched.isnan().any(), "NaN: a read past a context"
-    error = (launched - reference).abs().max().item()
+    # the prompt rows; the reference's decode rows read the 0xFF (NaN) bytes past their contexts
+    # under the mask (test_decode_matches_reference covers the decode kernel)
+    error = (launched[num_decodes:] - reference[num_decodes:]).abs().max().item()
     assert error <= MAX_ABS_ERROR[native_dtype], f"max abs error {error:.3g}"
