@@ -154,6 +154,7 @@ def _run_setting(checkpoint, options, num_blocks, prompts, params, arrivals, ref
         for t in range(step)
     ]
     replies = [tokens.get(str(i), []) for i in range(len(prompts))]
+    generated = sum(len(t) for t in replies)
     token_steps = [token_steps.get(str(i), []) for i in range(len(prompts))]
     ttft = [first_step[str(i)] - arrivals[i] for i in range(len(prompts)) if str(i) in first_step]
     tpot = [(done[r] - first_step[r]) / max(1, len(tokens[r]) - 1) for r in done]
@@ -162,9 +163,9 @@ def _run_setting(checkpoint, options, num_blocks, prompts, params, arrivals, ref
         "steps": step,
         "finished": len(done),
         "lost": len(prompts) - len(done),
-        "generated_tokens": sum(len(t) for t in replies),
-        "tokens_per_s": round(sum(len(t) for t in replies) / seconds, 2),
-        **_steady_speed(sum(len(t) for t in replies), step_ms),
+        "generated_tokens": generated,
+        "tokens_per_s": round(generated / seconds, 2),
+        **_steady_speed(generated, step_ms),
         "preemptions": sum(s.num_preemptions for s in steps),
         "recomputed_prompt_tokens": max(0, sum(s.num_prefill_tokens for s in steps) - sum(map(len, prompts))),
         "peak_running": max(s.num_running for s in steps),

@@ -57,7 +57,9 @@ class KVArena:
         self.layout = layout
         self.chunk_bytes = chunk_bytes
         self.max_blocks_per_chunk = max_blocks_per_chunk
-        self.chunk_formats = chunk_formats  # [C] int8, shared by every layer
+        # [C'] int8, shared by every layer; an arena over several layers' memory (C = n C') reads it
+        # for each layer's chunks in turn (see _locate)
+        self.chunk_formats = chunk_formats
         if memory is None:
             memory = torch.zeros(num_chunks, chunk_bytes, dtype=torch.uint8, device=device)
         if tuple(memory.shape) != (num_chunks, chunk_bytes) or not memory.is_contiguous():
@@ -97,7 +99,8 @@ class KVArena:
         """block ids [N] -> (chunk [N], index in chunk [N], format code [N])."""
         block_ids = block_ids.long()
         chunks = block_ids // self.max_blocks_per_chunk
-        return chunks, block_ids % self.max_blocks_per_chunk, self.chunk_formats[chunks].long()
+        codes = self.chunk_formats[chunks % self.chunk_formats.shape[0]].long()  # the chunk's layer's
+        return chunks, block_ids % self.max_blocks_per_chunk, codes
 
     def format_groups(self, block_ids: torch.Tensor) -> list[FormatGroup]:
         """Block ids [N] grouped by their chunk's format: (format name, rows [n] into block_ids,

@@ -65,7 +65,7 @@ class CompressedKVCache:
     """Every layer's arena over one chunk-format table. The layers' bytes are slices of one tensor, so
     that block moves run once over all layers (`all_layers`: one arena whose chunks are every
     layer's, layer by layer) instead of once per layer: a move step of the 8B preset launched its
-    read and requantization kernels 32 times (15 ms of host time per move step on the H100)."""
+    read and requantization kernels 32 times (15 ms per move step in a cProfile of the H100 ramp)."""
 
     def __init__(self, geometry: KVGeometry, num_layers: int, device: torch.device):
         self.geometry = geometry
@@ -86,11 +86,11 @@ class CompressedKVCache:
             )  # fmt: skip
             for layer in range(num_layers)
         ]
-        # layer l's block b is block l * layer_stride + b here; its format table is the layers' one,
-        # repeated (refreshed before each use)
+        # layer l's block b is block l * num_chunks * max_blocks_per_chunk + b here, under the same
+        # format table (KVArena._locate reads it per layer)
         self.all_layers = KVArena(
-            g.layout, num_layers * num_chunks, g.chunk_bytes, g.max_blocks_per_chunk,
-            formats.repeat(num_layers), device, memory=memory,
+            g.layout, num_layers * num_chunks, g.chunk_bytes, g.max_blocks_per_chunk, formats, device,
+            memory=memory,
         )  # fmt: skip
         self._layer_offsets = torch.arange(num_layers, device=device) * num_chunks * g.max_blocks_per_chunk
         self.num_requantized_blocks = 0
@@ -107,7 +107,6 @@ class CompressedKVCache:
         device = self.chunk_formats.device
         if migrations:
             src = self._every_layer([s for s, _ in migrations])  # [L * M]
-            self.all_layers.chunk_formats = self.chunk_formats.repeat(len(self.arenas))
             dtype = self.geometry.layout.native_dtype
             k, v = self.all_layers.read_blocks(src, dtype)  # [L * M, bs, H, D] each
         if chunk_formats:
@@ -115,11 +114,11 @@ class CompressedKVCache:
             codes = torch.tensor([FORMAT_CODES[f] for _, f in chunk_formats], dtype=torch.int8, device=device)
             self.chunk_formats[chunks] = codes
         if migrations:
-            self.all_layers.chunk_formats = self.chunk_formats.repeat(len(self.arenas))
             dst = self._every_layer([d for _, d in migrations])  # [L * M]
             # whole blocks (int4k keys take per-channel scales), a few layers at a time: quantizing
             # holds float32 copies of what it writes
-            step = len(migrations) * max(1, MOVE_ELEMENTS // max(1, k[: len(migrations)].numel()))
+            layer_elements = len(migrations) * k[0].numel()  # one layer's moved K
+            step = len(migrations) * max(1, MOVE_ELEMENTS // layer_elements)  # rows per pass
             for start in range(0, dst.shape[0], step):
                 rows = slice(start, start + step)
                 self.all_layers.write_blocks(dst[rows], k[rows], v[rows])

@@ -144,23 +144,21 @@ class CompressedKVAttention:
             out[:num_decode] = self._decode(q[:num_decode], arena, meta, scale)
         if self.use_triton and meta.prefills:
             self._prefills_at_once(q, k, v, arena, meta, scale, out)
-            if self.monitor is not None and self.monitor.wants(layer):
-                for seq in meta.prefills:
-                    if seq.context_len == seq.query_len:
-                        rows = slice(seq.query_start, seq.query_start + seq.query_len)
-                        self.monitor.measure(q[rows], k[rows], v[rows], scale, arena.layout)
-            return out
-        for index, seq in enumerate(meta.prefills, start=num_decode):
-            rows = slice(seq.query_start, seq.query_start + seq.query_len)
-            if seq.context_len == seq.query_len:  # a fresh prompt: its own exact K/V
-                out[rows] = _attention(q[rows], k[rows], v[rows], scale)
-                if self.monitor is not None and self.monitor.wants(layer):
+        else:
+            for index, seq in enumerate(meta.prefills, start=num_decode):
+                rows = slice(seq.query_start, seq.query_start + seq.query_len)
+                if seq.context_len == seq.query_len:  # a fresh prompt: its own exact K/V
+                    out[rows] = _attention(q[rows], k[rows], v[rows], scale)
+                    continue
+                slots = seq.context_slots
+                if slots is None:
+                    slots = _context_slots(meta.block_table[index], seq.context_len, arena.layout.block_size)
+                out[rows] = self._prefill(q[rows], arena, slots, seq, scale)
+        if self.monitor is not None and self.monitor.wants(layer):
+            for seq in meta.prefills:
+                if seq.context_len == seq.query_len:  # fresh prompts: their exact K/V are at hand
+                    rows = slice(seq.query_start, seq.query_start + seq.query_len)
                     self.monitor.measure(q[rows], k[rows], v[rows], scale, arena.layout)
-                continue
-            slots = seq.context_slots
-            if slots is None:
-                slots = _context_slots(meta.block_table[index], seq.context_len, arena.layout.block_size)
-            out[rows] = self._prefill(q[rows], arena, slots, seq, scale)
         return out
 
     def _decode(self, q, arena: KVArena, meta: AttentionMetadata, scale: float) -> torch.Tensor:
@@ -207,8 +205,8 @@ class CompressedKVAttention:
             )  # [NB, bs, KVH, D]
             keys.append(context_k.flatten(0, 1))
             values.append(context_v.flatten(0, 1))
-        pages_k = torch.cat([x.to(q.dtype) for x in keys]).unsqueeze(1)  # [N, 1, KVH, D]
-        pages_v = torch.cat([x.to(q.dtype) for x in values]).unsqueeze(1)  # [N, 1, KVH, D]
+        pages_k = torch.cat(keys).unsqueeze(1)  # [N, 1, KVH, D]
+        pages_v = torch.cat(values).unsqueeze(1)  # [N, 1, KVH, D]
         first = meta.num_decode_tokens
         paged_prefill_attention(
             q, pages_k, pages_v, plan.table, meta.query_start_loc[first:], meta.context_lens[first:], scale,
