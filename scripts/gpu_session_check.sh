@@ -13,8 +13,7 @@ export PYTHONPATH=. PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader
 echo "== CUDA tests"
 timeout 200 python3 -m pytest -q -p no:cacheprovider -m cuda tests/runner tests/spec \
-  tests/kernels/test_triton_kv_compressed.py tests/kernels/test_triton_norm.py \
-  tests/kernels/test_triton_activation.py tests/kernels/test_triton_prefill.py > "$out/cuda-tests.log" 2>&1
+  tests/kernels/test_triton_norm.py tests/kernels/test_triton_activation.py tests/kernels/test_triton_prefill.py > "$out/cuda-tests.log" 2>&1
 grep -a "passed\|failed\|FAILED\|Error\|^E  " "$out/cuda-tests.log" | tail -16
 # the compressed-KV kernel tests run on the GPU whole (most carry no cuda mark: they take the GPU when
 # there is one), e.g. the one-launch prompt chunks of 985c9ad
@@ -22,15 +21,14 @@ timeout 90 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_triton_kv
   > "$out/kv-kernel-tests.log" 2>&1
 grep -a "passed\|failed\|FAILED\|Error\|^E  " "$out/kv-kernel-tests.log" | tail -8
 echo "== KV ramp (llama-3.1-8b preset)"
+ramp="bench kv --model llama-3.1-8b --parts ramp --ramp-requests 96 --ramp-max-tokens 64 --ramp-blocks 128"
 timeout "${KV_RAMP_TIMEOUT:-240}" python3 -c "import sys; from adaptserve.cli import main; sys.exit(main())" \
-  bench kv --model llama-3.1-8b --parts ramp --ramp-requests 96 --ramp-max-tokens 64 --ramp-blocks 128 \
-  --ramp-settings "${RAMP_SETTINGS:-bf16,adaptive-hot0,adaptive}" --result-dir "$out" > "$out/ramp.log" 2>&1
+  $ramp --ramp-settings "${RAMP_SETTINGS:-bf16,adaptive-hot0,adaptive}" --result-dir "$out" > "$out/ramp.log" 2>&1
 echo "ramp rc $?"
 grep -a -v "it/s\]\|Assertion" "$out/ramp.log" | grep -a "^ramp\|wrote\|Error\|terminate" | head -8
 if [ -n "${RAMP_PROFILE:-}" ]; then  # RAMP_PROFILE=adaptive: that setting's ramp under cProfile
   echo "== cProfile of the $RAMP_PROFILE ramp"
-  timeout 200 python3 -m cProfile -o "$out/ramp.prof" -m adaptserve.cli bench kv --model llama-3.1-8b \
-    --parts ramp --ramp-requests 96 --ramp-max-tokens 64 --ramp-blocks 128 --ramp-settings "$RAMP_PROFILE" \
+  timeout 200 python3 -m cProfile -o "$out/ramp.prof" -m adaptserve.cli $ramp --ramp-settings "$RAMP_PROFILE" \
     --result-dir "$out/ramp-profile" > "$out/ramp-profile.log" 2>&1
   python3 -c "import pstats, sys; s = pstats.Stats(sys.argv[1]); s.sort_stats('tottime').print_stats(30); \
 s.sort_stats('cumtime').print_stats(45)" "$out/ramp.prof" 2>&1 | grep -a "^ \+[0-9]" | cut -c1-150
