@@ -3,6 +3,7 @@
 # then decode step time of the llama-3.1-8b preset at batch 1 and 32 in each weight precision.
 # Logs and JSON land in $OUT (or docs/benchmarks); decode plots are dropped (`adaptserve bench plot`
 # redraws them). Usage: bash scripts/precision_gpu.sh [tests] [gemv] [decode] [adaptive]
+# (GEMV_ROWS=1,32,64 sets the GEMV's row counts, DECODE_PRECISIONS="native int4" the decode runs)
 set -uo pipefail
 out="${OUT:-docs/benchmarks}"
 export PYTHONPATH=. PYTHONUNBUFFERED=1
@@ -17,11 +18,12 @@ steps=("$@"); [ ${#steps[@]} -gt 0 ] || steps=(tests gemv decode)
 for step in "${steps[@]}"; do
   case "$step" in
     tests) timeout 100 python3 -m pytest -q -x -p no:cacheprovider -m cuda tests/kernels/test_triton_quant_gemv.py \
-             tests/kernels/test_quant_fp8.py tests/kernels/test_quant_int4.py > "$out/tests.log" 2>&1
+             tests/kernels/test_quant_fp8.py tests/kernels/test_quant_int4.py \
+             tests/kernels/test_quant_int4_tinygemm.py > "$out/tests.log" 2>&1
            tail -5 "$out/tests.log" ;;
-    gemv) timeout 120 python3 scripts/quant_gemv_bench.py --rows 1,32 --out "$out/quant_gemv.json" > "$out/gemv.log" 2>&1
+    gemv) timeout 120 python3 scripts/quant_gemv_bench.py --rows "${GEMV_ROWS:-1,32}" --out "$out/quant_gemv.json" > "$out/gemv.log" 2>&1
           grep -v SKIP "$out/gemv.log" | tail -40 ;;
-    decode) for precision in native fp8 int4; do decode "$precision" 85; done ;;
+    decode) for precision in ${DECODE_PRECISIONS:-native fp8 int4}; do decode "$precision" 85; done ;;
     adaptive) decode adaptive 85 ;;
     *) echo "unknown step $step" ;;
   esac

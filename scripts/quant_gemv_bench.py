@@ -6,7 +6,8 @@ Per projection (K -> N) and row count M it times:
 - fp8 weight-only: `fp8_gemv`, every config that suits M;
 - int4, group sizes 128 and 64: `int4_dequant_linear` (the old path: dequantize all, then cuBLAS) and
   `int4_gemv`, every config that suits M: the byte kernel and the folded one (config "folded",
-  triton_int4_gemv.py).
+  triton_int4_gemv.py); and PyTorch's tinygemm (`tinygemm_linear`, kernels/quant/int4_tinygemm.py)
+  on the same codes in its own layout.
 
 Each implementation is first checked against a float32 product (TF32 off) with its own numbers: the
 dequantized weight, or for W8A8 the emulation from the same float8 activations; every record also
@@ -35,7 +36,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -59,6 +60,7 @@ from adaptserve.kernels.quant.int4 import (
     int4_dequant_linear,
     quantize_int4_weight,
 )
+from adaptserve.kernels.quant.int4_tinygemm import TinygemmInt4, tinygemm_linear
 from adaptserve.kernels.quant_gemv_configs import CONFIGS, configs_for, pick_config
 from adaptserve.kernels.triton_quant_gemv import fp8_gemv, int4_gemv
 
@@ -94,9 +96,13 @@ class Impl:
     scaled_mm: bool | None = None  # W8A8 only: whether torch._scaled_mm ran (else the emulation)
 
 
-def nbytes(weight) -> int:
+def nbytes(weight, kind: str = "") -> int:
+    """Bytes a call reads of the weight: an int4 weight's own codes, scales and zeros, or only its
+    tinygemm copy (kind int4_tinygemm)."""
     if isinstance(weight, torch.Tensor):
         return weight.numel() * weight.element_size()
+    if isinstance(weight, Int4Weight) and weight.tinygemm is not None:
+        return weight.tinygemm.nbytes if kind == "int4_tinygemm" else weight.nbytes - weight.tinygemm.nbytes
     return weight.nbytes
 
 
@@ -120,7 +126,9 @@ class ShapeWeights:
         fp8 = quantize_fp8_weight(w)
         int4 = {g: quantize_int4_weight(w, g, refine_steps=0) for g in GROUP_SIZES}
         clone_fp8 = lambda q: Fp8Weight(q.weight.clone(), q.scale.clone())
-        clone_int4 = lambda q: Int4Weight(q.packed.clone(), q.scales.clone(), q.zeros.clone(), q.group_size)
+        clone_int4 = lambda q: Int4Weight(
+            q.packed.clone(), q.scales.clone(), q.zeros.clone(), q.group_size, _clone_tinygemm(q.tinygemm)
+        )
         return cls(
             bf16=copies(w, torch.clone),
             fp8=copies(fp8, clone_fp8),
@@ -150,12 +158,25 @@ class ShapeWeights:
             impls.append(
                 Impl(f"{name} dequant", "int4_dequant", fn, weights, exact, exact, None, group_size, False)
             )
+            if weights[0].tinygemm is not None:  # PyTorch's tinygemm (kernels/quant/int4_tinygemm.py)
+                fn = lambda x, q: tinygemm_linear(x, q.tinygemm)
+                impls.append(
+                    Impl(f"{name} tinygemm", "int4_tinygemm", fn, weights, exact, exact, None, group_size)
+                )
             for config in configs_for("int4", num_rows):
                 fn = partial(int4_gemv, config=config)
                 impls.append(
                     Impl(f"{name} {_name(config)}", "int4", fn, weights, exact, exact, config, group_size)
                 )
         return impls
+
+
+def _clone_tinygemm(t: TinygemmInt4 | None) -> TinygemmInt4 | None:
+    return (
+        None
+        if t is None
+        else replace(t, packed=t.packed.clone(), scales_and_zeros=t.scales_and_zeros.clone())
+    )
 
 
 def _name(config: dict) -> str:
@@ -231,7 +252,7 @@ def bench_shape(name: str, in_features: int, out_features: int, rows: tuple[int,
             if impl.scaled_mm is not None:
                 record["scaled_mm"] = impl.scaled_mm
             record["picked"] = impl.config is not None and impl.config == picked[impl.kind]
-            record["bytes"] = nbytes(impl.weights[0]) + x.numel() * x.element_size()
+            record["bytes"] = nbytes(impl.weights[0], impl.kind) + x.numel() * x.element_size()
             measure(impl, x, record)
             records.append(record)
     del weights
@@ -247,7 +268,11 @@ def _best(group: list[dict], kind: str, group_size: int | None = None) -> dict |
 def print_tables(records: list[dict]) -> None:
     columns = [("bf16", "bf16", None), ("fp8 w8a8", "fp8_w8a8", None), ("fp8", "fp8", None)]
     for g in GROUP_SIZES:
-        columns += [(f"i4g{g} deq", "int4_dequant", g), (f"i4g{g}", "int4", g)]
+        columns += [
+            (f"i4g{g} deq", "int4_dequant", g),
+            (f"i4g{g}", "int4", g),
+            (f"i4g{g} tg", "int4_tinygemm", g),
+        ]
     print("\nµs per call (best config of each kernel; x = speed-up over bf16; - not run or failed)")
     print(f"{'shape':>8} {'M':>3}" + "".join(f"{title:>16}" for title, _, _ in columns))
     best_configs = []
@@ -280,6 +305,7 @@ def print_summary(records: list[dict]) -> None:
         "fp8": lambda r: r["kind"] == "fp8",
         "int4": lambda r: r["kind"] == "int4" and r["group_size"] == 128 and not r["config"].get("folded"),
         "int4 folded": lambda r: r["kind"] == "int4" and r["group_size"] == 128 and r["config"].get("folded"),
+        "int4 tinygemm": lambda r: r["kind"] == "int4_tinygemm" and r["group_size"] == 128,
     }
     print("\nsummary: µs (GB/s, speed-up over bf16) and config of the best run of each kernel")
     for (shape, num_rows), group in _groups(records):
@@ -291,7 +317,7 @@ def print_summary(records: list[dict]) -> None:
                 line += f" | {title} -"
                 continue
             ratio = f" {bf16['us'] / best['us']:.2f}x" if bf16 else ""
-            config = _name(best["config"]).removesuffix(" folded")
+            config = _name(best["config"]).removesuffix(" folded") if best["config"] else ""
             line += f" | {title} {best['us']:.1f} ({best['gbps']:.0f}{ratio}) {config}"
         print(line)
 

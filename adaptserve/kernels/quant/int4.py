@@ -22,9 +22,13 @@ squared error by 10-14% (group sizes 32-128). Caveat of bfloat16 storage: a grou
 a large zero point, which bfloat16 rounds coarsely; LLM weight groups straddle zero, where
 |zero| <= 15 rounds by at most 1/32 of a step.
 
-`int4_linear` on CUDA with at most TRITON_GEMV_MAX_ROWS rows, as in decode, runs the fused W4A16
-Triton kernel `int4_gemv` (triton_quant_gemv.py), which reads the packed codes and dequantizes them in
-registers. Everywhere else it multiplies with the whole dequantized weight (`int4_dequant_linear`).
+`int4_linear` picks, in order:
+- bfloat16 activations with at most TINYGEMM_MAX_ROWS rows and a weight that carries a tinygemm copy
+  (quantized from bfloat16 weights in a shape tinygemm takes): PyTorch's tinygemm kernel
+  (int4_tinygemm.py), on CUDA and on the CPU;
+- on CUDA with at most TRITON_GEMV_MAX_ROWS rows, as in decode: the fused W4A16 Triton kernel
+  `int4_gemv` (triton_quant_gemv.py), which reads the packed codes and dequantizes them in registers;
+- else the whole dequantized weight (`int4_dequant_linear`).
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from adaptserve.kernels.quant import int4_tinygemm
+from adaptserve.kernels.quant.int4_tinygemm import TinygemmInt4, pack_tinygemm, tinygemm_linear
 from adaptserve.kernels.quant.small_batch import takes_triton_gemv
 
 INT4_MAX = 15
@@ -51,6 +57,7 @@ class Int4Weight:
     scales: torch.Tensor  # [N, K // group_size] in the weight's dtype
     zeros: torch.Tensor  # [N, K // group_size] same dtype; w ≈ (q - zero) * scale
     group_size: int
+    tinygemm: TinygemmInt4 | None = None  # the same codes in tinygemm's layout (bfloat16 weights only)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -58,7 +65,8 @@ class Int4Weight:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales, self.zeros))
+        own = sum(t.numel() * t.element_size() for t in (self.packed, self.scales, self.zeros))
+        return own + (self.tinygemm.nbytes if self.tinygemm is not None else 0)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -93,6 +101,12 @@ def int4_linear(x: torch.Tensor, q: Int4Weight, bias: torch.Tensor | None = None
     """
     lead_shape, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)  # [M, K]
+    if (
+        q.tinygemm is not None
+        and x.dtype == torch.bfloat16
+        and 1 <= x2.shape[0] <= int4_tinygemm.TINYGEMM_MAX_ROWS
+    ):
+        return tinygemm_linear(x2, q.tinygemm, bias).reshape(*lead_shape, q.shape[0])
     if not _can_use_triton_gemv(x2, q):
         return int4_dequant_linear(x, q, bias)
     from adaptserve.kernels.triton_quant_gemv import int4_gemv
@@ -130,12 +144,11 @@ def quantize_int4_weight(w: torch.Tensor, group_size: int = 128, refine_steps: i
         codes.append(block_codes.to(torch.uint8).view(-1, k))  # [R, K]
         scales.append(block_scales.view(-1, num_groups))  # [R, G]
         zeros.append(block_zeros.view(-1, num_groups))  # [R, G]
-    return Int4Weight(
-        packed=pack_int4(torch.cat(codes)),  # [N, K // 2]
-        scales=torch.cat(scales).to(w.dtype),  # [N, G]
-        zeros=torch.cat(zeros).to(w.dtype),  # [N, G]
-        group_size=group_size,
-    )
+    packed = pack_int4(torch.cat(codes))  # [N, K // 2]
+    scales, zeros = torch.cat(scales).to(w.dtype), torch.cat(zeros).to(w.dtype)  # [N, G] each
+    # bfloat16 weights run with bfloat16 activations, the only ones tinygemm takes
+    tinygemm = pack_tinygemm(packed, scales, zeros, group_size) if w.dtype == torch.bfloat16 else None
+    return Int4Weight(packed=packed, scales=scales, zeros=zeros, group_size=group_size, tinygemm=tinygemm)
 
 
 def _quantize_groups(
