@@ -228,7 +228,8 @@ class ModelRunner:
     @torch.inference_mode()
     def launch(self, scheduler_output: SchedulerOutput) -> LaunchedStep:
         """Run one step on the device and start copying its sampled tokens to the host; nothing here
-        waits on the device unless a row asks for logprobs or the precision policy is adaptive."""
+        waits on the device unless a row asks for logprobs (the adaptive precision policy reads its
+        confidence once the copy lands: runner/precision.py)."""
         for request_id in scheduler_output.finished_request_ids:
             self._generators.pop(request_id, None)
         if self.draft_model_drafter is not None:  # their draft KV is gone or will be overwritten
