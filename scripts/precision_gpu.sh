@@ -19,7 +19,7 @@ for step in "${steps[@]}"; do
   case "$step" in
     tests) timeout 100 python3 -m pytest -q -x -p no:cacheprovider -m cuda tests/kernels/test_triton_quant_gemv.py \
              tests/kernels/test_quant_fp8.py tests/kernels/test_quant_int4.py \
-             tests/kernels/test_quant_int4_tinygemm.py > "$out/tests.log" 2>&1
+             tests/kernels/test_quant_int4_tinygemm.py tests/runner/test_step_precision.py > "$out/tests.log" 2>&1
            tail -5 "$out/tests.log" ;;
     gemv) timeout 120 python3 scripts/quant_gemv_bench.py --rows "${GEMV_ROWS:-1,32}" --out "$out/quant_gemv.json" > "$out/gemv.log" 2>&1
           grep -v SKIP "$out/gemv.log" | tail -40 ;;
