@@ -34,6 +34,11 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--weight-formats", default="", help="extra weight formats to hold, e.g. fp8,int4 (memory permitting)"
     )
+    parser.add_argument(
+        "--quantize-lm-head",
+        action="store_true",
+        help="hold the LM head in the extra weight formats too (default: it stays native)",
+    )
     add_kernel_args(parser)
     add_control_args(parser)
     add_spec_args(parser)

@@ -77,4 +77,5 @@ def precision_options(args: argparse.Namespace) -> dict:
     return {
         "precision_policy": getattr(args, "precision_policy", "native"),
         "weight_formats": tuple(f for f in (getattr(args, "weight_formats", "") or "").split(",") if f),
+        "quantize_lm_head": getattr(args, "quantize_lm_head", False),
     }

@@ -13,10 +13,9 @@ from torch import nn
 from adaptserve.kernels.activation import silu_and_mul
 from adaptserve.kernels.attention.backend import AttentionBackend
 from adaptserve.kernels.attention.metadata import AttentionMetadata
-from adaptserve.kernels.linear import linear
 from adaptserve.kernels.norm import rms_norm
 from adaptserve.model.config import ModelArchConfig
-from adaptserve.model.projection import NATIVE, Projection
+from adaptserve.model.projection import NATIVE, Projection, linear_in_format, quantized_copy
 from adaptserve.model.rope import RopeContext, RotaryEmbedding
 
 KVCache = tuple[torch.Tensor, torch.Tensor]  # ([blocks, block_size, KVH, D], same) for one layer
@@ -112,6 +111,7 @@ class LlamaForCausalLM(nn.Module):
             None if arch.tie_word_embeddings else nn.Linear(arch.hidden_size, arch.vocab_size, bias=False)
         )
         self.rotary = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_theta, arch.rope_scaling)
+        self.head_formats: dict = {}  # the LM head's weight in other formats (quantize_head), if asked
 
     def forward(
         self,
@@ -166,10 +166,16 @@ class LlamaForCausalLM(nn.Module):
             arch.head_dim, max_positions, arch.rope_theta, arch.rope_scaling, device
         )
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [N, hidden] -> float32 logits [N, vocab]."""
+    def compute_logits(self, hidden: torch.Tensor, precision: str = NATIVE) -> torch.Tensor:
+        """hidden: [N, hidden] -> float32 logits [N, vocab], with the head in `precision` if held."""
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return linear(hidden, weight).float()
+        return linear_in_format(hidden, weight, self.head_formats.get(precision)).float()
+
+    def quantize_head(self, formats: tuple[str, ...], int4_group_size: int = 128) -> dict:
+        """Hold the LM head (the embedding, when tied) in `formats` too; returns the copies."""
+        weight = (self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight).detach()
+        self.head_formats = {name: quantized_copy(weight, name, int4_group_size) for name in formats}
+        return self.head_formats
 
     # ---- weights -------------------------------------------------------------------------------------
 

@@ -69,7 +69,9 @@ class ModelRunner:
             self.model = build_model(checkpoint, max_model_len, self.device, self.dtype, config.model.seed)
             formats = config.precision.formats_needed()
             # bytes held per weight format over the projections (the extra formats cost memory)
-            self.format_bytes = quantize_model(self.model, formats, config.precision.int4_group_size)
+            self.format_bytes = quantize_model(
+                self.model, formats, config.precision.int4_group_size, config.precision.quantize_lm_head
+            )
         self.precision = StepPrecision(config.precision, formats)
         self.registry, self.attention = self._build_attention(config.kernels)
         with self._phase("draft_model"):  # before the KV cache is sized: the draft's weights take memory
@@ -377,7 +379,8 @@ class ModelRunner:
 
         def logits_in(step_precision: str) -> torch.Tensor:
             hidden = self.graphs.run(batch, step_precision, pending, capture)  # [N, H]
-            return self.model.compute_logits(hidden if every_row else hidden[sample_rows])  # [N, V]
+            rows = hidden if every_row else hidden[sample_rows]  # [N, H]
+            return self.model.compute_logits(rows, step_precision)  # [N, V]
 
         return logits_in
 
@@ -393,7 +396,7 @@ class ModelRunner:
                 self.attention,
                 step_precision,
             )  # [T, H]
-            return self.model.compute_logits(hidden[inputs.sample_rows])  # [N, V] float32
+            return self.model.compute_logits(hidden[inputs.sample_rows], step_precision)  # [N, V] float32
 
         return logits_in
 

@@ -53,3 +53,30 @@ def test_quantize_model_covers_every_projection_but_not_the_head():
     assert len(projections) == 4 * model.arch.num_layers
     assert all("int4" in p.formats for p in projections)
     assert totals["int4"] < totals[NATIVE] / 5
+    assert model.head_formats == {}
+    hidden = torch.randn(3, model.arch.hidden_size)
+    assert torch.equal(model.compute_logits(hidden, "int4"), model.compute_logits(hidden))
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int4"])
+def test_quantized_lm_head_runs_in_the_steps_precision(fmt):
+    from adaptserve.model.config import get_preset
+    from adaptserve.model.llama import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(get_preset("tiny"), 64)
+    with torch.no_grad():
+        model.embed_tokens.weight.normal_(0, 0.05)
+    plain = quantize_model(model, (fmt,), 32)
+    hidden = torch.randn(3, model.arch.hidden_size)
+    native = model.compute_logits(hidden)
+    totals = quantize_model(LlamaForCausalLM(get_preset("tiny"), 64), (fmt,), 32, lm_head=True)
+    model.quantize_head((fmt,), 32)
+    head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
+    assert (
+        totals[fmt] - plain[fmt] == model.head_formats[fmt].nbytes < head.numel() * head.element_size() / 1.9
+    )
+    low = model.compute_logits(hidden, fmt)
+    assert low.dtype == torch.float32 and torch.equal(model.compute_logits(hidden), native)
+    error = (low - native).norm() / native.norm()
+    assert 0 < error < 0.15  # the head's copy really ran, and it is close
