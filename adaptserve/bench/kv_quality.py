@@ -299,7 +299,7 @@ def _forward(runner, batch: HostBatch, targets: list[int]) -> tuple[torch.Tensor
     argmax = torch.empty_like(targets)  # [T]
     nll = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)  # [T]
     for lo in range(0, len(targets), LOGIT_ROWS):
-        logits = runner.model.compute_logits(hidden[lo : lo + LOGIT_ROWS])  # [R, V] float32
+        logits = runner.model.compute_logits(hidden[lo : lo + LOGIT_ROWS], runner.precision.fixed)  # [R, V]
         rows = slice(lo, lo + len(logits))
         argmax[rows] = logits.argmax(dim=-1)
         nll[rows] = -torch.log_softmax(logits, dim=-1).gather(1, targets[rows, None])[:, 0]

@@ -69,6 +69,12 @@ def add_precision_args(parser: argparse.ArgumentParser) -> None:
         "--no-adaptive-teacher-forced", action="store_true", help="run the adaptive policy free only"
     )
     parser.add_argument("--int4-group-size", type=int, default=defaults.int4_group_size)
+    parser.add_argument(
+        "--quantize-lm-head", action="store_true", help="the LM head in each format too (default: native)"
+    )
+    parser.add_argument(
+        "--file-stem", default=None, help="result file name; default precision-quality-<device>"
+    )
     parser.add_argument("--quality-budget", type=float, default=defaults.quality_budget)
     parser.add_argument("--shadow-rate", type=float, default=defaults.shadow_rate)
     parser.add_argument("--result-dir", default=None, help="default: docs/benchmarks")
@@ -90,6 +96,7 @@ def run_precision_quality_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         adaptive=not args.no_adaptive,
         adaptive_teacher_forced=not args.no_adaptive_teacher_forced,
         int4_group_size=args.int4_group_size,
+        quantize_lm_head=args.quantize_lm_head,
         quality_budget=args.quality_budget,
         shadow_rate=args.shadow_rate,
         device=str(device),
@@ -112,7 +119,7 @@ def run_precision_quality_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         device,
         payload,
         out_dir=args.result_dir or RESULTS_DIR,
-        file_stem=f"precision-quality-{device_tag(device)}",
+        file_stem=args.file_stem or f"precision-quality-{device_tag(device)}",
         command=getattr(args, "command_line", None),
     )
     print(markdown_table(result))

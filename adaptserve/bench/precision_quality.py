@@ -70,6 +70,7 @@ class QualitySpec:
     adaptive: bool = True  # measure the adaptive policy
     adaptive_teacher_forced: bool = True  # also teacher-force it (as long again as its free run)
     int4_group_size: int = 128  # weights per int4 scale/zero group
+    quantize_lm_head: bool = False  # the LM head in each format too (--quantize-lm-head)
     quality_budget: float = PrecisionConfig.quality_budget  # the adaptive policy's agreement budget
     shadow_rate: float = 1.0  # share of its low-precision steps shadowed: all, to measure every one
     device: str = "cpu"  # cpu | cuda | cuda:N
@@ -234,6 +235,7 @@ def _engine(checkpoint: LoadedCheckpoint, spec: QualitySpec, policy: str, sizes:
         dtype="float32",
         precision_policy=policy,
         int4_group_size=spec.int4_group_size,
+        quantize_lm_head=spec.quantize_lm_head,
         quality_budget=spec.quality_budget,
         shadow_rate=spec.shadow_rate,
         max_model_len=sizes.max_model_len,

@@ -54,7 +54,7 @@ def _score_pack(runner, sequences: list[list[int]]) -> list[tuple[torch.Tensor, 
     argmax = torch.empty_like(inputs.input_ids)  # [T]
     nll = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)  # [T]
     for lo in range(0, len(targets), LOGIT_ROWS):
-        logits = runner.model.compute_logits(hidden[lo : lo + LOGIT_ROWS])  # [R, V] float32
+        logits = runner.model.compute_logits(hidden[lo : lo + LOGIT_ROWS], precision)  # [R, V] float32
         argmax[lo : lo + len(logits)] = logits.argmax(dim=-1)
         log_probs = torch.log_softmax(logits, dim=-1)  # [R, V]
         nll[lo : lo + len(logits)] = -log_probs.gather(1, targets[lo : lo + len(logits), None])[:, 0]
