@@ -91,9 +91,7 @@ class PrecisionConfig:
     int4_group_size: int = 128  # weights per int4 scale/zero group (a divisor of each row is used)
     quality_budget: float = 0.99  # adaptive: least top-1 agreement of low-precision steps with native ones
     shadow_rate: float = 0.1  # adaptive: share of low-precision decode steps re-run natively to measure it
-    quantize_lm_head: bool = (
-        False  # the LM head in the held formats too (gpt-fast and torchao do); else native
-    )
+    quantize_lm_head: bool = False  # the LM head in the held formats too, as gpt-fast and torchao do
 
     def formats_needed(self) -> tuple[str, ...]:
         """The formats to build: those asked for, the fixed policy's, and fp8 + int4 for adaptive."""

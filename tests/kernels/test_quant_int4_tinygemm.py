@@ -52,7 +52,7 @@ def test_tinygemm_linear_matches_the_dequantized_weight_on_cpu(n, k, group_size,
     assert ((out.float() - expected).norm() / expected.norm()).item() < 0.01
     # a zero point taken as ours (q - zero) * scale instead of tinygemm's is far off
     wrong = int4_tinygemm.TinygemmInt4(
-        q.tinygemm.packed, torch.stack((q.scales, q.zeros), -1).transpose(0, 1).contiguous(), group_size, n
+        q.tinygemm.packed, torch.stack((q.scales, q.zeros), -1).transpose(0, 1).contiguous(), group_size
     )
     assert ((tinygemm_linear(x, wrong, bias).float() - expected).norm() / expected.norm()).item() > 0.1
 
@@ -84,7 +84,7 @@ def test_tinygemm_layout_limits():
     assert tinygemm_layout(24, 512, 128, cpu) is None  # N not a multiple of 16 (the CPU kernel's rule)
     assert inner_k_tiles(4096 + 32) == 2 and inner_k_tiles(48) is None
     q = _bf16_weight(24, 256, 64)
-    assert q.tinygemm is None and pack_tinygemm(q.packed, q.scales, q.zeros, 64) is None
+    assert q.tinygemm is None and pack_tinygemm(unpack_int4(q.packed), q.scales, q.zeros, 64) is None
     q = _bf16_weight(32, 256, 64)
     assert q.nbytes == 32 * 128 + 2 * 32 * 4 * 2 + q.tinygemm.nbytes
 

@@ -144,11 +144,11 @@ def quantize_int4_weight(w: torch.Tensor, group_size: int = 128, refine_steps: i
         codes.append(block_codes.to(torch.uint8).view(-1, k))  # [R, K]
         scales.append(block_scales.view(-1, num_groups))  # [R, G]
         zeros.append(block_zeros.view(-1, num_groups))  # [R, G]
-    packed = pack_int4(torch.cat(codes))  # [N, K // 2]
+    codes = torch.cat(codes)  # [N, K]
     scales, zeros = torch.cat(scales).to(w.dtype), torch.cat(zeros).to(w.dtype)  # [N, G] each
     # bfloat16 weights run with bfloat16 activations, the only ones tinygemm takes
-    tinygemm = pack_tinygemm(packed, scales, zeros, group_size) if w.dtype == torch.bfloat16 else None
-    return Int4Weight(packed=packed, scales=scales, zeros=zeros, group_size=group_size, tinygemm=tinygemm)
+    tinygemm = pack_tinygemm(codes, scales, zeros, group_size) if w.dtype == torch.bfloat16 else None
+    return Int4Weight(pack_int4(codes), scales, zeros, group_size, tinygemm)
 
 
 def _quantize_groups(

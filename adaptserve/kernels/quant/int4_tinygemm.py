@@ -7,9 +7,10 @@ tinygemm reads a tensor-core layout of the same codes with one wide load per lan
 them inside the mma tiles.
 
 Same weights, another layout and zero point:
-- codes: tinygemm's packer takes [N, K / 2] bytes with the *even* column in the high nibble (ours:
-  low), and lays them out as [N / 8, K / (16 * inner_k_tiles), 32, inner_k_tiles / 2] int32 for
-  the m16n8k16 tensor-core tile. Its CPU twin takes the unpacked [N, K] int32 codes.
+- codes: tinygemm's packer takes [N, K / 2] bytes with the *even* column in the high nibble (our
+  packed bytes have it in the low one, so the packer gets the unpacked codes), and lays them out as
+  [N / 8, K / (16 * inner_k_tiles), 32, inner_k_tiles / 2] int32 for the m16n8k16 tensor-core
+  tile. Its CPU twin takes the unpacked [N, K] int32 codes.
 - zero point: tinygemm dequantizes w = (q - 8) * scale + zero_tg; ours is w = (q - zero) * scale,
   so zero_tg = (8 - zero) * scale, computed in float32 and stored, with the scale, as bfloat16
   [K / group_size, N, 2]. That one extra rounding of the zero is the only change to the weights
@@ -43,7 +44,6 @@ class TinygemmInt4:
     packed: torch.Tensor  # CUDA: [N / 8, K / (16 * inner_k_tiles), 32, inner_k_tiles / 2] int32; CPU: its own
     scales_and_zeros: torch.Tensor  # [K / group_size, N, 2] bfloat16: scale, then (8 - zero) * scale
     group_size: int
-    out_features: int
 
     @property
     def nbytes(self) -> int:
@@ -61,14 +61,18 @@ def inner_k_tiles(in_features: int) -> int | None:
 def tinygemm_layout(out_features: int, in_features: int, group_size: int, device: torch.device) -> int | None:
     """tinygemm's inner k-tiles for a [N, K] weight with this group size on `device`, or None when
     tinygemm cannot take it (see the module doc)."""
-    if group_size not in TINYGEMM_GROUP_SIZES or in_features % group_size:
-        return None
     if device.type == "cuda":
-        if not hasattr(torch, "_weight_int4pack_mm") or torch.cuda.get_device_capability(device) < (8, 0):
-            return None
-        if out_features % 8:
-            return None
-    elif device.type != "cpu" or not hasattr(torch, "_weight_int4pack_mm_for_cpu") or out_features % 16:
+        kernel_here = hasattr(torch, "_weight_int4pack_mm") and torch.cuda.get_device_capability(device) >= (
+            8,
+            0,
+        )
+        rows_per_tile = 8
+    else:
+        kernel_here = device.type == "cpu" and hasattr(torch, "_weight_int4pack_mm_for_cpu")
+        rows_per_tile = 16
+    if not kernel_here or out_features % rows_per_tile:
+        return None
+    if group_size not in TINYGEMM_GROUP_SIZES or in_features % group_size:
         return None
     return inner_k_tiles(in_features)
 
@@ -82,21 +86,20 @@ def scales_and_zeros(scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
 
 
 def pack_tinygemm(
-    packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
 ) -> TinygemmInt4 | None:
-    """An Int4Weight's parts (codes [N, K / 2] uint8, low nibble = even column; scales and zeros
-    [N, G]) -> TinygemmInt4 on their device, or None when tinygemm cannot take the shape there."""
-    n, k = packed.shape[0], packed.shape[1] * 2
-    tiles = tinygemm_layout(n, k, group_size, packed.device)
+    """An Int4Weight's parts (codes [N, K] 0..15, unpacked; scales and zeros [N, G]) -> TinygemmInt4
+    on their device, or None when tinygemm cannot take the shape there."""
+    tiles = tinygemm_layout(codes.shape[0], codes.shape[1], group_size, codes.device)
     if tiles is None:
         return None
-    if packed.device.type == "cuda":
-        swapped = ((packed & 0x0F) << 4) | (packed >> 4)  # [N, K / 2]: even column to the high nibble
-        words = torch._convert_weight_to_int4pack(swapped.contiguous(), tiles)
+    codes = codes.to(torch.uint8)
+    if codes.is_cuda:
+        pairs = (codes[:, 0::2] << 4) | codes[:, 1::2]  # [N, K / 2]: the even column in the high nibble
+        words = torch._convert_weight_to_int4pack(pairs.contiguous(), tiles)
     else:
-        codes = torch.stack((packed & 0x0F, packed >> 4), dim=-1).view(n, k).to(torch.int32)  # [N, K]
-        words = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
-    return TinygemmInt4(words, scales_and_zeros(scales, zeros), group_size, n)
+        words = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+    return TinygemmInt4(words, scales_and_zeros(scales, zeros), group_size)
 
 
 def tinygemm_linear(x: torch.Tensor, t: TinygemmInt4, bias: torch.Tensor | None = None) -> torch.Tensor:
